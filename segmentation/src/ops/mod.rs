@@ -1,0 +1,24 @@
+//! Differentiable low-level ops that candle lacks: 3D grid sampling and separable axis filters
+//! (average pooling, trilinear resizing, B-spline smoothing). Each has a CPU forward and a
+//! backward pass checked against finite differences.
+
+pub mod axis;
+pub mod sample;
+
+pub use axis::{avg_pool3d, bspline_smooth3d, resize_trilinear, AxisOperator, Boundary};
+pub use sample::{grid_sample, sample_point, Dims, Interpolation, Padding};
+
+pub(crate) fn bail<T>(msg: impl Into<String>) -> candle_core::Result<T> {
+    Err(candle_core::Error::Msg(msg.into()))
+}
+
+/// The contiguous slice a layout points at.
+pub(crate) fn slice_of<'a, T>(v: &'a [T], l: &candle_core::Layout) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => bail("op needs a contiguous tensor"),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,461 @@
+//! Differentiable sampling of 3D volumes at continuous points (candle has no `grid_sample`).
+//!
+//! [`grid_sample`] takes a `(B, C, D, H, W)` volume and `(B, P, 3)` points in normalised
+//! coordinates (`x` along `W`, `y` along `H`, `z` along `D`; `-1`/`+1` are the centres of the
+//! first/last voxel, i.e. `align_corners = true`) and returns `(B, C, P)`. Its backward reaches
+//! both the volume and the points. The same per-point kernels serve plain-Rust callers
+//! (warping whole images) through [`sample_point`].
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use num_traits::Float;
+use rayon::prelude::*;
+
+use super::{bail, slice_of};
+
+/// How values between voxel centres are obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Interpolation {
+    /// Trilinear; differentiable in the points.
+    Linear,
+    /// Nearest voxel (halves round up, as ITK does); for label maps. Zero gradient in the points.
+    Nearest,
+}
+
+/// What a sample outside the voxel centres' hull sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Padding {
+    /// Zero outside the volume; values fade to zero over the outermost half voxel and beyond.
+    Zeros,
+    /// The nearest border value, everywhere outside.
+    Border,
+    /// The border value up to half a voxel beyond the outer voxel centres (the image's physical
+    /// extent), zero further out: ITK's resampling convention.
+    Extent,
+}
+
+/// Taps of one axis: up to two `(index, weight, d weight / d x)`.
+#[derive(Clone, Copy)]
+struct Taps<T> {
+    idx: [usize; 2],
+    w: [T; 2],
+    dw: [T; 2],
+    n: usize,
+}
+
+#[inline]
+fn axis_taps<T: Float>(x: T, len: usize, interp: Interpolation, pad: Padding) -> Taps<T> {
+    let zero = T::zero();
+    let one = T::one();
+    let mut t = Taps { idx: [0; 2], w: [zero; 2], dw: [zero; 2], n: 0 };
+    let last = T::from(len - 1).unwrap();
+    let half = T::from(0.5).unwrap();
+    if !x.is_finite() {
+        return t;
+    }
+    if pad == Padding::Extent && (x < -half || x >= last + half) {
+        return t;
+    }
+    match interp {
+        Interpolation::Nearest => {
+            let r = (x + half).floor();
+            let i = match pad {
+                Padding::Zeros if r < zero || r > last => return t,
+                Padding::Zeros => r,
+                _ => r.max(zero).min(last),
+            };
+            t.idx[0] = i.to_usize().unwrap();
+            t.w[0] = one;
+            t.n = 1;
+        }
+        Interpolation::Linear => match pad {
+            Padding::Zeros => {
+                let f0 = x.floor();
+                let f = x - f0;
+                // range check in float first: a far-away point must not overflow an index
+                if f0 < -one || f0 > last {
+                    return t;
+                }
+                let i0 = f0.to_isize().unwrap();
+                for (i, w, dw) in [(i0, one - f, -one), (i0 + 1, f, one)] {
+                    if i >= 0 && (i as usize) < len {
+                        t.idx[t.n] = i as usize;
+                        t.w[t.n] = w;
+                        t.dw[t.n] = dw;
+                        t.n += 1;
+                    }
+                }
+            }
+            Padding::Border | Padding::Extent => {
+                let inside = x > zero && x < last;
+                let xc = x.max(zero).min(last);
+                let f0 = xc.floor();
+                let f = xc - f0;
+                let i0 = f0.to_usize().unwrap();
+                let i1 = (i0 + 1).min(len - 1);
+                let g = if inside { one } else { zero };
+                t.idx = [i0, i1];
+                t.w = [one - f, f];
+                t.dw = [-g, g];
+                t.n = 2;
+            }
+        },
+    }
+    t
+}
+
+/// Sizes of one sampled volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dims {
+    pub d: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
+impl Dims {
+    pub fn len(&self) -> usize {
+        self.d * self.h * self.w
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Normalised → voxel scale per axis (x, y, z): `(N − 1) / 2`.
+    fn half_extent<T: Float>(&self) -> [T; 3] {
+        [self.w, self.h, self.d].map(|n| T::from(n as f64 - 1.0).unwrap() / T::from(2.0).unwrap())
+    }
+}
+
+#[inline]
+fn all_taps<T: Float>(p: [T; 3], dims: Dims, interp: Interpolation, pad: Padding) -> [Taps<T>; 3] {
+    [
+        axis_taps(p[0], dims.w, interp, pad),
+        axis_taps(p[1], dims.h, interp, pad),
+        axis_taps(p[2], dims.d, interp, pad),
+    ]
+}
+
+/// Samples one channel (`D·H·W` values) at a point given in **voxel** coordinates `(x, y, z)`.
+#[inline]
+pub fn sample_point<T: Float>(vol: &[T], dims: Dims, p: [T; 3], interp: Interpolation, pad: Padding) -> T {
+    gather(vol, dims, &all_taps(p, dims, interp, pad))
+}
+
+/// Value and gradient (in voxel units) of one channel at a voxel-coordinate point.
+#[inline]
+fn sample_point_grad<T: Float>(vol: &[T], dims: Dims, taps: &[Taps<T>; 3]) -> (T, [T; 3]) {
+    let [tx, ty, tz] = taps;
+    let (mut v, mut gx, mut gy, mut gz) = (T::zero(), T::zero(), T::zero(), T::zero());
+    for a in 0..tz.n {
+        let za = tz.idx[a] * dims.h;
+        for b in 0..ty.n {
+            let row = (za + ty.idx[b]) * dims.w;
+            for c in 0..tx.n {
+                let s = vol[row + tx.idx[c]];
+                v = v + tz.w[a] * ty.w[b] * tx.w[c] * s;
+                gx = gx + tz.w[a] * ty.w[b] * tx.dw[c] * s;
+                gy = gy + tz.w[a] * ty.dw[b] * tx.w[c] * s;
+                gz = gz + tz.dw[a] * ty.w[b] * tx.w[c] * s;
+            }
+        }
+    }
+    (v, [gx, gy, gz])
+}
+
+const CHUNK: usize = 4096;
+
+fn to_voxel<T: Float>(p: &[T], half: [T; 3]) -> [T; 3] {
+    [(p[0] + T::one()) * half[0], (p[1] + T::one()) * half[1], (p[2] + T::one()) * half[2]]
+}
+
+/// Forward: input `(B, C, dims)`, points `(B, P, 3)` normalised → `(B, C, P)`.
+pub fn forward<T: Float + Send + Sync>(
+    input: &[T],
+    points: &[T],
+    b: usize,
+    c: usize,
+    dims: Dims,
+    interp: Interpolation,
+    pad: Padding,
+) -> Vec<T> {
+    let np = points.len() / (3 * b.max(1));
+    let half = dims.half_extent::<T>();
+    let vsz = dims.len();
+    // point-major scratch so that each chunk of points writes one contiguous block
+    let mut pm = vec![T::zero(); b * np * c];
+    pm.par_chunks_mut(CHUNK * c).enumerate().for_each(|(ci, out)| {
+        let first = ci * CHUNK;
+        for (q, o) in out.chunks_mut(c).enumerate() {
+            let gp = first + q;
+            let bi = gp / np;
+            let pt = to_voxel(&points[3 * gp..3 * gp + 3], half);
+            let taps = all_taps(pt, dims, interp, pad);
+            for (ch, slot) in o.iter_mut().enumerate() {
+                let vol = &input[(bi * c + ch) * vsz..(bi * c + ch + 1) * vsz];
+                *slot = gather(vol, dims, &taps);
+            }
+        }
+    });
+    if c == 1 {
+        return pm;
+    }
+    let mut out = vec![T::zero(); b * c * np];
+    out.par_chunks_mut(np).enumerate().for_each(|(row, o)| {
+        let (bi, ch) = (row / c, row % c);
+        for (p, v) in o.iter_mut().enumerate() {
+            *v = pm[(bi * np + p) * c + ch];
+        }
+    });
+    out
+}
+
+#[inline]
+fn gather<T: Float>(vol: &[T], dims: Dims, taps: &[Taps<T>; 3]) -> T {
+    let [tx, ty, tz] = taps;
+    let mut acc = T::zero();
+    for a in 0..tz.n {
+        let za = tz.idx[a] * dims.h;
+        for bb in 0..ty.n {
+            let row = (za + ty.idx[bb]) * dims.w;
+            let wzy = tz.w[a] * ty.w[bb];
+            for cc in 0..tx.n {
+                acc = acc + wzy * tx.w[cc] * vol[row + tx.idx[cc]];
+            }
+        }
+    }
+    acc
+}
+
+/// Gradient with respect to the normalised points: `(B, P, 3)`.
+pub fn backward_points<T: Float + Send + Sync>(
+    input: &[T],
+    points: &[T],
+    grad: &[T],
+    b: usize,
+    c: usize,
+    dims: Dims,
+    interp: Interpolation,
+    pad: Padding,
+) -> Vec<T> {
+    let np = points.len() / (3 * b.max(1));
+    let mut out = vec![T::zero(); points.len()];
+    if interp == Interpolation::Nearest {
+        return out;
+    }
+    let half = dims.half_extent::<T>();
+    let vsz = dims.len();
+    out.par_chunks_mut(3 * CHUNK).enumerate().for_each(|(ci, o)| {
+        let first = ci * CHUNK;
+        for (q, g3) in o.chunks_mut(3).enumerate() {
+            let gp = first + q;
+            let (bi, p) = (gp / np, gp % np);
+            let pt = to_voxel(&points[3 * gp..3 * gp + 3], half);
+            let taps = all_taps(pt, dims, interp, pad);
+            let mut acc = [T::zero(); 3];
+            for ch in 0..c {
+                let go = grad[(bi * c + ch) * np + p];
+                if go == T::zero() {
+                    continue;
+                }
+                let vol = &input[(bi * c + ch) * vsz..(bi * c + ch + 1) * vsz];
+                let (_, g) = sample_point_grad(vol, dims, &taps);
+                for a in 0..3 {
+                    acc[a] = acc[a] + go * g[a];
+                }
+            }
+            for a in 0..3 {
+                g3[a] = acc[a] * half[a];
+            }
+        }
+    });
+    out
+}
+
+/// Gradient with respect to the input volume: `(B, C, dims)` (a scatter of the output gradient).
+/// Summation order is fixed by the problem size, not the thread count, so results are
+/// reproducible across `--threads`.
+pub fn backward_input<T: Float + Send + Sync>(
+    points: &[T],
+    grad: &[T],
+    b: usize,
+    c: usize,
+    dims: Dims,
+    interp: Interpolation,
+    pad: Padding,
+) -> Vec<T> {
+    let np = points.len() / (3 * b.max(1));
+    let half = dims.half_extent::<T>();
+    let vsz = dims.len();
+    let scatter = |out: &mut [T], bi: usize, ch: usize, range: std::ops::Range<usize>| {
+        for p in range {
+            let go = grad[(bi * c + ch) * np + p];
+            if go == T::zero() {
+                continue;
+            }
+            let gp = bi * np + p;
+            let pt = to_voxel(&points[3 * gp..3 * gp + 3], half);
+            let [tx, ty, tz] = all_taps(pt, dims, interp, pad);
+            for a in 0..tz.n {
+                let za = tz.idx[a] * dims.h;
+                for bb in 0..ty.n {
+                    let row = (za + ty.idx[bb]) * dims.w;
+                    let wzy = go * tz.w[a] * ty.w[bb];
+                    for cc in 0..tx.n {
+                        let i = row + tx.idx[cc];
+                        out[i] = out[i] + wzy * tx.w[cc];
+                    }
+                }
+            }
+        }
+    };
+    let mut out = vec![T::zero(); b * c * vsz];
+    const SPLIT: usize = 4;
+    if b * c >= SPLIT || np < SPLIT * CHUNK {
+        out.par_chunks_mut(vsz).enumerate().for_each(|(row, o)| scatter(o, row / c, row % c, 0..np));
+    } else {
+        // few volumes, many points: private accumulators per point range, summed in order
+        for (row, o) in out.chunks_mut(vsz).enumerate() {
+            let step = np.div_ceil(SPLIT);
+            let parts: Vec<Vec<T>> = (0..SPLIT)
+                .into_par_iter()
+                .map(|s| {
+                    let mut acc = vec![T::zero(); vsz];
+                    scatter(&mut acc, row / c, row % c, s * step..((s + 1) * step).min(np));
+                    acc
+                })
+                .collect();
+            for part in parts {
+                o.iter_mut().zip(part).for_each(|(a, v)| *a = *a + v);
+            }
+        }
+    }
+    out
+}
+
+/// The candle op behind [`grid_sample`].
+#[derive(Debug, Clone, Copy)]
+pub struct GridSample {
+    pub interp: Interpolation,
+    pub padding: Padding,
+}
+
+struct Shapes {
+    b: usize,
+    c: usize,
+    dims: Dims,
+    np: usize,
+}
+
+fn shapes(l1: &Layout, l2: &Layout) -> candle_core::Result<Shapes> {
+    let (b, c, d, h, w) = match *l1.dims() {
+        [b, c, d, h, w] => (b, c, d, h, w),
+        ref s => bail(format!("grid_sample: input must be (B, C, D, H, W), got {s:?}"))?,
+    };
+    let np = match *l2.dims() {
+        [pb, np, 3] if pb == b => np,
+        ref s => bail(format!("grid_sample: points must be ({b}, P, 3), got {s:?}"))?,
+    };
+    if d * h * w == 0 {
+        bail("grid_sample: empty input volume")?;
+    }
+    Ok(Shapes { b, c, dims: Dims { d, h, w }, np })
+}
+
+impl CustomOp2 for GridSample {
+    fn name(&self) -> &'static str {
+        "grid-sample-3d"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let sh = shapes(l1, l2)?;
+        let out_shape = Shape::from((sh.b, sh.c, sh.np));
+        let st = match (s1, s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(p)) => CpuStorage::F32(forward(
+                slice_of(a, l1)?,
+                slice_of(p, l2)?,
+                sh.b,
+                sh.c,
+                sh.dims,
+                self.interp,
+                self.padding,
+            )),
+            (CpuStorage::F64(a), CpuStorage::F64(p)) => CpuStorage::F64(forward(
+                slice_of(a, l1)?,
+                slice_of(p, l2)?,
+                sh.b,
+                sh.c,
+                sh.dims,
+                self.interp,
+                self.padding,
+            )),
+            _ => bail("grid_sample: input and points must both be f32 or both f64")?,
+        };
+        Ok((st, out_shape))
+    }
+
+    fn bwd(&self, input: &Tensor, points: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let gi = if input.track_op() {
+            Some(input.apply_op3_no_bwd(points, &grad, &GridSampleGrad { op: *self, wrt_points: false })?)
+        } else {
+            None
+        };
+        let gp = if points.track_op() && self.interp == Interpolation::Linear {
+            Some(input.apply_op3_no_bwd(points, &grad, &GridSampleGrad { op: *self, wrt_points: true })?)
+        } else {
+            None
+        };
+        Ok((gi, gp))
+    }
+}
+
+/// Backward of [`GridSample`], applied to `(input, points, grad_out)`.
+struct GridSampleGrad {
+    op: GridSample,
+    wrt_points: bool,
+}
+
+impl CustomOp3 for GridSampleGrad {
+    fn name(&self) -> &'static str {
+        "grid-sample-3d-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let sh = shapes(l1, l2)?;
+        let (GridSample { interp, padding }, wrt) = (self.op, self.wrt_points);
+        let shape = if wrt { l2.shape().clone() } else { l1.shape().clone() };
+        macro_rules! run {
+            ($a:expr, $p:expr, $g:expr) => {{
+                let (a, p, g) = (slice_of($a, l1)?, slice_of($p, l2)?, slice_of($g, l3)?);
+                if wrt {
+                    backward_points(a, p, g, sh.b, sh.c, sh.dims, interp, padding)
+                } else {
+                    backward_input(p, g, sh.b, sh.c, sh.dims, interp, padding)
+                }
+            }};
+        }
+        let st = match (s1, s2, s3) {
+            (CpuStorage::F32(a), CpuStorage::F32(p), CpuStorage::F32(g)) => CpuStorage::F32(run!(a, p, g)),
+            (CpuStorage::F64(a), CpuStorage::F64(p), CpuStorage::F64(g)) => CpuStorage::F64(run!(a, p, g)),
+            _ => bail("grid_sample backward: mixed dtypes")?,
+        };
+        Ok((st, shape))
+    }
+}
+
+/// Samples `input` `(B, C, D, H, W)` at normalised `points` `(B, P, 3)` → `(B, C, P)`.
+pub fn grid_sample(input: &Tensor, points: &Tensor, interp: Interpolation, padding: Padding) -> candle_core::Result<Tensor> {
+    let points = if points.dtype() != input.dtype() { points.to_dtype(input.dtype())? } else { points.clone() };
+    if !matches!(input.dtype(), DType::F32 | DType::F64) {
+        bail("grid_sample supports f32 and f64")?;
+    }
+    input.contiguous()?.apply_op2(&points.contiguous()?, GridSample { interp, padding })
+}

@@ -1,0 +1,244 @@
+use candle_core::{DType, Device, Tensor, Var};
+
+use super::*;
+
+/// Deterministic pseudo-random numbers in [-1, 1) (tests must not depend on a global RNG).
+fn rand_vec(n: usize, seed: u64) -> Vec<f64> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+        })
+        .collect()
+}
+
+fn t(v: Vec<f64>, shape: &[usize]) -> Tensor {
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// Central-difference check of d(sum(f(x) · r))/dx against candle's backward, in f64.
+fn check_grad(x: &Tensor, f: &dyn Fn(&Tensor) -> Tensor, tol: f64) {
+    let var = Var::from_tensor(x).unwrap();
+    let y = f(var.as_tensor());
+    let r = t(rand_vec(y.elem_count(), 99), y.dims());
+    let loss = (y * &r).unwrap().sum_all().unwrap();
+    let grads = loss.backward().unwrap();
+    let g: Vec<f64> = grads.get(var.as_tensor()).expect("gradient reaches the input").flatten_all().unwrap().to_vec1().unwrap();
+    let x0: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
+    let eps = 1e-6;
+    let eval = |v: Vec<f64>| -> f64 {
+        let y = f(&t(v, x.dims()));
+        (y * &r).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+    };
+    let mut worst = 0.0f64;
+    for i in 0..x0.len() {
+        let mut p = x0.clone();
+        p[i] += eps;
+        let mut m = x0.clone();
+        m[i] -= eps;
+        let num = (eval(p) - eval(m)) / (2.0 * eps);
+        worst = worst.max((num - g[i]).abs() / (1.0 + num.abs()));
+    }
+    assert!(worst < tol, "finite-difference mismatch {worst:e}");
+}
+
+fn volume(b: usize, c: usize, d: usize, h: usize, w: usize) -> Tensor {
+    t(rand_vec(b * c * d * h * w, 7), &[b, c, d, h, w])
+}
+
+/// Points in normalised coordinates spread somewhat beyond the volume, so every padding branch runs.
+fn points(b: usize, p: usize, spread: f64, seed: u64) -> Tensor {
+    t(rand_vec(b * p * 3, seed).into_iter().map(|v| v * spread).collect(), &[b, p, 3])
+}
+
+#[test]
+fn grid_sample_gradients_match_finite_differences() {
+    let x = volume(2, 3, 4, 5, 6);
+    for pad in [Padding::Zeros, Padding::Border, Padding::Extent] {
+        let p = points(2, 40, 1.2, 3);
+        let px = p.clone();
+        check_grad(&x, &move |v| grid_sample(v, &px, Interpolation::Linear, pad).unwrap(), 1e-7);
+        let xx = x.clone();
+        check_grad(&p, &move |q| grid_sample(&xx, q, Interpolation::Linear, pad).unwrap(), 1e-6);
+        let px = p.clone();
+        check_grad(&x, &move |v| grid_sample(v, &px, Interpolation::Nearest, pad).unwrap(), 1e-7);
+    }
+}
+
+#[test]
+fn grid_sample_input_gradient_with_many_points_one_channel() {
+    // exercises the split accumulation path (few volumes, many points)
+    let x = volume(1, 1, 3, 4, 5);
+    let p = points(1, 20000, 1.1, 5);
+    let var = Var::from_tensor(&x).unwrap();
+    let y = grid_sample(var.as_tensor(), &p, Interpolation::Linear, Padding::Zeros).unwrap();
+    let g = y.sum_all().unwrap().backward().unwrap();
+    let gi: Vec<f64> = g.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    // d(sum)/d(voxel) = sum of that voxel's interpolation weights over all points
+    let pts: Vec<f64> = p.flatten_all().unwrap().to_vec1().unwrap();
+    let mut expect = vec![0.0; 60];
+    for q in pts.chunks(3) {
+        for (idx, e) in expect.iter_mut().enumerate() {
+            let mut one = vec![0.0; 60];
+            one[idx] = 1.0;
+            let dims = Dims { d: 3, h: 4, w: 5 };
+            let v = [(q[0] + 1.0) * 2.0, (q[1] + 1.0) * 1.5, (q[2] + 1.0) * 1.0];
+            *e += sample_point(&one, dims, v, Interpolation::Linear, Padding::Zeros);
+        }
+    }
+    for (a, b) in gi.iter().zip(&expect) {
+        assert!((a - b).abs() < 1e-9, "{a} vs {b}");
+    }
+}
+
+#[test]
+fn grid_sample_reproduces_voxels_and_linear_functions() {
+    let (d, h, w) = (4, 5, 6);
+    // f(i, j, k) = 2i - j + 3k + 1 is reproduced exactly by trilinear interpolation
+    let mut data = vec![0.0; d * h * w];
+    for k in 0..d {
+        for j in 0..h {
+            for i in 0..w {
+                data[(k * h + j) * w + i] = 2.0 * i as f64 - j as f64 + 3.0 * k as f64 + 1.0;
+            }
+        }
+    }
+    let x = t(data.clone(), &[1, 1, d, h, w]);
+    let vox = [[0.0, 0.0, 0.0], [5.0, 4.0, 3.0], [2.3, 1.7, 0.4], [4.9, 0.1, 2.5]];
+    let norm: Vec<f64> = vox
+        .iter()
+        .flat_map(|v| [v[0] / 2.5 - 1.0, v[1] / 2.0 - 1.0, v[2] / 1.5 - 1.0])
+        .collect();
+    let y: Vec<f64> = grid_sample(&x, &t(norm, &[1, 4, 3]), Interpolation::Linear, Padding::Zeros)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    for (v, got) in vox.iter().zip(&y) {
+        let want = 2.0 * v[0] - v[1] + 3.0 * v[2] + 1.0;
+        assert!((want - got).abs() < 1e-12, "{want} vs {got}");
+    }
+}
+
+#[test]
+fn padding_modes_outside_the_volume() {
+    let dims = Dims { d: 1, h: 1, w: 4 };
+    let v = [1.0f64, 2.0, 3.0, 4.0];
+    let at = |x: f64, pad| sample_point(&v, dims, [x, 0.0, 0.0], Interpolation::Linear, pad);
+    // beyond the last centre by a quarter voxel
+    assert_eq!(at(3.25, Padding::Border), 4.0);
+    assert_eq!(at(3.25, Padding::Extent), 4.0);
+    assert!((at(3.25, Padding::Zeros) - 3.0).abs() < 1e-12);
+    // beyond the physical extent
+    assert_eq!(at(3.6, Padding::Extent), 0.0);
+    assert_eq!(at(-0.6, Padding::Extent), 0.0);
+    assert_eq!(at(-0.4, Padding::Extent), 1.0);
+    assert_eq!(at(50.0, Padding::Border), 4.0);
+    assert_eq!(at(f64::NAN, Padding::Border), 0.0);
+    assert_eq!(at(1e30, Padding::Zeros), 0.0);
+    // nearest rounds halves up, like ITK
+    let nn = |x: f64, pad| sample_point(&v, dims, [x, 0.0, 0.0], Interpolation::Nearest, pad);
+    assert_eq!(nn(1.5, Padding::Zeros), 3.0);
+    assert_eq!(nn(1.49, Padding::Zeros), 2.0);
+    assert_eq!(nn(3.7, Padding::Zeros), 0.0);
+    assert_eq!(nn(3.7, Padding::Border), 4.0);
+}
+
+#[test]
+fn f32_and_f64_agree() {
+    let x = volume(1, 2, 5, 6, 7);
+    let p = points(1, 100, 1.1, 11);
+    let a: Vec<f64> = grid_sample(&x, &p, Interpolation::Linear, Padding::Border).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let b: Vec<f32> = grid_sample(&x.to_dtype(DType::F32).unwrap(), &p.to_dtype(DType::F32).unwrap(), Interpolation::Linear, Padding::Border)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    for (a, b) in a.iter().zip(&b) {
+        assert!((a - *b as f64).abs() < 1e-5);
+    }
+}
+
+#[test]
+fn axis_op_gradients_match_finite_differences() {
+    let x = volume(1, 2, 5, 6, 7);
+    check_grad(&x, &|v| avg_pool3d(v, [3, 3, 2], [1, 2, 2], [1, 1, 0]).unwrap(), 1e-7);
+    check_grad(&x, &|v| resize_trilinear(v, [9, 3, 14]).unwrap(), 1e-7);
+    check_grad(&x, &|v| bspline_smooth3d(v, [1.5, 2.0, 1.0]).unwrap(), 1e-7);
+}
+
+#[test]
+fn avg_pool_matches_direct_average() {
+    let x = volume(1, 1, 4, 4, 4);
+    let y = avg_pool3d(&x, [2, 2, 2], [2, 2, 2], [0, 0, 0]).unwrap();
+    assert_eq!(y.dims(), &[1, 1, 2, 2, 2]);
+    let xv: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
+    let yv: Vec<f64> = y.flatten_all().unwrap().to_vec1().unwrap();
+    let mut want = 0.0;
+    for k in 0..2 {
+        for j in 0..2 {
+            for i in 0..2 {
+                want += xv[(k * 4 + j) * 4 + i] / 8.0;
+            }
+        }
+    }
+    assert!((yv[0] - want).abs() < 1e-12);
+    // with padding, zeros count towards the mean (count_include_pad)
+    let ones = Tensor::ones((1, 1, 3, 3, 3), DType::F64, &Device::Cpu).unwrap();
+    let p: Vec<f64> = avg_pool3d(&ones, [3, 3, 3], [1, 1, 1], [1, 1, 1]).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert!((p[0] - 8.0 / 27.0).abs() < 1e-12);
+    assert!((p[13] - 1.0).abs() < 1e-12);
+}
+
+#[test]
+fn resize_matches_pytorch_align_corners_false() {
+    // torch.nn.functional.interpolate([0, 1, 2, 3], size=8, mode='linear', align_corners=False)
+    let x = t(vec![0.0, 1.0, 2.0, 3.0], &[1, 1, 1, 1, 4]);
+    let y: Vec<f64> = resize_trilinear(&x, [1, 1, 8]).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let want = [0.0, 0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3.0];
+    for (a, b) in y.iter().zip(want) {
+        assert!((a - b).abs() < 1e-12, "{y:?}");
+    }
+}
+
+#[test]
+fn bspline_smoothing_keeps_affine_fields() {
+    let (d, h, w) = (6, 7, 8);
+    let mut data = Vec::new();
+    for c in 0..3 {
+        for k in 0..d {
+            for j in 0..h {
+                for i in 0..w {
+                    data.push(0.3 * i as f64 - 1.1 * j as f64 + (c as f64 + 0.5) * k as f64 + 2.0);
+                }
+            }
+        }
+    }
+    let x = t(data, &[1, 3, d, h, w]);
+    let y = bspline_smooth3d(&x, [2.0, 2.0, 2.0]).unwrap();
+    let diff = (y - &x).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    assert!(diff < 1e-9, "B-spline smoothing changed an affine field by {diff}");
+    // and it does smooth a non-linear one
+    let z = volume(1, 1, d, h, w);
+    let s = bspline_smooth3d(&z, [2.0, 2.0, 2.0]).unwrap();
+    let change = (s - &z).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    assert!(change > 0.1);
+}
+
+#[test]
+fn axis_operator_transpose_is_the_adjoint() {
+    let op = AxisOperator::bspline_smooth(9, 2.5);
+    let tr = op.transpose();
+    let x = rand_vec(9, 1);
+    let y = rand_vec(op.n_out(), 2);
+    let ax = op.apply(&x, 1, 1);
+    let aty = tr.apply(&y, 1, 1);
+    let lhs: f64 = ax.iter().zip(&y).map(|(a, b)| a * b).sum();
+    let rhs: f64 = x.iter().zip(&aty).map(|(a, b)| a * b).sum();
+    assert!((lhs - rhs).abs() < 1e-12);
+}
