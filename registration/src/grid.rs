@@ -150,10 +150,9 @@ impl Grid {
                 Space::Voxel => Matrix4::identity(),
                 Space::Ras => self.affine,
                 Space::Lps => ras_lps() * self.affine,
-                Space::Normalised => self
-                    .normalised_to_voxel()
-                    .try_inverse()
-                    .unwrap_or_else(|| self.voxel_to_normalised_degenerate()),
+                Space::Normalised => {
+                    self.normalised_to_voxel().try_inverse().unwrap_or_else(|| self.voxel_to_normalised_degenerate())
+                }
             }
         };
         from_voxel(to) * to_voxel(from)

@@ -222,7 +222,12 @@ pub fn along_axis(x: &Tensor, axis: usize, op: AxisOperator) -> candle_core::Res
 }
 
 /// 3D average pooling of `(B, C, D, H, W)` with per-axis `(d, h, w)` kernel, stride and padding.
-pub fn avg_pool3d(x: &Tensor, kernel: [usize; 3], stride: [usize; 3], padding: [usize; 3]) -> candle_core::Result<Tensor> {
+pub fn avg_pool3d(
+    x: &Tensor,
+    kernel: [usize; 3],
+    stride: [usize; 3],
+    padding: [usize; 3],
+) -> candle_core::Result<Tensor> {
     let mut y = x.clone();
     for a in 0..3 {
         let n = y.dims()[2 + a];

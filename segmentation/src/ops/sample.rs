@@ -128,11 +128,7 @@ impl Dims {
 
 #[inline]
 fn all_taps<T: Float>(p: [T; 3], dims: Dims, interp: Interpolation, pad: Padding) -> [Taps<T>; 3] {
-    [
-        axis_taps(p[0], dims.w, interp, pad),
-        axis_taps(p[1], dims.h, interp, pad),
-        axis_taps(p[2], dims.d, interp, pad),
-    ]
+    [axis_taps(p[0], dims.w, interp, pad), axis_taps(p[1], dims.h, interp, pad), axis_taps(p[2], dims.d, interp, pad)]
 }
 
 /// Samples one channel (`D·H·W` values) at a point given in **voxel** coordinates `(x, y, z)`.
@@ -366,7 +362,13 @@ impl CustomOp2 for GridSample {
         "grid-sample-3d"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let sh = shapes(l1, l2)?;
         let out_shape = Shape::from((sh.b, sh.c, sh.np));
         let st = match (s1, s2) {
@@ -393,7 +395,13 @@ impl CustomOp2 for GridSample {
         Ok((st, out_shape))
     }
 
-    fn bwd(&self, input: &Tensor, points: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        input: &Tensor,
+        points: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let gi = if input.track_op() {
             Some(input.apply_op3_no_bwd(points, &grad, &GridSampleGrad { op: *self, wrt_points: false })?)
@@ -452,7 +460,12 @@ impl CustomOp3 for GridSampleGrad {
 }
 
 /// Samples `input` `(B, C, D, H, W)` at normalised `points` `(B, P, 3)` → `(B, C, P)`.
-pub fn grid_sample(input: &Tensor, points: &Tensor, interp: Interpolation, padding: Padding) -> candle_core::Result<Tensor> {
+pub fn grid_sample(
+    input: &Tensor,
+    points: &Tensor,
+    interp: Interpolation,
+    padding: Padding,
+) -> candle_core::Result<Tensor> {
     let points = if points.dtype() != input.dtype() { points.to_dtype(input.dtype())? } else { points.clone() };
     if !matches!(input.dtype(), DType::F32 | DType::F64) {
         bail("grid_sample supports f32 and f64")?;

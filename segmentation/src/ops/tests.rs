@@ -26,7 +26,8 @@ fn check_grad(x: &Tensor, f: &dyn Fn(&Tensor) -> Tensor, tol: f64) {
     let r = t(rand_vec(y.elem_count(), 99), y.dims());
     let loss = (y * &r).unwrap().sum_all().unwrap();
     let grads = loss.backward().unwrap();
-    let g: Vec<f64> = grads.get(var.as_tensor()).expect("gradient reaches the input").flatten_all().unwrap().to_vec1().unwrap();
+    let g: Vec<f64> =
+        grads.get(var.as_tensor()).expect("gradient reaches the input").flatten_all().unwrap().to_vec1().unwrap();
     let x0: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
     let eps = 1e-6;
     let eval = |v: Vec<f64>| -> f64 {
@@ -108,10 +109,7 @@ fn grid_sample_reproduces_voxels_and_linear_functions() {
     }
     let x = t(data.clone(), &[1, 1, d, h, w]);
     let vox = [[0.0, 0.0, 0.0], [5.0, 4.0, 3.0], [2.3, 1.7, 0.4], [4.9, 0.1, 2.5]];
-    let norm: Vec<f64> = vox
-        .iter()
-        .flat_map(|v| [v[0] / 2.5 - 1.0, v[1] / 2.0 - 1.0, v[2] / 1.5 - 1.0])
-        .collect();
+    let norm: Vec<f64> = vox.iter().flat_map(|v| [v[0] / 2.5 - 1.0, v[1] / 2.0 - 1.0, v[2] / 1.5 - 1.0]).collect();
     let y: Vec<f64> = grid_sample(&x, &t(norm, &[1, 4, 3]), Interpolation::Linear, Padding::Zeros)
         .unwrap()
         .flatten_all()
@@ -152,13 +150,19 @@ fn padding_modes_outside_the_volume() {
 fn f32_and_f64_agree() {
     let x = volume(1, 2, 5, 6, 7);
     let p = points(1, 100, 1.1, 11);
-    let a: Vec<f64> = grid_sample(&x, &p, Interpolation::Linear, Padding::Border).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    let b: Vec<f32> = grid_sample(&x.to_dtype(DType::F32).unwrap(), &p.to_dtype(DType::F32).unwrap(), Interpolation::Linear, Padding::Border)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let a: Vec<f64> =
+        grid_sample(&x, &p, Interpolation::Linear, Padding::Border).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let b: Vec<f32> = grid_sample(
+        &x.to_dtype(DType::F32).unwrap(),
+        &p.to_dtype(DType::F32).unwrap(),
+        Interpolation::Linear,
+        Padding::Border,
+    )
+    .unwrap()
+    .flatten_all()
+    .unwrap()
+    .to_vec1()
+    .unwrap();
     for (a, b) in a.iter().zip(&b) {
         assert!((a - *b as f64).abs() < 1e-5);
     }
@@ -190,7 +194,8 @@ fn avg_pool_matches_direct_average() {
     assert!((yv[0] - want).abs() < 1e-12);
     // with padding, zeros count towards the mean (count_include_pad)
     let ones = Tensor::ones((1, 1, 3, 3, 3), DType::F64, &Device::Cpu).unwrap();
-    let p: Vec<f64> = avg_pool3d(&ones, [3, 3, 3], [1, 1, 1], [1, 1, 1]).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let p: Vec<f64> =
+        avg_pool3d(&ones, [3, 3, 3], [1, 1, 1], [1, 1, 1]).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     assert!((p[0] - 8.0 / 27.0).abs() < 1e-12);
     assert!((p[13] - 1.0).abs() < 1e-12);
 }
