@@ -3,7 +3,10 @@
 //! Low-level differentiable ops (grid sampling, filtering) live in the `segmentation` crate;
 //! this crate adds physical space on top of them.
 
+pub mod engine;
 pub mod grid;
+pub mod loss;
+pub mod transform;
 pub mod volume;
 
 pub use grid::{Grid, Space};

@@ -5,7 +5,7 @@
 pub mod axis;
 pub mod sample;
 
-pub use axis::{avg_pool3d, bspline_smooth3d, resize_trilinear, AxisOperator, Boundary};
+pub use axis::{avg_pool3d, bspline_smooth3d, resize, resize_trilinear, AxisOperator, Boundary};
 pub use sample::{grid_sample, sample_point, Dims, Interpolation, Padding};
 
 pub(crate) fn bail<T>(msg: impl Into<String>) -> candle_core::Result<T> {

@@ -174,6 +174,18 @@ fn axis_op_gradients_match_finite_differences() {
     check_grad(&x, &|v| avg_pool3d(v, [3, 3, 2], [1, 2, 2], [1, 1, 0]).unwrap(), 1e-7);
     check_grad(&x, &|v| resize_trilinear(v, [9, 3, 14]).unwrap(), 1e-7);
     check_grad(&x, &|v| bspline_smooth3d(v, [1.5, 2.0, 1.0]).unwrap(), 1e-7);
+    check_grad(&x, &|v| resize(v, [3, 9, 4]).unwrap(), 1e-7);
+}
+
+#[test]
+fn area_resize_averages_and_keeps_constants() {
+    let op = AxisOperator::resize_area(5, 2);
+    let y = op.apply(&[1.0, 2.0, 3.0, 4.0, 5.0], 1, 1);
+    // [0, 2.5) and [2.5, 5)
+    assert!((y[0] - (1.0 + 2.0 + 0.5 * 3.0) / 2.5).abs() < 1e-12);
+    assert!((y[1] - (0.5 * 3.0 + 4.0 + 5.0) / 2.5).abs() < 1e-12);
+    let c = AxisOperator::resize_area(7, 3).apply(&[2.0; 7], 1, 1);
+    assert!(c.iter().all(|v| (v - 2.0).abs() < 1e-12));
 }
 
 #[test]
