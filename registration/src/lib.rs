@@ -3,7 +3,9 @@
 //! Low-level differentiable ops (grid sampling, filtering) live in the `segmentation` crate;
 //! this crate adds physical space on top of them.
 
+pub mod features;
 pub mod grid;
+pub mod metrics;
 pub mod volume;
 
 pub use grid::{Grid, Space};
