@@ -123,7 +123,7 @@ fn edt_matches_brute_force_with_anisotropic_spacing() {
     let feature: Vec<bool> = (0..n).map(|v| (v * 7919 + 13) % 37 == 0).collect();
     let d = edt_squared(&feature, shape, spacing);
     let pos = |v: usize| [v % shape[0], (v / shape[0]) % shape[1], v / (shape[0] * shape[1])];
-    for v in 0..n {
+    for (v, &dv) in d.iter().enumerate() {
         let p = pos(v);
         let best = (0..n)
             .filter(|&w| feature[w])
@@ -132,7 +132,7 @@ fn edt_matches_brute_force_with_anisotropic_spacing() {
                 (0..3).map(|a| ((p[a] as f64 - q[a] as f64) * spacing[a]).powi(2)).sum::<f64>()
             })
             .fold(f64::INFINITY, f64::min);
-        assert!((d[v] - best).abs() < 1e-9, "voxel {p:?}: {} vs {best}", d[v]);
+        assert!((dv - best).abs() < 1e-9, "voxel {p:?}: {dv} vs {best}");
     }
     assert!(edt_squared(&vec![false; n], shape, spacing).iter().all(|v| v.is_infinite()));
 }
