@@ -152,9 +152,8 @@ fn mind_ssc(img: &[f32], shape: [usize; 3], cfg: MindConfig, pairs: &[(usize, us
     for (c, &(p, q)) in pairs.iter().enumerate() {
         let p = SIX[p].map(|v| v * d);
         let q = SIX[q].map(|v| v * d);
-        shifted_sq_diff(img, shape, p, q, &mut tmp_a);
         let dst = &mut out[c * n..(c + 1) * n];
-        box_x(&tmp_a, shape, cfg.radius, &mut tmp_b);
+        sq_diff_box_x(img, shape, p, q, cfg.radius, &mut tmp_b);
         if shape[2] > 1 {
             box_y(&tmp_b, shape, cfg.radius, &mut tmp_a);
             box_z(&tmp_a, shape, cfg.radius, dst);
@@ -168,14 +167,19 @@ fn mind_ssc(img: &[f32], shape: [usize; 3], cfg: MindConfig, pairs: &[(usize, us
     let mut mins = vec![0f32; n];
     let mut var = vec![0f32; n];
     let ssd = &out;
+    // Block by block, channel by channel: contiguous slices, so the loops vectorise.
     mins.par_chunks_mut(BLOCK).zip(var.par_chunks_mut(BLOCK)).enumerate().for_each(|(b, (mn, vr))| {
-        for (t, (m, v)) in mn.iter_mut().zip(vr.iter_mut()).enumerate() {
-            let i = b * BLOCK + t;
-            let lo = (0..nc).map(|c| ssd[c * n + i]).fold(f32::INFINITY, f32::min);
-            let s: f32 = (0..nc).map(|c| ssd[c * n + i] - lo).sum();
-            *m = lo;
-            *v = s / nc as f32;
+        let len = mn.len();
+        let chan = |c: usize| &ssd[c * n + b * BLOCK..][..len];
+        mn.copy_from_slice(chan(0));
+        for c in 1..nc {
+            mn.iter_mut().zip(chan(c)).for_each(|(m, &v)| *m = m.min(v));
         }
+        vr.fill(0.0);
+        for c in 0..nc {
+            vr.iter_mut().zip(chan(c)).zip(mn.iter()).for_each(|((s, &v), &m)| *s += v - m);
+        }
+        vr.iter_mut().for_each(|v| *v /= nc as f32);
     });
     // Volume-wide mean of the variance, summed in fixed blocks so it is thread-count independent.
     let mean_var = var.par_chunks(BLOCK).map(|c| c.iter().map(|&v| f64::from(v)).sum::<f64>()).collect::<Vec<_>>();
@@ -189,10 +193,9 @@ fn mind_ssc(img: &[f32], shape: [usize; 3], cfg: MindConfig, pairs: &[(usize, us
     });
     out.par_chunks_mut(n).for_each(|ch| {
         ch.par_chunks_mut(BLOCK).enumerate().for_each(|(b, blk)| {
-            let base = b * BLOCK;
-            for (t, v) in blk.iter_mut().enumerate() {
-                let i = base + t;
-                *v = (-((*v - mins[i]) * var[i]).min(MAX_EXPONENT)).exp();
+            let range = b * BLOCK..b * BLOCK + blk.len();
+            for ((v, &m), &iv) in blk.iter_mut().zip(&mins[range.clone()]).zip(&var[range]) {
+                *v = (-((*v - m) * iv).min(MAX_EXPONENT)).exp();
             }
         });
     });
@@ -204,38 +207,46 @@ fn clamped(n: usize, s: isize) -> Vec<usize> {
     (0..n as isize).map(|i| (i + s).clamp(0, n as isize - 1) as usize).collect()
 }
 
-/// `(I(x + p) − I(x + q))²` with replicate padding; offsets `(z, y, x)` in voxels.
-fn shifted_sq_diff(img: &[f32], shape: [usize; 3], p: [isize; 3], q: [isize; 3], out: &mut [f32]) {
+/// `(I(x + p) − I(x + q))²` with replicate padding (offsets `(z, y, x)` in voxels), averaged
+/// over `[i − r, i + r]` along x. Fused so the squared differences never leave a row buffer.
+fn sq_diff_box_x(img: &[f32], shape: [usize; 3], p: [isize; 3], q: [isize; 3], r: usize, out: &mut [f32]) {
     let [nx, ny, nz] = shape;
+    let w = 1.0 / (2 * r + 1) as f32;
     let (xp, xq) = (clamped(nx, p[2]), clamped(nx, q[2]));
     let (yp, yq) = (clamped(ny, p[1]), clamped(ny, q[1]));
     let (zp, zq) = (clamped(nz, p[0]), clamped(nz, q[0]));
-    out.par_chunks_mut(nx * ny).enumerate().for_each(|(k, slice)| {
-        for (j, row) in slice.chunks_mut(nx).enumerate() {
-            let a = &img[(zp[k] * ny + yp[j]) * nx..][..nx];
-            let b = &img[(zq[k] * ny + yq[j]) * nx..][..nx];
-            for (i, o) in row.iter_mut().enumerate() {
-                let t = a[xp[i]] - b[xq[i]];
-                *o = t * t;
+    // Where neither x shift is clamped the rows are plain offset slices, which vectorises; the
+    // few border voxels go through the index tables.
+    let lo = (-p[2].min(q[2])).clamp(0, nx as isize) as usize;
+    let hi = (nx as isize - p[2].max(q[2]).max(0)).clamp(lo as isize, nx as isize) as usize;
+    out.par_chunks_mut(nx * ny).enumerate().for_each_init(
+        || vec![0f32; nx + 2 * r],
+        |padded, (k, slice)| {
+            for (j, row) in slice.chunks_mut(nx).enumerate() {
+                let a = &img[(zp[k] * ny + yp[j]) * nx..][..nx];
+                let b = &img[(zq[k] * ny + yq[j]) * nx..][..nx];
+                let diff = &mut padded[r..r + nx];
+                for i in (0..lo).chain(hi..nx) {
+                    let t = a[xp[i]] - b[xq[i]];
+                    diff[i] = t * t;
+                }
+                if hi > lo {
+                    let a = &a[(lo as isize + p[2]) as usize..][..hi - lo];
+                    let b = &b[(lo as isize + q[2]) as usize..][..hi - lo];
+                    diff[lo..hi].iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&x, &y))| {
+                        let t = x - y;
+                        *o = t * t;
+                    });
+                }
+                // Replicate padding for the box filter, then 2r+1 shifted copies summed in a fixed
+                // order (vectorised, and a voxel's value does not depend on where it sits).
+                let (first, last) = (padded[r], padded[r + nx - 1]);
+                padded[..r].fill(first);
+                padded[r + nx..].fill(last);
+                sum_rows(row, (0..=2 * r).map(|t| &padded[t..t + nx]), w);
             }
-        }
-    });
-}
-
-/// Mean over `[i − r, i + r]` along x, replicate padding.
-fn box_x(src: &[f32], shape: [usize; 3], r: usize, dst: &mut [f32]) {
-    let nx = shape[0];
-    let w = 1.0 / (2 * r + 1) as f32;
-    let last = nx as isize - 1;
-    let r = r as isize;
-    dst.par_chunks_mut(nx).zip(src.par_chunks(nx)).for_each(|(o, s)| {
-        for (i, v) in o.iter_mut().enumerate() {
-            let i = i as isize;
-            // Summed in a fixed order so a voxel's value does not depend on where it sits.
-            let acc: f32 = (i - r..=i + r).map(|t| s[t.clamp(0, last) as usize]).sum();
-            *v = acc * w;
-        }
-    });
+        },
+    );
 }
 
 /// Mean over `[j − r, j + r]` along y (whole rows at a time, so the inner loop vectorises).
