@@ -4,8 +4,10 @@
 //! this crate adds physical space on top of them.
 
 pub mod engine;
+pub mod features;
 pub mod grid;
 pub mod loss;
+pub mod metrics;
 pub mod transform;
 pub mod volume;
 
