@@ -5,6 +5,7 @@
 
 pub mod grid;
 pub mod volume;
+pub mod warp;
 
 pub use grid::{Grid, Space};
 pub use volume::{DisplacementField, Labels, Volume};
