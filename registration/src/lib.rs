@@ -10,6 +10,7 @@ pub mod loss;
 pub mod metrics;
 pub mod transform;
 pub mod volume;
+pub mod warp;
 
 pub use grid::{Grid, Space};
 pub use volume::{DisplacementField, Labels, Volume};
