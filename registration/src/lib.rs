@@ -4,6 +4,7 @@
 //! this crate adds physical space on top of them.
 
 pub mod grid;
+pub mod synth;
 pub mod volume;
 
 pub use grid::{Grid, Space};
