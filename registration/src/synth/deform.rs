@@ -91,8 +91,8 @@ impl GaussianDeformation {
         for b in &self.bumps {
             let d = [x[0] - b.centre[0], x[1] - b.centre[1], x[2] - b.centre[2]];
             let g = (-(d[0] * d[0] + d[1] * d[1] + d[2] * d[2]) * b.inv_two_sigma2).exp();
-            for a in 0..3 {
-                u[a] += b.amp[a] * g;
+            for (ua, aa) in u.iter_mut().zip(b.amp) {
+                *ua += aa * g;
             }
         }
         u

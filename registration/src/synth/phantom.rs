@@ -269,8 +269,18 @@ pub struct Phantom {
 }
 
 /// Label ids of the phantom's structures, `LABEL_NAMES[id]` (0 = background).
-pub const LABEL_NAMES: [&str; 10] =
-    ["background", "liver", "spleen", "kidney_right", "kidney_left", "stomach", "pancreas", "aorta", "gallbladder", "spine"];
+pub const LABEL_NAMES: [&str; 10] = [
+    "background",
+    "liver",
+    "spleen",
+    "kidney_right",
+    "kidney_left",
+    "stomach",
+    "pancreas",
+    "aorta",
+    "gallbladder",
+    "spine",
+];
 
 pub const LIVER: u32 = 1;
 pub const SPLEEN: u32 = 2;
@@ -317,7 +327,8 @@ impl Phantom {
         let rib_z0 = s * r.uniform(-25.0, 5.0);
         let (sx, sy) = (spine.x0, spine.y0);
         let aorta = (sx - s * 14.0 + r.jitter(3.0), sy + spine.body_r[1] + 13.0 + r.jitter(2.0), r.uniform(9.5, 12.5));
-        let ivc = (sx + s * 24.0 + r.jitter(3.0), sy + spine.body_r[1] + 9.0, [r.uniform(10.0, 14.0), r.uniform(7.0, 10.0)]);
+        let ivc =
+            (sx + s * 24.0 + r.jitter(3.0), sy + spine.body_r[1] + 9.0, [r.uniform(10.0, 14.0), r.uniform(7.0, 10.0)]);
 
         let frame = |r: &mut SplitMix64, c: V3, rot: V3, mirror: bool, mean_r: f64, bound: f64| {
             let centre = [0, 1, 2].map(|a| s * c[a] + r.jitter(6.0));
@@ -340,7 +351,7 @@ impl Phantom {
         );
         let kidney = |r: &mut SplitMix64, side: f64, z: f64, mirror: bool| {
             let f = frame(r, [58.0 * side, sy / s + 8.0, z], [-0.5, -0.2, 0.0], mirror, 30.0, 58.0);
-            (f, size(r, [28.0, 20.0, 52.0]))
+            (f, size(r, [30.0, 21.0, 55.0]))
         };
         let kidneys = [kidney(&mut r, 1.0, -32.0, false), kidney(&mut r, -1.0, -18.0, true)];
         let tube_pts = |r: &mut SplitMix64, pts: &[(V3, f64)]| -> Vec<(V3, f64)> {
@@ -482,8 +493,10 @@ impl Phantom {
         let d_ring = (dc - sp.canal_r - 3.0).abs() - 3.5;
         let arch = d_ring;
         let spinous = tube([lx, ly, 0.0], &[([0.0, canal_y - 10.0, 0.0], 5.5), ([0.0, canal_y - 24.0, 0.0], 4.0)]);
-        let transverse =
-            tube([lx.abs(), ly, 0.0], &[([8.0, canal_y + 2.0, 0.0], 5.0), ([sp.body_r[0] + 20.0, canal_y + 4.0, 0.0], 3.5)]);
+        let transverse = tube(
+            [lx.abs(), ly, 0.0],
+            &[([8.0, canal_y + 2.0, 0.0], 5.0), ([sp.body_r[0] + 20.0, canal_y + 4.0, 0.0], 3.5)],
+        );
         let posterior = arch.min(spinous).min(transverse);
         edge = edge.min(vb.abs()).min(d_canal.abs());
         if vb < 0.0 {
@@ -655,7 +668,8 @@ impl Phantom {
         }
 
         // everything else in the cavity: bowel loops in mesenteric fat, with a few gas pockets
-        let n = value_noise(self.bowel_seed, p.map(|v| v / 22.0)) + 0.5 * value_noise(self.bowel_seed ^ 7, p.map(|v| v / 9.0));
+        let n = value_noise(self.bowel_seed, p.map(|v| v / 22.0))
+            + 0.5 * value_noise(self.bowel_seed ^ 7, p.map(|v| v / 9.0));
         // |∇n| ≤ 1.5·√3·(1/22 + 0.5/9) ≈ 0.26 per mm
         let slope = 0.26;
         if n > 0.05 {

@@ -17,7 +17,11 @@ fn centroid(labels: &Labels, id: u32) -> Option<[f64; 3]> {
     let [nx, ny, _] = labels.grid.shape();
     let (mut sum, mut n) = ([0.0; 3], 0usize);
     for (v, _) in labels.data.iter().enumerate().filter(|(_, &l)| l == id) {
-        let p = labels.grid.map([(v % nx) as f64, ((v / nx) % ny) as f64, (v / (nx * ny)) as f64], Space::Voxel, Space::Ras);
+        let p = labels.grid.map(
+            [(v % nx) as f64, ((v / nx) % ny) as f64, (v / (nx * ny)) as f64],
+            Space::Voxel,
+            Space::Ras,
+        );
         for a in 0..3 {
             sum[a] += p[a];
         }
@@ -143,11 +147,11 @@ fn synth_partial_volume_and_noise() {
     let phantom = clean_cfg.phantom(0);
     let (clean, _) = render(&phantom, &grid);
     // supersampling produces values between the air and fat plateaus at the skin
-    let mixed = clean.data.iter().filter(|&&v| v > -900.0 && v < -200.0).count();
+    let mixed = clean.data.iter().filter(|&&v| v > -750.0 && v < -250.0).count();
     assert!(mixed > 100, "{mixed} partial-volume voxels");
     let hard = SynthConfig { supersample: 1, ..clean_cfg };
     let (hard_img, _) = render(&hard.phantom(0), &grid);
-    let mixed_hard = hard_img.data.iter().filter(|&&v| v > -900.0 && v < -200.0).count();
+    let mixed_hard = hard_img.data.iter().filter(|&&v| v > -750.0 && v < -250.0).count();
     assert!(mixed_hard < mixed / 4, "{mixed_hard} vs {mixed}");
     // noise: outside the body, the air is −1000 plus N(0, 10²)
     let (noisy, labels) = render(&cfg.phantom(0), &grid);
@@ -182,11 +186,11 @@ fn min_jacobian_det(f: &DisplacementField) -> f64 {
         for j in 1..ny - 1 {
             for i in 1..nx - 1 {
                 let mut jac = [[0.0; 3]; 3];
-                for c in 0..3 {
-                    jac[c][0] = (at(c, i + 1, j, k) - at(c, i - 1, j, k)) / (2.0 * sp[0]);
-                    jac[c][1] = (at(c, i, j + 1, k) - at(c, i, j - 1, k)) / (2.0 * sp[1]);
-                    jac[c][2] = (at(c, i, j, k + 1) - at(c, i, j, k - 1)) / (2.0 * sp[2]);
-                    jac[c][c] += 1.0;
+                for (c, row) in jac.iter_mut().enumerate() {
+                    row[0] = (at(c, i + 1, j, k) - at(c, i - 1, j, k)) / (2.0 * sp[0]);
+                    row[1] = (at(c, i, j + 1, k) - at(c, i, j - 1, k)) / (2.0 * sp[1]);
+                    row[2] = (at(c, i, j, k + 1) - at(c, i, j, k - 1)) / (2.0 * sp[2]);
+                    row[c] += 1.0;
                 }
                 let m = nalgebra::Matrix3::from_fn(|r, c| jac[r][c]);
                 min = min.min(m.determinant());
@@ -201,8 +205,10 @@ fn synth_truth_field_is_diffeomorphic_with_the_configured_magnitude() {
     for (max_mm, sigma) in [(10.0, [30.0, 55.0]), (20.0, [25.0, 40.0])] {
         let cfg = SynthConfig { max_displacement_mm: max_mm, bump_sigma_mm: sigma, ..small(Modality::Ct) };
         let pair = make_pair(&cfg, 0).unwrap();
-        let max_u =
-            (0..pair.truth.grid.num_voxels()).map(|v| pair.truth.at(v)).map(|u| u.map(|c| c * c).iter().sum::<f32>().sqrt()).fold(0.0, f32::max);
+        let max_u = (0..pair.truth.grid.num_voxels())
+            .map(|v| pair.truth.at(v))
+            .map(|u| u.map(|c| c * c).iter().sum::<f32>().sqrt())
+            .fold(0.0, f32::max);
         assert!((max_u as f64 - max_mm).abs() < 1e-3 * max_mm, "max |u| {max_u} vs {max_mm}");
         let det = min_jacobian_det(&pair.truth);
         assert!(det > 0.2, "min det {det}");
@@ -225,7 +231,8 @@ fn warp_labels(moving: &Labels, truth: &DisplacementField) -> Vec<u32> {
     let [fx, fy, _] = grid.shape();
     (0..grid.num_voxels())
         .map(|v| {
-            let x = grid.map([(v % fx) as f64, ((v / fx) % fy) as f64, (v / (fx * fy)) as f64], Space::Voxel, Space::Lps);
+            let x =
+                grid.map([(v % fx) as f64, ((v / fx) % fy) as f64, (v / (fx * fy)) as f64], Space::Voxel, Space::Lps);
             let u = truth.at(v);
             let p = [x[0] + u[0] as f64, x[1] + u[1] as f64, x[2] + u[2] as f64];
             let q = moving.grid.map(p, Space::Lps, Space::Voxel);
@@ -236,7 +243,8 @@ fn warp_labels(moving: &Labels, truth: &DisplacementField) -> Vec<u32> {
 
 #[test]
 fn synth_truth_field_maps_moving_labels_onto_fixed() {
-    let cfg = SynthConfig { max_displacement_mm: 12.0, ..medium() };
+    // 3 mm voxels over 240 x 216 x 240 mm: every organ, flanks cropped
+    let cfg = SynthConfig { size: [80, 72, 80], spacing: [3.0; 3], max_displacement_mm: 12.0, ..medium() };
     for subject in 0..2 {
         let pair = make_pair(&cfg, subject).unwrap();
         let warped = warp_labels(&pair.moving_labels, &pair.truth);
@@ -244,14 +252,18 @@ fn synth_truth_field_maps_moving_labels_onto_fixed() {
             let before = dice(&pair.moving_labels.data, &pair.fixed_labels.data, id);
             let after = dice(&warped, &pair.fixed_labels.data, id);
             let size = pair.fixed_labels.data.iter().filter(|&&l| l == id).count();
-            // organs ≥ 4000 voxels (≥ 256 ml at 4 mm) are thick enough for nearest-neighbour
-            // resampling to keep Dice above 0.95; thin tubes only get a looser bound
-            let bound = if size >= 4000 { 0.95 } else { 0.8 };
+            // Nearest-neighbour resampling misplaces boundaries by up to half a voxel, which
+            // costs about 3h / 8R of Dice for a blob of radius R: the compact organs (R ≥ 30 mm,
+            // 10 voxels here) must stay above 0.95; thin tubes and the vertebral processes,
+            // where a voxel is a large share of the width, get a looser bound.
+            let bound = if [LIVER, SPLEEN, KIDNEY_RIGHT, KIDNEY_LEFT, STOMACH].contains(&id) { 0.95 } else { 0.85 };
+            eprintln!("DBG {subject} {id} {size} {before:.3} {after:.3}");
             assert!(after > bound, "subject {subject} label {id} ({size} voxels): dice {after:.3}");
             assert!(after > before || before > 0.99, "label {id}: warping must help ({before:.3} → {after:.3})");
         }
         // the intensities follow too: the warped moving image is close to the fixed one
-        let dims = Dims { d: 64, h: 64, w: 64 };
+        let [nx, ny, nz] = cfg.size;
+        let dims = Dims { d: nz, h: ny, w: nx };
         let mv: Vec<f64> = pair.moving.data.iter().map(|&v| v as f64).collect();
         let g = &pair.truth.grid;
         let (mut err_before, mut err_after) = (0.0, 0.0);
@@ -259,7 +271,7 @@ fn synth_truth_field_maps_moving_labels_onto_fixed() {
             if pair.fixed_labels.data[v] == 0 {
                 continue;
             }
-            let x = g.map([(v % 64) as f64, ((v / 64) % 64) as f64, (v / 4096) as f64], Space::Voxel, Space::Lps);
+            let x = g.map([(v % nx) as f64, ((v / nx) % ny) as f64, (v / (nx * ny)) as f64], Space::Voxel, Space::Lps);
             let u = pair.truth.at(v);
             let q = g.map([x[0] + u[0] as f64, x[1] + u[1] as f64, x[2] + u[2] as f64], Space::Lps, Space::Voxel);
             let w = sample_point(&mv, dims, q, Interpolation::Linear, Padding::Border);
@@ -281,7 +293,8 @@ fn synth_labels_are_named() {
 #[test]
 #[ignore]
 fn synth_dump_scratch() {
-    let cfg = SynthConfig { seed: std::env::var("SEED").map(|s| s.parse().unwrap()).unwrap_or(0), ..SynthConfig::default() };
+    let cfg =
+        SynthConfig { seed: std::env::var("SEED").map(|s| s.parse().unwrap()).unwrap_or(0), ..SynthConfig::default() };
     let t = std::time::Instant::now();
     let pair = make_pair(&cfg, 0).unwrap();
     eprintln!("pair {:?}", t.elapsed());
@@ -292,16 +305,37 @@ fn synth_dump_scratch() {
     let mut out = String::new();
     for (name, vol) in [("fixed", &pair.fixed.data), ("moving", &pair.moving.data)] {
         for (tag, lab) in [("img", false), ("lab", true)] {
-            let get = |v: usize| if lab { [&pair.fixed_labels, &pair.moving_labels][(name == "moving") as usize].data[v] as f32 } else { vol[v] };
+            let get = |v: usize| {
+                if lab {
+                    [&pair.fixed_labels, &pair.moving_labels][(name == "moving") as usize].data[v] as f32
+                } else {
+                    vol[v]
+                }
+            };
             for k in [30usize, 48, 62, 75] {
                 out.push_str(&format!("{name} {tag} axial{k} {nx} {ny}\n"));
-                for j in (0..ny).rev() { for i in 0..nx { out.push_str(&format!("{} ", get((k * ny + j) * nx + i))); } out.push('\n'); }
+                for j in (0..ny).rev() {
+                    for i in 0..nx {
+                        out.push_str(&format!("{} ", get((k * ny + j) * nx + i)));
+                    }
+                    out.push('\n');
+                }
             }
             out.push_str(&format!("{name} {tag} coronal {nx} {nz}\n"));
             let j = ny / 2 - 5;
-            for k in (0..nz).rev() { for i in 0..nx { out.push_str(&format!("{} ", get((k * ny + j) * nx + i))); } out.push('\n'); }
+            for k in (0..nz).rev() {
+                for i in 0..nx {
+                    out.push_str(&format!("{} ", get((k * ny + j) * nx + i)));
+                }
+                out.push('\n');
+            }
             out.push_str(&format!("{name} {tag} sagittal {ny} {nz}\n"));
-            for k in (0..nz).rev() { for j in 0..ny { out.push_str(&format!("{} ", get((k * ny + j) * nx + nx / 2 + 12))); } out.push('\n'); }
+            for k in (0..nz).rev() {
+                for j in 0..ny {
+                    out.push_str(&format!("{} ", get((k * ny + j) * nx + nx / 2 + 12)));
+                }
+                out.push('\n');
+            }
         }
     }
     std::fs::write("/tmp/synth_dump.txt", out).unwrap();
