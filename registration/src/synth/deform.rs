@@ -25,6 +25,7 @@ struct Bump {
 #[derive(Debug, Clone, PartialEq)]
 pub struct GaussianDeformation {
     bumps: Vec<Bump>,
+    max_gradient: f64,
 }
 
 impl GaussianDeformation {
@@ -50,7 +51,7 @@ impl GaussianDeformation {
                 Bump { centre, inv_two_sigma2: 0.5 / (sigma * sigma), amp: dir.map(|d| d * mag) }
             })
             .collect();
-        let mut def = Self { bumps };
+        let mut def = Self { bumps, max_gradient: 0.0 };
         let (max_u, max_grad) = def.extremes(grid);
         let mut scale = if max_u > 0.0 { max_displacement_mm.max(0.0) / max_u } else { 0.0 };
         if scale * max_grad > MAX_GRADIENT_NORM {
@@ -59,7 +60,13 @@ impl GaussianDeformation {
         for b in &mut def.bumps {
             b.amp = b.amp.map(|a| a * scale);
         }
+        def.max_gradient = scale * max_grad;
         def
+    }
+
+    /// Largest Frobenius norm of `∇u` over the voxel centres of the grid the field was drawn on.
+    pub fn max_gradient(&self) -> f64 {
+        self.max_gradient
     }
 
     /// Largest `|u|` and largest Frobenius norm of `∇u` over the voxel centres of `grid`.

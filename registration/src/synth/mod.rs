@@ -127,7 +127,7 @@ where
         .collect();
     let half_diag = 0.5 * grid.spacing().iter().map(|s| s * s).sum::<f64>().sqrt();
     // classification edges are distance estimates, not bounds: keep a safety factor
-    let margin = 1.5 * stretch * half_diag;
+    let margin = 1.25 * stretch * half_diag;
     let sigma = phantom.noise_sigma as f64;
     let slices: Vec<(Vec<f32>, Vec<u32>)> = (0..nz)
         .into_par_iter()
@@ -214,8 +214,9 @@ pub fn make_pair(cfg: &SynthConfig, subject: u64) -> Result<Pair> {
         &grid,
         cfg.max_displacement_mm,
     );
-    // ψ is (1 − L)⁻¹-Lipschitz for |∇u| ≤ L
-    let stretch = 1.0 / (1.0 - MAX_GRADIENT_NORM);
+    // ψ is (1 − L)⁻¹-Lipschitz for |∇u| ≤ L (measured at voxel centres; a little slack for
+    // the gradient in between)
+    let stretch = 1.0 / (1.0 - (deformation.max_gradient() + 0.05).min(MAX_GRADIENT_NORM));
     let (moving, moving_labels) =
         render_mapped(&phantom, &grid, derive(phantom.seed(), NOISE_MOVING), stretch, |y, guess| {
             if guess == y {
