@@ -294,93 +294,20 @@ fn synth_labels_are_named() {
     assert_eq!(LABEL_NAMES[SPINE as usize], "spine");
 }
 
+/// Timing of the default 96³ subject and pair; run with
+/// `cargo test --release -p obelisk-registration synth_timing -- --ignored --nocapture`.
 #[test]
 #[ignore]
-fn synth_dump_scratch() {
-    let cfg =
-        SynthConfig { seed: std::env::var("SEED").map(|s| s.parse().unwrap()).unwrap_or(0), ..SynthConfig::default() };
-    let t = std::time::Instant::now();
-    let pair = make_pair(&cfg, 0).unwrap();
-    eprintln!("pair {:?}", t.elapsed());
-    let t = std::time::Instant::now();
-    let _ = render(&cfg.phantom(1), &cfg.grid().unwrap());
-    eprintln!("subject {:?}", t.elapsed());
-    let [nx, ny, nz] = cfg.size;
-    let mut out = String::new();
-    for (name, vol) in [("fixed", &pair.fixed.data), ("moving", &pair.moving.data)] {
-        for (tag, lab) in [("img", false), ("lab", true)] {
-            let get = |v: usize| {
-                if lab {
-                    [&pair.fixed_labels, &pair.moving_labels][(name == "moving") as usize].data[v] as f32
-                } else {
-                    vol[v]
-                }
-            };
-            for k in [30usize, 48, 62, 75] {
-                out.push_str(&format!("{name} {tag} axial{k} {nx} {ny}\n"));
-                for j in (0..ny).rev() {
-                    for i in 0..nx {
-                        out.push_str(&format!("{} ", get((k * ny + j) * nx + i)));
-                    }
-                    out.push('\n');
-                }
-            }
-            out.push_str(&format!("{name} {tag} coronal {nx} {nz}\n"));
-            let j = ny / 2 - 5;
-            for k in (0..nz).rev() {
-                for i in 0..nx {
-                    out.push_str(&format!("{} ", get((k * ny + j) * nx + i)));
-                }
-                out.push('\n');
-            }
-            out.push_str(&format!("{name} {tag} sagittal {ny} {nz}\n"));
-            for k in (0..nz).rev() {
-                for j in 0..ny {
-                    out.push_str(&format!("{} ", get((k * ny + j) * nx + nx / 2 + 12)));
-                }
-                out.push('\n');
-            }
-        }
-    }
-    std::fs::write("/tmp/synth_dump.txt", out).unwrap();
-}
-
-#[test]
-#[ignore]
-fn synth_prof_scratch() {
+fn synth_timing_96() {
     let cfg = SynthConfig::default();
     let grid = cfg.grid().unwrap();
-    let ph = cfg.phantom(0);
-    let m = grid.matrix(Space::Voxel, Space::Ras);
-    let pts: Vec<[f64; 3]> = (0..grid.num_voxels())
-        .step_by(7)
-        .map(|v| crate::grid::apply(&m, [(v % 96) as f64, ((v / 96) % 96) as f64, (v / 9216) as f64]))
-        .collect();
     let t = std::time::Instant::now();
-    let mut near = 0;
-    let mut tis = std::collections::HashMap::new();
-    for p in &pts {
-        let h = ph.classify(*p);
-        if h.edge < 4.5 {
-            near += 1;
-            *tis.entry(format!("{:?}", h.tissue)).or_insert(0) += 1;
-        }
-    }
-    eprintln!("classify {:?}/pt near {}", t.elapsed() / pts.len() as u32, near as f64 / pts.len() as f64);
-    eprintln!("{tis:?}");
+    let (_, labels) = render(&cfg.phantom(0), &grid);
+    let subject = t.elapsed();
     let t = std::time::Instant::now();
-    let mut s = 0.0;
-    for p in &pts {
-        s += ph.texture(*p);
-    }
-    eprintln!("texture {:?}/pt {s}", t.elapsed() / pts.len() as u32);
-    let g2 = grid.clone();
-    let def =
-        GaussianDeformation::random(1, 6, [30.0, 55.0], [[-100.0, -70.0, -110.0], [100.0, 70.0, 110.0]], &g2, 10.0);
-    let t = std::time::Instant::now();
-    let mut s = 0.0;
-    for p in &pts {
-        s += def.inverse(*p)[0];
-    }
-    eprintln!("inverse {:?}/pt {s}", t.elapsed() / pts.len() as u32);
+    let pair = make_pair(&cfg, 0).unwrap();
+    let pair_time = t.elapsed();
+    eprintln!("96^3 subject {subject:?}, pair {pair_time:?} on {} threads", rayon::current_num_threads());
+    assert_eq!(labels.ids().len(), 9);
+    assert_eq!(pair.fixed_labels, labels);
 }
