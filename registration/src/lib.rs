@@ -8,6 +8,7 @@ pub mod features;
 pub mod grid;
 pub mod loss;
 pub mod metrics;
+pub mod synth;
 pub mod transform;
 pub mod volume;
 pub mod warp;
