@@ -1,0 +1,5 @@
+//! The `obelisk` application crate: file formats and the command-line front end, shared by the
+//! binary, the integration tests and examples.
+
+pub mod cli;
+pub mod io;
