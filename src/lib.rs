@@ -1,4 +1,7 @@
-//! The `obelisk` command-line toolkit: I/O, pipelines and pictures on top of the
-//! `segmentation` and `registration` crates.
+//! The `obelisk` application crate: file formats, pipelines, pictures and the command-line
+//! front end, shared by the binary, the integration tests and examples.
 
+pub mod cli;
+pub mod io;
 pub mod pictures;
+pub mod pipeline;

@@ -45,13 +45,15 @@ impl Mapping {
             }
         };
         [0, 1, 2].map(|r| {
-            snap(m[(r, 0)] * x
-                + m[(r, 1)] * y
-                + m[(r, 2)] * z
-                + m[(r, 3)]
-                + l[(r, 0)] * ux
-                + l[(r, 1)] * uy
-                + l[(r, 2)] * uz)
+            snap(
+                m[(r, 0)] * x
+                    + m[(r, 1)] * y
+                    + m[(r, 2)] * z
+                    + m[(r, 3)]
+                    + l[(r, 0)] * ux
+                    + l[(r, 1)] * uy
+                    + l[(r, 2)] * uz,
+            )
         })
     }
 }
@@ -177,7 +179,8 @@ mod tests {
                         };
                         assert!((got - want).abs() < 1e-3, "c{c} ({i},{j},{k}): {got} vs {want}");
                         if c == 0 {
-                            let want_l = if inside { v.index(src[0] as usize, src[1] as usize, src[2] as usize) } else { 0 };
+                            let want_l =
+                                if inside { v.index(src[0] as usize, src[1] as usize, src[2] as usize) } else { 0 };
                             assert_eq!(wl.data[v.index(i, j, k)], want_l as u32);
                         }
                     }
