@@ -454,6 +454,17 @@ mod tests {
     }
 
     #[test]
+    fn independent_of_thread_count() {
+        // Larger than one work block, so the volume-wide mean is a sum of several partials.
+        let img = image([40, 36, 30], [0; 3], |v| v);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| MindSsc::new(MindConfig::default()).extract(&img).unwrap())
+        };
+        assert_eq!(run(1).data, run(3).data);
+    }
+
+    #[test]
     fn rejects_mismatched_inputs() {
         let vol = image([8, 8, 8], [0; 3], |v| v);
         let flat = image([8, 8, 1], [0; 3], |v| v);

@@ -251,3 +251,19 @@ fn registration_metrics_evaluate_and_serialise() {
     let m = RegistrationMetrics::evaluate(&a, &b, &field, &names, Some(&mask)).unwrap();
     assert_eq!((m.labels[0].dice, m.labels[0].hd95_mm), (1.0, Some(0.0)));
 }
+
+#[test]
+fn statistics_are_independent_of_thread_count() {
+    let g = grid([41, 37, 29], [1.0, 1.1, 1.9]);
+    let u = field_from(&g, |x| [2.0 * (x[0] * 0.3).sin(), (x[1] * 0.2 + x[2] * 0.1).cos(), 0.5 * (x[2] * 0.4).sin()]);
+    let mask: Vec<bool> = (0..g.num_voxels()).map(|v| v % 7 != 3).collect();
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let (det, j) = jacobian(&u, Some(&mask)).unwrap();
+            let e = endpoint_error(&u, &DisplacementField::zeros(g.clone()), Some(&mask)).unwrap();
+            (det.data, j, e)
+        })
+    };
+    assert_eq!(run(1), run(3));
+}
