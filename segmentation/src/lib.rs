@@ -1,6 +1,7 @@
 //! OBELISK-Net in candle: the differentiable sampling ops it needs, the networks and their
 //! trainer. No file I/O: callers hand in tensors.
 
+pub mod model;
 pub mod net;
 pub mod nn;
 pub mod obelisk;
