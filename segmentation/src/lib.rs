@@ -6,6 +6,7 @@ pub mod net;
 pub mod nn;
 pub mod obelisk;
 pub mod ops;
+pub mod train;
 
 /// Errors of the segmentation library.
 #[derive(Debug, thiserror::Error)]

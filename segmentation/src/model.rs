@@ -101,7 +101,8 @@ impl ModelConfig {
 /// The network behind a [`Model`].
 #[derive(Debug, Clone)]
 pub enum Network {
-    Obelisk(ObeliskNet),
+    // boxed: the OBELISK-Net holds many more layers than the U-Net
+    Obelisk(Box<ObeliskNet>),
     UNet(UNet3d),
 }
 
@@ -126,7 +127,7 @@ impl Model {
         let varmap = VarMap::new();
         let vb = seeded_var_builder(&varmap, seed, DType::F32, device);
         let net = match &config.architecture {
-            Architecture::ObeliskNet(c) => Network::Obelisk(ObeliskNet::new(vb, c.clone())?),
+            Architecture::ObeliskNet(c) => Network::Obelisk(Box::new(ObeliskNet::new(vb, c.clone())?)),
             Architecture::Unet(c) => Network::UNet(UNet3d::new(vb, c.clone())?),
         };
         Ok(Self { config, varmap, net, device: device.clone() })

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::nn::{Conv3d, Conv3dConfig};
 use crate::obelisk::{regular_grid, ObeliskConfig, ObeliskLayer};
-use crate::ops::{avg_pool3d, grid_sample, resize_trilinear, Interpolation, Padding};
+use crate::ops::{avg_pool3d, grid_sample, resize_trilinear, resize_trilinear_aligned, Interpolation, Padding};
 
 /// Which intermediate OBELISK-Net layer serves as registration features.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -248,10 +248,12 @@ impl ObeliskNet {
 
 impl ModuleT for ObeliskNet {
     /// Full-volume logits `(B, classes, D, H, W)`: the coarse grid, trilinearly upsampled.
+    /// The grid spans the outer voxel centres (`align_corners = true`), so the upsampling uses the
+    /// same convention; the reference mixed the two, shifting its output by up to half a cell.
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let (_, _, d, h, w) = x.dims5()?;
         let y = self.on_grid(&self.smooth(x)?, train, &|o| self.head_t(o, train))?;
-        resize_trilinear(&y, [d, h, w])
+        resize_trilinear_aligned(&y, [d, h, w])
     }
 }
 

@@ -146,7 +146,7 @@ impl Conv3d {
         cfg: Conv3dConfig,
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
-        if cfg.groups == 0 || in_channels % cfg.groups != 0 || out_channels % cfg.groups != 0 {
+        if cfg.groups == 0 || !in_channels.is_multiple_of(cfg.groups) || !out_channels.is_multiple_of(cfg.groups) {
             candle_core::bail!("conv3d: {in_channels}→{out_channels} not divisible by {} groups", cfg.groups)
         }
         let [kd, kh, kw] = cfg.kernel;

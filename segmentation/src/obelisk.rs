@@ -205,7 +205,7 @@ mod tests {
         let off: Vec<Vec<f64>> = l.offsets().to_vec2().unwrap();
         for c in 0..2 {
             for k in 0..6 {
-                for p in 0..2 {
+                for (p, row) in s[c * 6 + k].iter().enumerate() {
                     let pv: Vec<f64> = pts.get(0).unwrap().get(p).unwrap().to_vec1().unwrap();
                     let at = |o: &[f64]| {
                         let q: Vec<f64> = (0..3).map(|a| pv[a] + o[a]).collect();
@@ -214,7 +214,7 @@ mod tests {
                         v.unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()[0]
                     };
                     let want = at(&off[k]) - at(&off[6 + k]);
-                    assert!((s[c * 6 + k][p] - want).abs() < 1e-12);
+                    assert!((row - want).abs() < 1e-12);
                 }
             }
         }

@@ -189,7 +189,7 @@ pub fn conv3d(
 ) -> candle_core::Result<Tensor> {
     let (b, cin, d, h, wd) = x.dims5()?;
     let (cout, cin_g, kd, kh, kw) = w.dims5()?;
-    if groups == 0 || cin % groups != 0 || cout % groups != 0 || cin_g * groups != cin {
+    if groups == 0 || !cin.is_multiple_of(groups) || !cout.is_multiple_of(groups) || cin_g * groups != cin {
         bail(format!("conv3d: {cin} input / {cout} output channels, weight {:?}, groups {groups}", w.dims()))?;
     }
     if !matches!(x.dtype(), DType::F32 | DType::F64) || x.dtype() != w.dtype() {

@@ -173,6 +173,7 @@ fn axis_op_gradients_match_finite_differences() {
     let x = volume(1, 2, 5, 6, 7);
     check_grad(&x, &|v| avg_pool3d(v, [3, 3, 2], [1, 2, 2], [1, 1, 0]).unwrap(), 1e-7);
     check_grad(&x, &|v| resize_trilinear(v, [9, 3, 14]).unwrap(), 1e-7);
+    check_grad(&x, &|v| resize_trilinear_aligned(v, [9, 3, 14]).unwrap(), 1e-7);
     check_grad(&x, &|v| bspline_smooth3d(v, [1.5, 2.0, 1.0]).unwrap(), 1e-7);
 }
 
@@ -304,7 +305,8 @@ fn conv3d_direct(
 
 #[test]
 fn conv3d_matches_direct_loops() {
-    let cases: [([usize; 5], [usize; 5], [usize; 3], [usize; 3], usize); 4] = [
+    type Case = ([usize; 5], [usize; 5], [usize; 3], [usize; 3], usize);
+    let cases: [Case; 4] = [
         ([2, 3, 5, 6, 4], [4, 3, 3, 3, 3], [1, 1, 1], [1, 1, 1], 1),
         ([1, 4, 7, 5, 6], [6, 2, 3, 2, 3], [2, 1, 2], [1, 0, 1], 2),
         ([2, 4, 3, 3, 3], [8, 1, 1, 1, 1], [1, 1, 1], [0, 0, 0], 4),
@@ -347,4 +349,25 @@ fn conv3d_rejects_bad_shapes() {
     assert!(conv3d(&x, &volume(4, 2, 3, 3, 3), [1; 3], [1; 3], 1).is_err());
     assert!(conv3d(&x, &volume(4, 1, 3, 3, 3), [1; 3], [1; 3], 2).is_err());
     assert!(conv3d(&x, &volume(4, 3, 7, 3, 3), [1; 3], [0; 3], 1).is_err());
+}
+
+#[test]
+fn aligned_resize_agrees_with_grid_sampling() {
+    // align_corners = true resizing = sampling the coarse volume at a regular [-1, 1] grid
+    let x = volume(1, 2, 3, 4, 5);
+    let size = [7, 4, 9];
+    let y = resize_trilinear_aligned(&x, size).unwrap();
+    let ax = |n: usize, i: usize| -1.0 + 2.0 * i as f64 / (n - 1) as f64;
+    let mut pts = Vec::new();
+    for k in 0..size[0] {
+        for j in 0..size[1] {
+            for i in 0..size[2] {
+                pts.extend([ax(size[2], i), ax(size[1], j), ax(size[0], k)]);
+            }
+        }
+    }
+    let n = pts.len() / 3;
+    let s = grid_sample(&x, &t(pts, &[1, n, 3]), Interpolation::Linear, Padding::Border).unwrap();
+    let d = (y.flatten_from(2).unwrap() - s).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    assert!(d < 1e-12, "{d}");
 }
