@@ -8,6 +8,13 @@ pub mod obelisk;
 pub mod ops;
 pub mod train;
 
+pub use model::{Architecture, FeatureExtractor, FeatureSpec, InputNorm, Model, ModelConfig, Network};
+pub use net::{ObeliskFeatureLayer, ObeliskNet, ObeliskNetConfig, UNet3d, UNetConfig};
+pub use nn::{Conv3d, Conv3dConfig};
+pub use obelisk::{ObeliskConfig, ObeliskLayer};
+pub use ops::conv3d;
+pub use train::{evaluate, evaluate_dice, kfold, leave_one_out, train, Progress, TrainConfig, Trainer};
+
 /// Errors of the segmentation library.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -445,3 +445,57 @@ mod tests {
         assert_eq!(net.features(&x).unwrap().dims(), &[1, 2, 11, 9, 16]);
     }
 }
+
+#[cfg(test)]
+mod grad_tests {
+    use candle_core::{DType, Device, Tensor, Var};
+    use candle_nn::VarMap;
+
+    use super::*;
+    use crate::nn::{seeded_var_builder, Rng};
+
+    /// The registration engine optimises point positions through `features_at_points`: its
+    /// gradient in the points must be right (f64, central differences).
+    #[test]
+    fn feature_gradient_in_points_matches_finite_differences() {
+        let map = VarMap::new();
+        let vb = seeded_var_builder(&map, 4, DType::F64, &Device::Cpu);
+        let cfg = ObeliskNetConfig {
+            kernels: 8,
+            hidden: 8,
+            mid: 4,
+            growth: 4,
+            dense_layers: 2,
+            num_classes: 2,
+            offset_std: 0.3,
+            feature_layer: ObeliskFeatureLayer::Dense,
+            ..Default::default()
+        };
+        let net = ObeliskNet::new(vb, cfg).unwrap();
+        let mut r = Rng::new(1);
+        let x: Vec<f64> = (0..7 * 8 * 9).map(|_| r.uniform()).collect();
+        let x = net.smooth(&Tensor::from_vec(x, (1, 1, 7, 8, 9), &Device::Cpu).unwrap()).unwrap();
+        let p0: Vec<f64> = (0..15).map(|_| 1.4 * r.uniform() - 0.7).collect();
+        let f = |p: &Tensor| net.features_at_points_smoothed(&x, p).unwrap().sqr().unwrap().sum_all().unwrap();
+        let var = Var::from_vec(p0.clone(), (1, 5, 3), &Device::Cpu).unwrap();
+        let g: Vec<f64> = f(var.as_tensor())
+            .backward()
+            .unwrap()
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let eps = 1e-6;
+        for i in 0..p0.len() {
+            let at = |d: f64| {
+                let mut q = p0.clone();
+                q[i] += d;
+                f(&Tensor::from_vec(q, (1, 5, 3), &Device::Cpu).unwrap()).to_scalar::<f64>().unwrap()
+            };
+            let num = (at(eps) - at(-eps)) / (2.0 * eps);
+            assert!((num - g[i]).abs() < 1e-5 * (1.0 + num.abs()), "point coord {i}: {num} vs {}", g[i]);
+        }
+    }
+}
