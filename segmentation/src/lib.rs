@@ -1,5 +1,6 @@
 //! OBELISK-Net in candle: the differentiable sampling ops it needs, the networks and their
-//! trainer. No file I/O: callers hand in tensors.
+//! trainer. No file I/O beyond reading and writing model folders (`model`): callers hand in
+//! tensors.
 
 pub mod model;
 pub mod net;

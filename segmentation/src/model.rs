@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::net::{ObeliskNet, ObeliskNetConfig, UNet3d, UNetConfig};
 use crate::nn::{count_parameters, seeded_var_builder};
+use crate::ops::{grid_sample, Interpolation, Padding};
 use crate::{Error, Result};
 
 pub const WEIGHTS_FILE: &str = "model.safetensors";
@@ -257,8 +258,27 @@ impl FeatureExtractor {
     /// Features at normalised points `(1, P, 3)` of a raw volume, `(1, C, P)`, differentiable in
     /// the points.
     pub fn features_at_points(&self, volume: &Tensor, points: &Tensor) -> Result<Tensor> {
+        self.features_at_prepared_points(&self.prepare(volume)?, points)
+    }
+
+    /// The per-volume work of [`Self::features_at_points`], done once: for OBELISK-Net the
+    /// normalised, smoothed input; for the U-Net its full-resolution feature map.
+    pub fn prepare(&self, volume: &Tensor) -> Result<Tensor> {
+        let x = self.model.normalise(volume)?.detach();
+        Ok(match &self.model.net {
+            Network::Obelisk(n) => n.smooth(&x)?,
+            Network::UNet(n) => n.features(&x)?.detach(),
+        })
+    }
+
+    /// Features at normalised points `(1, P, 3)` of a volume passed through [`Self::prepare`],
+    /// `(1, C, P)`, differentiable in the points (for iterative registration).
+    pub fn features_at_prepared_points(&self, prepared: &Tensor, points: &Tensor) -> Result<Tensor> {
         let p = points.to_dtype(DType::F32)?;
-        self.model.features_at_points(&self.model.normalise(volume)?.detach(), &p)
+        Ok(match &self.model.net {
+            Network::Obelisk(n) => n.features_at_points_smoothed(prepared, &p)?,
+            Network::UNet(_) => grid_sample(prepared, &p, Interpolation::Linear, Padding::Border)?,
+        })
     }
 }
 
@@ -312,6 +332,15 @@ mod tests {
             let fe = FeatureExtractor::load(&dir, &Device::Cpu).unwrap();
             let f = fe.features(&volume()).unwrap();
             assert_eq!(f.dim(1).unwrap(), fe.spec().channels);
+            // prepared and one-shot point evaluation agree
+            let pts = Tensor::new(&[[[0.1f32, -0.2, 0.3], [0.5, 0.5, -0.7]]], &Device::Cpu).unwrap();
+            let a = fe.features_at_points(&volume(), &pts).unwrap();
+            let b = fe.features_at_prepared_points(&fe.prepare(&volume()).unwrap(), &pts).unwrap();
+            assert_eq!(a.dims(), &[1, fe.spec().channels, 2]);
+            assert_eq!(
+                a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }
