@@ -130,7 +130,12 @@ impl View {
         Some((v[2] * shape[1] + v[1]) * shape[0] + v[0])
     }
 
-    fn each_pixel(&self, area: &DrawingArea<BitMapBackend, Shift>, shape: [usize; 3], mut f: impl FnMut(usize) -> RGBColor) {
+    fn each_pixel(
+        &self,
+        area: &DrawingArea<BitMapBackend, Shift>,
+        shape: [usize; 3],
+        mut f: impl FnMut(usize) -> RGBColor,
+    ) {
         let (w, h) = area.dim_in_pixel();
         for y in 0..h {
             for x in 0..w {
@@ -374,7 +379,12 @@ fn canvas(w: u32, h: u32, draw: impl FnOnce(&Area) -> Result<()>) -> Result<RgbI
 const PANEL: (u32, u32) = (400, 400);
 
 /// The deformed grid drawn over an image (or over black), `step` voxels between lines.
-pub fn grid_picture(image: Option<&Volume>, field: &DisplacementField, spec: SliceSpec, step: usize) -> Result<RgbImage> {
+pub fn grid_picture(
+    image: Option<&Volume>,
+    field: &DisplacementField,
+    spec: SliceSpec,
+    step: usize,
+) -> Result<RgbImage> {
     if let Some(img) = image {
         if !img.grid.same_as(&field.grid, 1e-3) {
             bail!("the image does not lie on the field's grid");

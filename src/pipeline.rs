@@ -110,13 +110,15 @@ fn labels_through(moving: &Labels, field: &DisplacementField) -> Labels {
 
 impl RegisterJob {
     fn output_name(&self, stem: &str, image_like: bool) -> PathBuf {
-        let png = image_like && self.fixed.grid.is_2d() && io::Format::of(&self.fixed_path).ok() == Some(io::Format::Png);
+        let png =
+            image_like && self.fixed.grid.is_2d() && io::Format::of(&self.fixed_path).ok() == Some(io::Format::Png);
         self.out.join(if png { format!("{stem}.png") } else { format!("{stem}.nii.gz") })
     }
 
     /// The files this job will write, so that they can be checked before any work.
     pub fn planned_outputs(&self) -> Vec<PathBuf> {
-        let mut v = vec![self.out.join("field.nii.gz"), self.output_name("warped", true), self.out.join("metrics.json")];
+        let mut v =
+            vec![self.out.join("field.nii.gz"), self.output_name("warped", true), self.out.join("metrics.json")];
         v.push(self.out.join("loss.csv"));
         if self.moving_labels.is_some() {
             v.push(self.output_name("warped_labels", true));
@@ -131,7 +133,8 @@ impl RegisterJob {
         let mut runtime = BTreeMap::new();
         let t0 = Instant::now();
         let extractor = self.features.extractor(&self.fixed.grid);
-        let ff = extractor.extract(&self.fixed).with_context(|| format!("features of {}", self.fixed_path.display()))?;
+        let ff =
+            extractor.extract(&self.fixed).with_context(|| format!("features of {}", self.fixed_path.display()))?;
         let mf =
             extractor.extract(&self.moving).with_context(|| format!("features of {}", self.moving_path.display()))?;
         runtime.insert("features".to_string(), t0.elapsed().as_secs_f64());

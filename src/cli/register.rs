@@ -85,7 +85,8 @@ pub(crate) fn prepare_out_dir(dir: &Path) -> Result<()> {
     if dir.exists() && !dir.is_dir() {
         bail!("{}: output path exists and is not a folder", dir.display());
     }
-    std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: cannot create the output folder: {e}", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| anyhow::anyhow!("{}: cannot create the output folder: {e}", dir.display()))?;
     Ok(())
 }
 
@@ -114,20 +115,29 @@ impl RegisterArgs {
                 if moving.grid.is_2d() { 2 } else { 3 }
             );
         }
-        let fixed_labels = self.fixed_labels.as_ref().map(|p| io::read_labels_for(p, &fixed.grid, &self.fixed)).transpose()?;
+        let fixed_labels =
+            self.fixed_labels.as_ref().map(|p| io::read_labels_for(p, &fixed.grid, &self.fixed)).transpose()?;
         let moving_labels =
             self.moving_labels.as_ref().map(|p| io::read_labels_for(p, &moving.grid, &self.moving)).transpose()?;
         let truth = match &self.truth {
             Some(p) => {
                 let t = io::read_field(p)?;
                 if !t.grid.same_as(&fixed.grid, io::GRID_TOL) {
-                    return Err(IoError::new(p, format!("the truth field does not lie on the grid of {}", self.fixed.display())).into());
+                    return Err(IoError::new(
+                        p,
+                        format!("the truth field does not lie on the grid of {}", self.fixed.display()),
+                    )
+                    .into());
                 }
                 Some(t)
             }
             None => None,
         };
-        let mut config = RegistrationConfig { smoothness: self.smoothness, affine_iterations: self.affine_iterations, ..Default::default() };
+        let mut config = RegistrationConfig {
+            smoothness: self.smoothness,
+            affine_iterations: self.affine_iterations,
+            ..Default::default()
+        };
         if let Some(n) = self.iterations {
             config.levels.iter_mut().for_each(|l| l.iterations = n);
         }

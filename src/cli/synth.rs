@@ -58,7 +58,7 @@ impl SynthArgs {
     pub fn config(&self) -> Result<SynthConfig> {
         let size = [self.size[0], self.size[1], self.size[2]];
         let spacing = [self.spacing[0], self.spacing[1], self.spacing[2]];
-        if size.iter().any(|&n| n < 8 || n > 1024) {
+        if size.iter().any(|n| !(8..=1024).contains(n)) {
             bail!("--size must be between 8 and 1024 voxels per axis, got {size:?}");
         }
         if spacing.iter().any(|s| !(s.is_finite() && *s >= 0.1 && *s <= 20.0)) {
@@ -92,7 +92,13 @@ fn name(prefix: &str, i: usize, what: &str) -> String {
 }
 
 /// Writes the cohort and pairs; returns the dataset description.
-pub fn write_dataset(cfg: &SynthConfig, out: &Path, subjects: usize, pairs: usize, force: bool) -> Result<serde_json::Value> {
+pub fn write_dataset(
+    cfg: &SynthConfig,
+    out: &Path,
+    subjects: usize,
+    pairs: usize,
+    force: bool,
+) -> Result<serde_json::Value> {
     prepare_out_dir(out)?;
     let mut planned = Vec::new();
     for i in 0..subjects {

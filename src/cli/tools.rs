@@ -37,7 +37,12 @@ pub fn demo(args: DemoArgs, quiet: bool) -> Result<()> {
     let data = args.out.join("data");
     let cfg = SynthConfig { size: [80, 80, 80], spacing: [4.2, 4.2, 4.2], seed: args.seed, ..Default::default() };
     if !quiet {
-        println!("generating a synthetic CT pair ({}^3 voxels, {} mm) in {}", cfg.size[0], cfg.spacing[0], data.display());
+        println!(
+            "generating a synthetic CT pair ({}^3 voxels, {} mm) in {}",
+            cfg.size[0],
+            cfg.spacing[0],
+            data.display()
+        );
     }
     write_dataset(&cfg, &data, 0, 1, args.force)?;
     let reg = RegisterArgs {
@@ -88,7 +93,10 @@ pub struct EvalArgs {
 }
 
 pub fn eval(args: EvalArgs, quiet: bool) -> Result<()> {
-    for p in [Some(&args.fixed_labels), Some(&args.warped_labels), args.field.as_ref(), args.truth.as_ref()].into_iter().flatten() {
+    for p in [Some(&args.fixed_labels), Some(&args.warped_labels), args.field.as_ref(), args.truth.as_ref()]
+        .into_iter()
+        .flatten()
+    {
         check_input(p)?;
     }
     if args.truth.is_some() && args.field.is_none() {
@@ -180,7 +188,9 @@ pub fn grid(args: GridArgs, quiet: bool) -> Result<()> {
     let image = args.image.as_ref().map(|p| io::read_image(p)).transpose()?;
     if let (Some(img), Some(p)) = (&image, &args.image) {
         if !img.grid.same_as(&field.grid, io::GRID_TOL) {
-            return Err(IoError::new(p, format!("does not lie on the grid of the field {}", args.field.display())).into());
+            return Err(
+                IoError::new(p, format!("does not lie on the grid of the field {}", args.field.display())).into()
+            );
         }
     }
     let pic = pictures::grid_picture(image.as_ref(), &field, args.slice, args.step)?;

@@ -6,7 +6,9 @@ pub mod axis;
 pub mod conv3d;
 pub mod sample;
 
-pub use axis::{avg_pool3d, bspline_smooth3d, resize, resize_trilinear, resize_trilinear_aligned, AxisOperator, Boundary};
+pub use axis::{
+    avg_pool3d, bspline_smooth3d, resize, resize_trilinear, resize_trilinear_aligned, AxisOperator, Boundary,
+};
 pub use conv3d::{conv3d, unfold3d, ConvGeometry};
 pub use sample::{grid_sample, sample_point, Dims, Interpolation, Padding};
 
