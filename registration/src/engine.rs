@@ -13,7 +13,7 @@ use nalgebra::Matrix4;
 use segmentation::ops::{self, grid_sample, Interpolation, Padding};
 use serde::Serialize;
 
-use crate::loss::{masked_l1, overlap_mask, BsplinePenalty};
+use crate::loss::{diffusion, masked_l1, overlap_mask, BsplinePenalty};
 use crate::transform::{grid_points_lps, Affine, DenseDisplacement, SamplingPlan};
 use crate::{DisplacementField, Error, Grid, Result, Volume};
 
@@ -38,10 +38,14 @@ pub struct RegistrationConfig {
     pub levels: Vec<LevelConfig>,
     /// Weight of the B-spline penalty.
     pub smoothness: f64,
+    /// Weight of the diffusion regulariser (squared gradient of the field).
+    pub diffusion: f64,
     /// Knot spacing of the penalty's B-spline in control-grid voxels.
     pub bspline_width: f64,
     /// Adam step in voxels of the level's feature grid.
     pub learning_rate: f64,
+    /// Adam's epsilon of the deformable levels, relative to the RMS of the first gradient.
+    pub adam_epsilon: f64,
     /// Stop a level when the loss improved by less than this fraction over 10 iterations.
     pub tolerance: f64,
 }
@@ -56,9 +60,11 @@ impl Default for RegistrationConfig {
                 LevelConfig { shrink: 2, control_shrink: 2, iterations: 60 },
             ],
             smoothness: 1.0,
+            diffusion: 0.3,
             bspline_width: 2.0,
             learning_rate: 0.3,
             tolerance: 1e-4,
+            adam_epsilon: 0.1,
         }
     }
 }
@@ -234,7 +240,7 @@ pub fn register(
         let u = Var::from_tensor(&init_u.tensor)?;
         let plan = SamplingPlan::new(&fl.grid, &ml.grid, &affine, &dev)?;
         let spacing = fl.grid.spacing().iter().cloned().fold(f64::INFINITY, f64::min);
-        let mut opt = adam(&u, cfg.learning_rate * spacing)?;
+        let mut opt: Option<AdamW> = None;
         let cspacing = cgrid.spacing().iter().cloned().fold(f64::INFINITY, f64::min);
         let penalty = BsplinePenalty { width: [cfg.bspline_width; 3], voxel_mm: cspacing };
         let ffeat = fl.tensor.reshape((1, fixed.channels, plan.points))?;
@@ -247,13 +253,34 @@ pub fn register(
             let mask = overlap_mask(&p.detach(), ml.grid.dhw())?;
             let warped = grid_sample(&ml.tensor, &p, Interpolation::Linear, Padding::Border)?;
             let sim = masked_l1(&ffeat, &warped, &mask)?;
-            let loss = (&sim + (penalty.eval(u.as_tensor())? * cfg.smoothness)?)?;
+            let mut loss = (&sim + (penalty.eval(u.as_tensor())? * cfg.smoothness)?)?;
+            if cfg.diffusion > 0.0 {
+                loss = (loss + (diffusion(u.as_tensor(), cspacing)? * cfg.diffusion)?)?;
+            }
             let l = finite(loss.to_scalar::<f32>()? as f64, &name, it)?;
             overlap = mask.mean_all()?.to_scalar::<f32>()? as f64;
             losses.push((name.clone(), it, l));
             progress(&name, it, l);
             hist.push(l);
-            opt.backward_step(&loss)?;
+            let grads = loss.backward()?;
+            let opt = match &mut opt {
+                Some(o) => o,
+                None => {
+                    // Adam rescales every gradient to unit size, so control points over
+                    // featureless regions (air) random-walk on noise. An epsilon at a fraction of
+                    // the first gradient's RMS turns those into small SGD steps instead.
+                    let g = grads.get(u.as_tensor()).map(|g| g.sqr()?.mean_all()?.to_scalar::<f32>()).transpose()?;
+                    let eps = cfg.adam_epsilon * (g.unwrap_or(0.0) as f64).sqrt();
+                    let p = ParamsAdamW {
+                        lr: cfg.learning_rate * spacing,
+                        weight_decay: 0.0,
+                        eps: eps.max(1e-12),
+                        ..Default::default()
+                    };
+                    opt.insert(AdamW::new(vec![u.clone()], p)?)
+                }
+            };
+            opt.step(&grads)?;
             if converged(&hist, cfg.tolerance) {
                 break;
             }

@@ -37,6 +37,29 @@ impl BsplinePenalty {
     }
 }
 
+/// Diffusion regulariser `mean(|∇u|²)` of `u` `(1, 3, d, h, w)` by forward differences in
+/// control-grid voxels (displacements in units of `voxel_mm`). Unlike the B-spline penalty it
+/// also charges smooth drift, which keeps featureless regions (air) from wandering.
+pub fn diffusion(u: &Tensor, voxel_mm: f64) -> Result<Tensor> {
+    let u = (u / voxel_mm)?;
+    let mut total: Option<Tensor> = None;
+    for axis in 2..5 {
+        let n = u.dim(axis)?;
+        if n < 2 {
+            continue;
+        }
+        let d = (u.narrow(axis, 1, n - 1)? - u.narrow(axis, 0, n - 1)?)?.sqr()?.mean_all()?;
+        total = Some(match total {
+            Some(t) => (t + d)?,
+            None => d,
+        });
+    }
+    Ok(match total {
+        Some(t) => t,
+        None => Tensor::zeros((), u.dtype(), u.device())?,
+    })
+}
+
 /// Fraction of sampled points inside the moving image's extent (half a voxel beyond its outer
 /// centres), from moving-normalised points `(1, P, 3)` and the moving shape `(d, h, w)`.
 pub fn overlap_mask(points: &Tensor, dhw: (usize, usize, usize)) -> Result<Tensor> {

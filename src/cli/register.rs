@@ -49,6 +49,9 @@ pub struct RegisterArgs {
     /// Weight of the B-spline smoothness penalty.
     #[arg(long, default_value_t = RegistrationConfig::default().smoothness)]
     pub smoothness: f64,
+    /// Weight of the diffusion regulariser (squared field gradient).
+    #[arg(long, default_value_t = RegistrationConfig::default().diffusion)]
+    pub diffusion: f64,
     /// Iterations of the affine stage (0 skips it).
     #[arg(long, default_value_t = RegistrationConfig::default().affine_iterations)]
     pub affine_iterations: usize,
@@ -100,8 +103,10 @@ impl RegisterArgs {
         for p in &inputs {
             check_input(p)?;
         }
-        if !(self.smoothness.is_finite() && self.smoothness >= 0.0) {
-            bail!("--smoothness must be a finite number >= 0, got {}", self.smoothness);
+        for (name, v) in [("--smoothness", self.smoothness), ("--diffusion", self.diffusion)] {
+            if !(v.is_finite() && v >= 0.0) {
+                bail!("{name} must be a finite number >= 0, got {v}");
+            }
         }
         prepare_out_dir(&self.out)?;
         let fixed = io::read_image(&self.fixed)?;
@@ -135,6 +140,7 @@ impl RegisterArgs {
         };
         let mut config = RegistrationConfig {
             smoothness: self.smoothness,
+            diffusion: self.diffusion,
             affine_iterations: self.affine_iterations,
             ..Default::default()
         };

@@ -55,6 +55,7 @@ pub fn demo(args: DemoArgs, quiet: bool) -> Result<()> {
         features: FeatureKind::Mind,
         init: InitKind::None,
         smoothness: registration::engine::RegistrationConfig::default().smoothness,
+        diffusion: registration::engine::RegistrationConfig::default().diffusion,
         affine_iterations: 0,
         iterations: None,
         slice: SliceSpec { axis: pictures::Axis::Coronal, index: None },

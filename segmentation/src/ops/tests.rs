@@ -181,11 +181,11 @@ fn axis_op_gradients_match_finite_differences() {
 #[test]
 fn area_resize_averages_and_keeps_constants() {
     let op = AxisOperator::resize_area(5, 2);
-    let y = op.apply(&[1.0, 2.0, 3.0, 4.0, 5.0], 1, 1);
+    let y: Vec<f64> = op.apply(&[1.0, 2.0, 3.0, 4.0, 5.0], 1, 1);
     // [0, 2.5) and [2.5, 5)
     assert!((y[0] - (1.0 + 2.0 + 0.5 * 3.0) / 2.5).abs() < 1e-12);
     assert!((y[1] - (0.5 * 3.0 + 4.0 + 5.0) / 2.5).abs() < 1e-12);
-    let c = AxisOperator::resize_area(7, 3).apply(&[2.0; 7], 1, 1);
+    let c: Vec<f64> = AxisOperator::resize_area(7, 3).apply(&[2.0; 7], 1, 1);
     assert!(c.iter().all(|v| (v - 2.0).abs() < 1e-12));
 }
 
