@@ -207,7 +207,7 @@ fn parse_header(path: &Path, b: &[u8; HEADER_LEN], file_len: Option<u64>) -> Res
         return Err(err(format!("bitpix {bitpix} does not match datatype {datatype:?}")));
     }
     let vox = r.f32(108);
-    if !(vox.is_finite() && vox >= 0.0 && vox <= 1e9 && vox.fract() == 0.0) {
+    if !((0.0..=1e9).contains(&vox) && vox.fract() == 0.0) {
         return Err(err(format!("invalid vox_offset {vox}")));
     }
     // 0 happens in files from careless writers; the data then follow the 352-byte preamble
