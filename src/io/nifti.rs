@@ -296,6 +296,14 @@ fn quaternion_matrix(b: f64, c: f64, d: f64) -> Matrix3<f64> {
     )
 }
 
+/// Reads only the header's grid (validated as for reading the data).
+pub fn read_grid(path: &Path) -> Result<Grid, IoError> {
+    let (mut reader, file_len) = open(path)?;
+    let mut hb = [0u8; HEADER_LEN];
+    reader.read_exact(&mut hb).map_err(|e| read_error(path, e, "header"))?;
+    Ok(parse_header(path, &hb, file_len)?.grid)
+}
+
 /// Reads and validates the header, then streams the data through `convert` (already scaled by
 /// scl_slope/inter). The buffer grows with the data actually present, so a header promising more
 /// than a compressed file holds costs no more memory than the file does.
