@@ -206,16 +206,20 @@ fn zero_field_is_identity_for_nibabel() {
     }
 }
 
-/// Our reader agrees with nibabel on a file nibabel wrote (int16, slope/inter, qform only, qfac −1).
+/// Our reader agrees with nibabel on files nibabel wrote (int16, slope/inter, qform only, qfac −1;
+/// little- and big-endian).
 #[test]
 fn reads_what_nibabel_writes() {
     let Some(python) = python() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("nib.nii.gz");
-    let json = dir.path().join("nib.json");
-    py(&python, &[&"nib-make", &p, &json]);
-    let info: NibInfo = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
-    let v = io::read_image(&p).unwrap();
-    assert_eq!(v.data, info.data.iter().map(|&x| x as f32).collect::<Vec<_>>());
-    assert!((v.grid.affine() - affine_of(&info)).abs().max() < 1e-5, "{} vs {}", v.grid.affine(), affine_of(&info));
+    for (name, endianness) in [("le.nii.gz", "<"), ("be.nii", ">")] {
+        let p = dir.path().join(name);
+        let json = dir.path().join("nib.json");
+        py(&python, &[&"nib-make", &p, &json, &endianness]);
+        let info: NibInfo = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+        let v = io::read_image(&p).unwrap();
+        assert_eq!(v.data, info.data.iter().map(|&x| x as f32).collect::<Vec<_>>(), "{name}");
+        let a = affine_of(&info);
+        assert!((v.grid.affine() - a).abs().max() < 1e-5, "{name}: {} vs {a}", v.grid.affine());
+    }
 }
