@@ -69,7 +69,7 @@ impl WarpJob {
     pub fn run(&self, quiet: bool) -> anyhow::Result<()> {
         let field = io::read_field(&self.field)?;
         if let Some(r) = &self.reference {
-            let grid = if self.labels { io::read_label_map(r)?.grid } else { io::read_image(r)?.grid };
+            let grid = io::read_grid(r)?;
             if !grid.same_as(&field.grid, GRID_TOL) {
                 return Err(IoError::new(
                     r,

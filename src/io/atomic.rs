@@ -13,8 +13,13 @@ where
     F: FnOnce(&mut BufWriter<&mut File>) -> std::io::Result<()>,
 {
     let dir = parent_dir(path);
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".obelisk-")
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".obelisk-");
+    // temporary files are private (0600) by default; a finished output should get the usual
+    // permissions (0666 less the umask), as if created directly
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    let mut tmp = builder
         .tempfile_in(&dir)
         .map_err(|e| IoError::new(path, format!("cannot create a file in {}: {e}", dir.display())))?;
     {
@@ -81,6 +86,15 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         write_atomic(&out, |w| w.write_all(b"done")).unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), b"done");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // the same mode as a file created directly under the current umask
+            let plain = dir.path().join("plain");
+            std::fs::write(&plain, b"").unwrap();
+            let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode(&out), mode(&plain));
+        }
     }
 
     #[test]

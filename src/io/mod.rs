@@ -63,6 +63,14 @@ pub fn write_image(path: &Path, v: &Volume) -> Result<(), IoError> {
     }
 }
 
+/// The grid of an image or label map without reading its voxels.
+pub fn read_grid(path: &Path) -> Result<Grid, IoError> {
+    match Format::of(path)? {
+        Format::Nifti => nifti::read_grid(path),
+        Format::Png => png::read_png_grid(path),
+    }
+}
+
 /// Reads a label map (NIfTI or PNG).
 pub fn read_label_map(path: &Path) -> Result<Labels, IoError> {
     match Format::of(path)? {

@@ -207,7 +207,7 @@ fn parse_header(path: &Path, b: &[u8; HEADER_LEN], file_len: Option<u64>) -> Res
         return Err(err(format!("bitpix {bitpix} does not match datatype {datatype:?}")));
     }
     let vox = r.f32(108);
-    if !(vox.is_finite() && vox >= 0.0 && vox <= 1e9 && vox.fract() == 0.0) {
+    if !((0.0..=1e9).contains(&vox) && vox.fract() == 0.0) {
         return Err(err(format!("invalid vox_offset {vox}")));
     }
     // 0 happens in files from careless writers; the data then follow the 352-byte preamble
@@ -294,6 +294,14 @@ fn quaternion_matrix(b: f64, c: f64, d: f64) -> Matrix3<f64> {
         2.0 * (c * d + a * b),
         a * a + d * d - c * c - b * b,
     )
+}
+
+/// Reads only the header's grid (validated as for reading the data).
+pub fn read_grid(path: &Path) -> Result<Grid, IoError> {
+    let (mut reader, file_len) = open(path)?;
+    let mut hb = [0u8; HEADER_LEN];
+    reader.read_exact(&mut hb).map_err(|e| read_error(path, e, "header"))?;
+    Ok(parse_header(path, &hb, file_len)?.grid)
 }
 
 /// Reads and validates the header, then streams the data through `convert` (already scaled by

@@ -37,6 +37,16 @@ fn decode(path: &Path) -> Result<DynamicImage, IoError> {
     reader.decode().map_err(|e| IoError::new(path, format!("invalid PNG: {e}")))
 }
 
+/// The grid of a PNG file, from its header alone.
+pub fn read_png_grid(path: &Path) -> Result<Grid, IoError> {
+    if !path.exists() {
+        return Err(IoError::new(path, "file not found"));
+    }
+    let reader = image::ImageReader::open(path).map_err(|e| IoError::new(path, format!("cannot open: {e}")))?;
+    let (w, h) = reader.into_dimensions().map_err(|e| IoError::new(path, format!("invalid PNG: {e}")))?;
+    png_grid(w as usize, h as usize).map_err(|e| IoError::new(path, e.to_string()))
+}
+
 /// Reads a PNG as grey values: 8/16-bit grey directly, RGB(A) as Rec. 601 luminance; alpha is
 /// ignored.
 pub fn read_png(path: &Path) -> Result<Volume, IoError> {

@@ -286,3 +286,14 @@ fn png_round_trips() {
     std::fs::write(&p, b"\x89PNG\r\n\x1a\nbroken").unwrap();
     err_of(read_image(&p), &p);
 }
+
+#[test]
+fn grid_from_the_header_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tmp(&dir, "g.nii.gz");
+    write_volume(&p, &ramp(&flipped())).unwrap();
+    assert!(read_grid(&p).unwrap().same_as(&flipped(), 1e-5));
+    let q = tmp(&dir, "g.png");
+    write_image(&q, &Volume::zeros(png::png_grid(4, 3).unwrap())).unwrap();
+    assert_eq!(read_grid(&q).unwrap(), png::png_grid(4, 3).unwrap());
+}

@@ -4,7 +4,7 @@ Commands:
   make-field REF OUT SEED AMP      smooth random ITK displacement field (LPS mm) on REF's grid
   resample MOVING REF FIELD OUT    SimpleITK: Resample(moving, ref, DisplacementFieldTransform, linear, 0)
   nib-info PATH OUT_JSON           what nibabel reads: affine, shape, data (Fortran order), form codes
-  nib-make PATH OUT_JSON           nibabel writes an oblique int16 image with scl_slope/inter
+  nib-make PATH OUT_JSON [<|>]     nibabel writes an oblique int16 image with scl_slope/inter
 """
 import json
 import sys
@@ -65,12 +65,12 @@ def nib_info(path, out_json):
         json.dump(info, f)
 
 
-def nib_make(path, out_json):
+def nib_make(path, out_json, endianness="<"):
     rng = np.random.default_rng(7)
     data = rng.integers(-300, 300, size=(7, 6, 5)).astype(np.int16)
     c, s = np.cos(0.4), np.sin(0.4)
     affine = np.array([[0.9 * c, -1.3 * s, 0, -20.0], [0.9 * s, 1.3 * c, 0, 15.0], [0, 0, -2.4, 30.0], [0, 0, 0, 1]])
-    img = nib.Nifti1Image(data, affine)
+    img = nib.Nifti1Image(data, affine, header=nib.Nifti1Header(endianness=endianness))
     img.header.set_slope_inter(0.5, 10.0)
     img.header.set_qform(affine, code=1)
     img.header.set_sform(None, code=0)  # the reader must decode the qform (qfac = -1 here)
