@@ -39,10 +39,10 @@ pub struct SynthArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Grid size nx,ny,nz.
-    #[arg(long, value_delimiter = ',', num_args = 3, default_values_t = [96usize, 96, 96])]
+    #[arg(long, value_delimiter = ',', default_values_t = [96usize, 96, 96])]
     pub size: Vec<usize>,
     /// Voxel spacing in mm: sx,sy,sz.
-    #[arg(long, value_delimiter = ',', num_args = 3, default_values_t = [3.5f64, 3.5, 3.5])]
+    #[arg(long, value_delimiter = ',', default_values_t = [3.5f64, 3.5, 3.5])]
     pub spacing: Vec<f64>,
     #[arg(long, value_enum, default_value_t = ModalityArg::Ct)]
     pub modality: ModalityArg,
@@ -56,6 +56,9 @@ pub struct SynthArgs {
 
 impl SynthArgs {
     pub fn config(&self) -> Result<SynthConfig> {
+        if self.size.len() != 3 || self.spacing.len() != 3 {
+            bail!("--size and --spacing take three comma-separated values, e.g. 96,96,96");
+        }
         let size = [self.size[0], self.size[1], self.size[2]];
         let spacing = [self.spacing[0], self.spacing[1], self.spacing[2]];
         if size.iter().any(|n| !(8..=1024).contains(n)) {

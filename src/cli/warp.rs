@@ -8,6 +8,13 @@ use registration::warp::{warp_labels, warp_volume, Interpolation, Padding};
 use crate::io::{self, atomic::check_output, describe_grid, Format, IoError, GRID_TOL};
 
 #[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  obelisk warp --moving moving.nii.gz --field reg/field.nii.gz --out warped.nii.gz
+  obelisk warp --moving moving_seg.nii.gz --field reg/field.nii.gz --out seg.nii.gz --labels \\
+      --reference fixed.nii.gz
+
+The field may come from obelisk, ANTs (*Warp.nii.gz) or elastix/transformix (deformation
+field): ITK convention, LPS millimetres on the fixed grid.")]
 pub struct WarpArgs {
     /// Image (or label map with --labels) to resample: .nii, .nii.gz or .png.
     #[arg(long)]
