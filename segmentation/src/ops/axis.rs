@@ -262,6 +262,18 @@ pub fn along_axis(x: &Tensor, axis: usize, op: AxisOperator) -> candle_core::Res
     x.contiguous()?.apply_op1(AxisLinear::new(axis, op))
 }
 
+/// Applies, along each spatial axis `a` of `(B, C, D, H, W)` (0 = D), the operator `op(a, n)`
+/// builds for that axis's current length `n`; `None` leaves the axis alone.
+fn per_axis(x: &Tensor, op: impl Fn(usize, usize) -> Option<AxisOperator>) -> candle_core::Result<Tensor> {
+    let mut y = x.clone();
+    for a in 0..3 {
+        if let Some(o) = op(a, y.dims()[2 + a]) {
+            y = along_axis(&y, 2 + a, o)?;
+        }
+    }
+    Ok(y)
+}
+
 /// 3D average pooling of `(B, C, D, H, W)` with per-axis `(d, h, w)` kernel, stride and padding.
 pub fn avg_pool3d(
     x: &Tensor,
@@ -269,62 +281,31 @@ pub fn avg_pool3d(
     stride: [usize; 3],
     padding: [usize; 3],
 ) -> candle_core::Result<Tensor> {
-    let mut y = x.clone();
-    for a in 0..3 {
-        let n = y.dims()[2 + a];
-        y = along_axis(&y, 2 + a, AxisOperator::avg_pool(n, kernel[a], stride[a], padding[a]))?;
-    }
-    Ok(y)
+    per_axis(x, |a, n| Some(AxisOperator::avg_pool(n, kernel[a], stride[a], padding[a])))
 }
 
 /// Trilinear resizing of `(B, C, D, H, W)` to `(d, h, w)` (`align_corners = false`).
 pub fn resize_trilinear(x: &Tensor, size: [usize; 3]) -> candle_core::Result<Tensor> {
-    let mut y = x.clone();
-    for (a, &m) in size.iter().enumerate() {
-        let n = y.dims()[2 + a];
-        if n != m {
-            y = along_axis(&y, 2 + a, AxisOperator::resize_linear(n, m))?;
-        }
-    }
-    Ok(y)
+    per_axis(x, |a, n| (n != size[a]).then(|| AxisOperator::resize_linear(n, size[a])))
 }
 
 /// Trilinear resizing of `(B, C, D, H, W)` to `(d, h, w)` with `align_corners = true`.
 pub fn resize_trilinear_aligned(x: &Tensor, size: [usize; 3]) -> candle_core::Result<Tensor> {
-    let mut y = x.clone();
-    for (a, &m) in size.iter().enumerate() {
-        let n = y.dims()[2 + a];
-        if n != m {
-            y = along_axis(&y, 2 + a, AxisOperator::resize_linear_aligned(n, m))?;
-        }
-    }
-    Ok(y)
+    per_axis(x, |a, n| (n != size[a]).then(|| AxisOperator::resize_linear_aligned(n, size[a])))
 }
 
 /// Resizing of `(B, C, D, H, W)` to `(d, h, w)` on the `align_corners = false` lattice: linear
 /// interpolation along axes that grow, area averaging along axes that shrink.
 pub fn resize(x: &Tensor, size: [usize; 3]) -> candle_core::Result<Tensor> {
-    let mut y = x.clone();
-    for (a, &m) in size.iter().enumerate() {
-        let n = y.dims()[2 + a];
-        if n < m {
-            y = along_axis(&y, 2 + a, AxisOperator::resize_linear(n, m))?;
-        } else if n > m {
-            y = along_axis(&y, 2 + a, AxisOperator::resize_area(n, m))?;
-        }
-    }
-    Ok(y)
+    per_axis(x, |a, n| match n.cmp(&size[a]) {
+        std::cmp::Ordering::Less => Some(AxisOperator::resize_linear(n, size[a])),
+        std::cmp::Ordering::Greater => Some(AxisOperator::resize_area(n, size[a])),
+        std::cmp::Ordering::Equal => None,
+    })
 }
 
 /// Cubic B-spline smoothing of `(B, C, D, H, W)` with knot spacing `width` (in samples) per axis
 /// `(d, h, w)`; axes of length 1 are left alone.
 pub fn bspline_smooth3d(x: &Tensor, width: [f64; 3]) -> candle_core::Result<Tensor> {
-    let mut y = x.clone();
-    for (a, &wd) in width.iter().enumerate() {
-        let n = y.dims()[2 + a];
-        if n > 1 && wd > 0.0 {
-            y = along_axis(&y, 2 + a, AxisOperator::bspline_smooth(n, wd))?;
-        }
-    }
-    Ok(y)
+    per_axis(x, |a, n| (n > 1 && width[a] > 0.0).then(|| AxisOperator::bspline_smooth(n, width[a])))
 }
