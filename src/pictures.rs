@@ -413,6 +413,33 @@ pub fn jacobian_picture(jac: &Volume, spec: SliceSpec) -> Result<RgbImage> {
     })
 }
 
+/// Axial, coronal and sagittal slices through the middle of an image (or `index` along each
+/// axis), with label contours when given: a quick look at a subject.
+pub fn overview_picture(image: &Volume, labels: Option<&Labels>, heading: &str) -> Result<RgbImage> {
+    if let Some(l) = labels {
+        if !l.grid.same_as(&image.grid, 1e-3) {
+            bail!("the label map does not lie on the image's grid");
+        }
+    }
+    let axes: &[Axis] = if image.grid.is_2d() { &[Axis::Axial] } else { &[Axis::Axial, Axis::Coronal, Axis::Sagittal] };
+    let (pw, ph, head) = (360u32, 360u32, 30u32);
+    canvas(pw * axes.len() as u32, ph + head, |root| {
+        let _ = root.draw(&Text::new(heading.to_string(), (10, 6), (FONT, 17).into_font().color(&WHITE)));
+        let body = root.margin(head as i32, 0, 0, 0);
+        let panels = body.split_evenly((1, axes.len()));
+        let win = window(image);
+        for (area, &axis) in panels.iter().zip(axes) {
+            let view = View::new(&image.grid, SliceSpec { axis, index: None }, (pw, ph))?;
+            draw_image(area, &view, image, win);
+            if let Some(l) = labels {
+                draw_contours(area, &view, l);
+            }
+            title(area, &format!("{axis:?}").to_lowercase());
+        }
+        Ok(())
+    })
+}
+
 /// What the summary sheet shows; all volumes on the fixed grid.
 pub struct Summary<'a> {
     pub fixed: &'a Volume,

@@ -194,6 +194,9 @@ fn register_eval_grid_and_warp_work_together() {
         s(&jac_png),
     ]);
     assert!(image::open(&grid_png).is_ok() && image::open(&jac_png).is_ok());
+    let view_png = dir.path().join("pics/view.png");
+    ok(&["view", "--image", s(&fixed), "--labels", s(&fixed_labels), "--out", s(&view_png)]);
+    assert_eq!(image::open(&view_png).unwrap().width(), 3 * 360);
 }
 
 #[test]
@@ -223,7 +226,7 @@ fn register_2d_png_pair() {
 #[test]
 fn help_lists_every_subcommand_with_examples() {
     let top = ok(&["--help"]);
-    for cmd in ["register", "warp", "synth", "eval", "grid", "demo"] {
+    for cmd in ["register", "warp", "synth", "eval", "grid", "demo", "view"] {
         assert!(top.contains(cmd), "--help lacks {cmd}");
         let h = ok(&[cmd, "--help"]);
         assert!(h.contains("Example"), "{cmd} --help has no example");

@@ -33,6 +33,8 @@ pub enum Command {
     Eval(tools::EvalArgs),
     /// Draw a deformed grid (and Jacobian map) of a displacement field.
     Grid(tools::GridArgs),
+    /// Draw axial, coronal and sagittal slices of an image with label contours.
+    View(tools::ViewArgs),
     /// Generate a synthetic pair, register it and write every output and picture.
     Demo(tools::DemoArgs),
 }
@@ -56,5 +58,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(args) => tools::eval(args, cli.quiet),
         Command::Grid(args) => tools::grid(args, cli.quiet),
         Command::Demo(args) => tools::demo(args, cli.quiet),
+        Command::View(args) => tools::view(args, cli.quiet),
     }
 }

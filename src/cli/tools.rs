@@ -205,3 +205,44 @@ pub fn grid(args: GridArgs, quiet: bool) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(Debug, Args)]
+#[command(after_help = "Example:
+  obelisk view --image ct.nii.gz --labels ct_seg.nii.gz --out ct.png
+
+Draws axial, coronal and sagittal slices through the middle of the image, with label contours.")]
+pub struct ViewArgs {
+    /// Image to show (.nii, .nii.gz, .png).
+    #[arg(long)]
+    pub image: PathBuf,
+    /// Label map on the image's grid, drawn as contours.
+    #[arg(long)]
+    pub labels: Option<PathBuf>,
+    /// Output PNG.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub force: bool,
+}
+
+pub fn view(args: ViewArgs, quiet: bool) -> Result<()> {
+    let mut inputs = vec![args.image.as_path()];
+    inputs.extend(args.labels.as_deref());
+    for p in &inputs {
+        check_input(p)?;
+    }
+    if io::Format::of(&args.out)? != io::Format::Png {
+        return Err(IoError::new(&args.out, "pictures are written as .png").into());
+    }
+    check_output(&args.out, &inputs, args.force)?;
+    let image = io::read_image(&args.image)?;
+    let labels = args.labels.as_ref().map(|p| io::read_labels_for(p, &image.grid, &args.image)).transpose()?;
+    let name = args.image.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let sp = image.grid.spacing();
+    let heading = format!("{name} · {:?} voxels · {:.2}×{:.2}×{:.2} mm", image.grid.shape(), sp[0], sp[1], sp[2]);
+    save_png(&args.out, &pictures::overview_picture(&image, labels.as_ref(), &heading)?)?;
+    if !quiet {
+        println!("wrote {}", args.out.display());
+    }
+    Ok(())
+}
