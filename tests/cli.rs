@@ -128,6 +128,14 @@ fn register_eval_grid_and_warp_work_together() {
     let summary: serde_json::Value = serde_json::from_str(&json).expect("--json prints JSON");
     assert!(summary["metrics"]["mean_dice"].as_f64().unwrap() > 0.3);
     assert!(summary["metrics"]["endpoint_error"]["mean_mm"].as_f64().is_some());
+    // the default initialisation is the translation search; fixed and moving share a grid here
+    let search = &summary["init_search"];
+    assert!(search["overlap_fraction"].as_f64().unwrap() > 0.9, "{search}");
+    for a in 0..3 {
+        let t = search["translation_mm"][a].as_f64().unwrap();
+        assert!(t.abs() <= 14.0, "search offset {search}");
+        assert_eq!(summary["init_translation_mm"][a].as_f64().unwrap(), t);
+    }
     let fixed_img = io::read_image(&fixed).unwrap();
     let field = io::read_field(&reg.join("field.nii.gz")).unwrap();
     assert!(field.grid.same_as(&fixed_img.grid, 1e-4));
