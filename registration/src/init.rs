@@ -232,9 +232,11 @@ pub fn search_translation(fixed_feat: &Volume, moving_feat: &Volume, cfg: &Searc
         )));
     }
     let positive = |x: f64| x.is_finite() && x > 0.0;
-    if !(positive(cfg.coarse_mm) && positive(cfg.fine_mm) && positive(cfg.step_voxels))
-        || !(cfg.min_overlap.is_finite() && (0.0..=1.0).contains(&cfg.min_overlap))
-    {
+    let valid = positive(cfg.coarse_mm)
+        && positive(cfg.fine_mm)
+        && positive(cfg.step_voxels)
+        && (0.0..=1.0).contains(&cfg.min_overlap);
+    if !valid {
         return Err(Error::Registration(format!("invalid translation search settings: {cfg:?}")));
     }
     let vf = voxel_volume(&fixed_feat.grid) * fixed_feat.grid.num_voxels() as f64;
