@@ -462,6 +462,10 @@ mod tests {
         let cfg = SearchConfig { min_overlap: 0.15, ..Default::default() };
         let r = search_translation(&a, &b, &cfg).unwrap();
         assert!(r.overlap_fraction >= 0.15 && r.overlap_fraction < 0.25, "{r:?}");
+        // the same answer on one thread
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let one = pool.install(|| search_translation(&a, &b, &cfg)).unwrap();
+        assert_eq!((one.translation_mm, one.score, one.candidates), (r.translation_mm, r.score, r.candidates));
         let two = Volume::new(b.grid.clone(), 2, [b.data.clone(), b.data.clone()].concat()).unwrap();
         assert!(search_translation(&a, &two, &cfg).is_err(), "channel mismatch must fail");
         let bad = SearchConfig { step_voxels: 0.0, ..Default::default() };
