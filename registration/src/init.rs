@@ -15,8 +15,9 @@
 //!    Translations that overlap less than [`SearchConfig::min_overlap`] of the smaller image are
 //!    rejected: the mean over a sliver of overlap is noisy and would often win by chance.
 //! 3. The best [`SearchConfig::refine_candidates`] lattice points that are not neighbours of a
-//!    better one are refined by a pattern search with halving steps on maps at about
-//!    [`SearchConfig::fine_mm`]; the best refined translation wins.
+//!    better one are refined by a pattern search with halving steps on the coarse maps, and the
+//!    best [`SearchConfig::fine_candidates`] of those again on maps at about
+//!    [`SearchConfig::fine_mm`]; the best of these wins.
 //!
 //! Every score is a sequential sum in a fixed order and ties are broken by the candidate's
 //! position in the lattice, so the result does not depend on the number of threads.
@@ -35,13 +36,18 @@ pub struct SearchConfig {
     /// Voxel size (mm) of the global search's feature maps; default 10 mm: coarse enough for the
     /// whole overlap range to be searched in about a second, fine enough to tell organs apart.
     pub coarse_mm: f64,
-    /// Voxel size (mm) of the maps the candidates are refined on; default 5 mm.
+    /// Voxel size (mm) of the maps the best candidates are finally refined on; default 7 mm:
+    /// below that an evaluation over two whole scans gets slow, and the optimiser that follows
+    /// needs a start within a few millimetres only.
     pub fine_mm: f64,
     /// Lattice step of the global search in coarse voxels; default 2. The refinement starts at
     /// half this step, so the true optimum only needs to be in a good candidate's basin.
     pub step_voxels: f64,
-    /// How many of the best lattice points are refined; default 5.
+    /// How many of the best lattice points are refined on the coarse maps; default 5.
     pub refine_candidates: usize,
+    /// How many of the best coarse-refined candidates are refined again on the fine maps;
+    /// default 2.
+    pub fine_candidates: usize,
     /// Smallest overlap, as a fraction of the smaller image's volume, a translation must give to
     /// be considered; default 0.5.
     pub min_overlap: f64,
@@ -52,7 +58,15 @@ pub struct SearchConfig {
 
 impl Default for SearchConfig {
     fn default() -> Self {
-        Self { coarse_mm: 10.0, fine_mm: 5.0, step_voxels: 2.0, refine_candidates: 5, min_overlap: 0.5, min_slices: 4 }
+        Self {
+            coarse_mm: 10.0,
+            fine_mm: 7.0,
+            step_voxels: 2.0,
+            refine_candidates: 5,
+            fine_candidates: 2,
+            min_overlap: 0.5,
+            min_slices: 4,
+        }
     }
 }
 
@@ -65,7 +79,7 @@ pub struct SearchResult {
     pub score: f64,
     /// Its overlap as a fraction of the smaller image's volume.
     pub overlap_fraction: f64,
-    /// Every refined candidate `(translation, score)`, best first.
+    /// Every candidate refined on the coarse maps, `(translation, coarse score)`, best first.
     pub candidates: Vec<([f64; 3], f64)>,
     /// Number of translations scored, both stages together.
     pub evaluations: usize,
@@ -293,31 +307,49 @@ pub fn search_translation(fixed_feat: &Volume, moving_feat: &Volume, cfg: &Searc
         }
     }
     let mut evaluations = lattice.len();
-    drop(coarse);
 
-    let fine = Level::new(
-        downsample(fixed_feat, cfg.fine_mm, min_slices)?,
-        downsample(moving_feat, cfg.fine_mm, min_slices)?,
-        smaller,
-        cfg.min_overlap,
-    );
-    // stop at half a refinement voxel: the optimiser that follows resolves the rest
-    let smallest = 0.5 * min_sp(&fine.fixed_grid).min(min_sp(&fine.moving_grid));
-    let refined: Vec<([f64; 3], f64, f64, usize)> =
-        starts.iter().map(|&t| refine(&fine, t, 0.5 * step, smallest)).collect();
-    evaluations += refined.iter().map(|r| r.3).sum::<usize>();
-    let mut refined: Vec<([f64; 3], f64, f64)> = refined.into_iter().map(|(t, s, o, _)| (t, s, o)).collect();
-    // stable sort: equal scores keep the coarse ranking
+    // Stage 2 on the coarse maps, where an evaluation is cheap: every start down to a quarter
+    // of a coarse voxel.
+    let coarse_voxel = min_sp(&coarse.fixed_grid).min(min_sp(&coarse.moving_grid));
+    let mut refined: Vec<([f64; 3], f64, f64)> = Vec::new();
+    for &t in &starts {
+        let (t, sc, ov, n) = refine(&coarse, t, 0.5 * step, 0.25 * coarse_voxel);
+        evaluations += n;
+        refined.push((t, sc, ov));
+    }
+    drop(coarse);
+    // stable sort: equal scores keep the lattice ranking
     refined.sort_by(|a, b| a.1.total_cmp(&b.1));
-    // several starts may climb to the same optimum: report it once
+    // several starts may climb to the same optimum: keep it once
     let mut unique: Vec<([f64; 3], f64, f64)> = Vec::new();
     for r in refined {
         if unique.iter().all(|u| (0..3).any(|a| (u.0[a] - r.0[a]).abs() > 1e-6)) {
             unique.push(r);
         }
     }
-    let refined = unique;
-    let (translation_mm, score, overlap_fraction) = refined[0];
+    if !unique[0].1.is_finite() {
+        return Err(Error::Registration("every refined translation lost the required overlap".into()));
+    }
+
+    // Stage 3 on the fine maps, for the best few only: a fine evaluation costs as much as
+    // (coarse / fine)³ coarse ones, which for two whole scans is most of the search's time.
+    let fine = Level::new(
+        downsample(fixed_feat, cfg.fine_mm, min_slices)?,
+        downsample(moving_feat, cfg.fine_mm, min_slices)?,
+        smaller,
+        cfg.min_overlap,
+    );
+    // stop at half a fine voxel: the optimiser that follows resolves the rest
+    let smallest = 0.5 * min_sp(&fine.fixed_grid).min(min_sp(&fine.moving_grid));
+    let mut best: Option<([f64; 3], f64, f64)> = None;
+    for r in unique.iter().filter(|r| r.1.is_finite()).take(cfg.fine_candidates.max(1)) {
+        let (t, sc, ov, n) = refine(&fine, r.0, 0.5 * coarse_voxel, smallest);
+        evaluations += n;
+        if best.is_none_or(|b| sc < b.1) {
+            best = Some((t, sc, ov));
+        }
+    }
+    let (translation_mm, score, overlap_fraction) = best.expect("the first candidate has a finite score");
     if !score.is_finite() {
         return Err(Error::Registration("every refined translation lost the required overlap".into()));
     }
@@ -325,7 +357,7 @@ pub fn search_translation(fixed_feat: &Volume, moving_feat: &Volume, cfg: &Searc
         translation_mm,
         score,
         overlap_fraction,
-        candidates: refined.iter().map(|r| (r.0, r.1)).collect(),
+        candidates: unique.iter().map(|r| (r.0, r.1)).collect(),
         evaluations,
     })
 }
