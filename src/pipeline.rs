@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use registration::engine::{register, Registration, RegistrationConfig};
 use registration::features::{FeatureExtractor, IntensityFeatures, MindConfig, MindSsc};
+use registration::init::{search_translation, SearchConfig, SearchResult};
 use registration::metrics::{dice_per_label, jacobian, RegistrationMetrics};
 use registration::transform::{grid_points_lps, Affine};
 use registration::warp::{warp_labels, warp_volume};
@@ -44,6 +45,9 @@ pub enum InitKind {
     None,
     /// Translate so that the intensity centres of mass coincide.
     Com,
+    /// Search every translation over which the fields of view overlap, scored on coarse feature
+    /// maps (finds a thin slab in a whole-body atlas whatever its header says).
+    Search,
 }
 
 /// A validated registration job: every input exists and reads, the output folder is writable.
@@ -74,6 +78,8 @@ pub struct RegisterSummary {
     pub features: FeatureKind,
     pub init: InitKind,
     pub init_translation_mm: [f64; 3],
+    /// The translation search's outcome with `--init search`.
+    pub init_search: Option<SearchResult>,
     pub dice_before: Option<f64>,
     pub metrics: RegistrationMetrics,
     pub stages: Vec<registration::engine::StageReport>,
@@ -140,11 +146,19 @@ impl RegisterJob {
         runtime.insert("features".to_string(), t0.elapsed().as_secs_f64());
 
         let t1 = Instant::now();
+        let mut init_search = None;
         let init = match self.init {
             InitKind::None => Affine::default(),
             InitKind::Com => {
                 let (cf, cm) = (centre_of_mass(&self.fixed)?, centre_of_mass(&self.moving)?);
                 Affine::translation([cm[0] - cf[0], cm[1] - cf[1], cm[2] - cf[2]])
+            }
+            InitKind::Search => {
+                let r = search_translation(&ff, &mf, &SearchConfig::default())
+                    .context("translation search (--init com or --init none skip it)")?;
+                let t = Affine::translation(r.translation_mm);
+                init_search = Some(r);
+                t
             }
         };
         let init_t = [init.matrix[(0, 3)], init.matrix[(1, 3)], init.matrix[(2, 3)]];
@@ -249,6 +263,7 @@ impl RegisterJob {
             features: self.features,
             init: self.init,
             init_translation_mm: init_t,
+            init_search,
             dice_before,
             metrics,
             stages: reg.stages,

@@ -128,6 +128,14 @@ fn register_eval_grid_and_warp_work_together() {
     let summary: serde_json::Value = serde_json::from_str(&json).expect("--json prints JSON");
     assert!(summary["metrics"]["mean_dice"].as_f64().unwrap() > 0.3);
     assert!(summary["metrics"]["endpoint_error"]["mean_mm"].as_f64().is_some());
+    // the default initialisation is the translation search; fixed and moving share a grid here
+    let search = &summary["init_search"];
+    assert!(search["overlap_fraction"].as_f64().unwrap() > 0.9, "{search}");
+    for a in 0..3 {
+        let t = search["translation_mm"][a].as_f64().unwrap();
+        assert!(t.abs() <= 14.0, "search offset {search}");
+        assert_eq!(summary["init_translation_mm"][a].as_f64().unwrap(), t);
+    }
     let fixed_img = io::read_image(&fixed).unwrap();
     let field = io::read_field(&reg.join("field.nii.gz")).unwrap();
     assert!(field.grid.same_as(&fixed_img.grid, 1e-4));
@@ -263,4 +271,51 @@ fn bad_register_inputs_fail_cleanly() {
     ]);
     assert!(!out.status.success());
     assert!(!dir.path().join("r2/field.nii.gz").exists());
+}
+
+/// Issue 9 end to end: a 10-slice slab cut from a subject, its header moved 150 mm right and
+/// 300 mm down (no overlap with the subject at all), is placed by the default `--init search`.
+#[test]
+fn register_places_a_slab_with_an_unrelated_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tiny_pair(dir.path());
+    let whole_path = data.join("pair_000_fixed.nii.gz");
+    let whole = io::read_image(&whole_path).unwrap();
+    let [nx, ny, _] = whole.grid.shape();
+    let (z0, nz) = (7, 10);
+    let shift_lps = [150.0, 0.0, -300.0];
+    let mut affine = *whole.grid.affine();
+    let start = affine.fixed_view::<3, 3>(0, 0) * nalgebra::Vector3::new(0.0, 0.0, z0 as f64);
+    let shift_ras = nalgebra::Vector3::new(-shift_lps[0], -shift_lps[1], shift_lps[2]);
+    let origin = affine.fixed_view::<3, 1>(0, 3) + start + shift_ras;
+    affine.fixed_view_mut::<3, 1>(0, 3).copy_from(&origin);
+    let grid = registration::Grid::new([nx, ny, nz], affine).unwrap();
+    let slab = registration::Volume::new(grid, 1, whole.data[z0 * nx * ny..(z0 + nz) * nx * ny].to_vec()).unwrap();
+    let slab_path = dir.path().join("slab.nii.gz");
+    io::write_image(&slab_path, &slab).unwrap();
+    let reg = dir.path().join("reg_slab");
+    let json = ok(&[
+        "register",
+        "--fixed",
+        s(&slab_path),
+        "--moving",
+        s(&whole_path),
+        "--out",
+        s(&reg),
+        "--iterations",
+        "5",
+        "--affine-iterations",
+        "0",
+        "--no-pictures",
+        "--json",
+    ]);
+    let summary: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let search = &summary["init_search"];
+    assert!(search["overlap_fraction"].as_f64().unwrap() > 0.9, "{search}");
+    let spacing = whole.grid.spacing();
+    for a in 0..3 {
+        // slab point x shows the subject's anatomy at x − shift
+        let t = search["translation_mm"][a].as_f64().unwrap();
+        assert!((t + shift_lps[a]).abs() <= spacing[a], "axis {a}: {search}");
+    }
 }

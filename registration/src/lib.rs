@@ -6,6 +6,7 @@
 pub mod engine;
 pub mod features;
 pub mod grid;
+pub mod init;
 pub mod loss;
 pub mod metrics;
 pub mod synth;

@@ -44,7 +44,7 @@ pub struct RegisterArgs {
     #[arg(long, value_enum, default_value_t = FeatureKind::Mind)]
     pub features: FeatureKind,
     /// Starting position of the moving image.
-    #[arg(long, value_enum, default_value_t = InitKind::Com)]
+    #[arg(long, value_enum, default_value_t = InitKind::Search)]
     pub init: InitKind,
     /// Weight of the B-spline smoothness penalty.
     #[arg(long, default_value_t = RegistrationConfig::default().smoothness)]
@@ -180,6 +180,19 @@ pub fn report(s: &RegisterSummary, json: bool, quiet: bool) -> Result<()> {
     }
     if quiet {
         return Ok(());
+    }
+    if let Some(r) = &s.init_search {
+        let t = r.translation_mm;
+        println!(
+            "  {:<14} offset ({:.1}, {:.1}, {:.1}) mm  score {:.4}  overlap {:>5.1}%  {} translations",
+            "init search",
+            t[0],
+            t[1],
+            t[2],
+            r.score,
+            100.0 * r.overlap_fraction,
+            r.evaluations
+        );
     }
     for st in &s.stages {
         println!(
