@@ -101,8 +101,10 @@ const NOISE_FIXED: u64 = 0x10;
 const NOISE_MOVING: u64 = 0x11;
 const DEFORMATION: u64 = 0x12;
 
-/// Renders a phantom on a grid: intensities with partial volume and noise, labels point-sampled
-/// at the voxel centres.
+/// Renders a phantom on a grid (in parallel; the result does not depend on the thread count):
+/// intensities with partial volume (`phantom.supersample`³ sub-points in voxels near a boundary,
+/// texture from the voxel centre) plus seeded noise; labels are the phantom's label at each voxel
+/// centre, the same points the truth field is sampled at.
 pub fn render(phantom: &Phantom, grid: &Grid) -> (Volume, Labels) {
     let identity = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]];
     render_mapped(phantom, grid, derive(phantom.seed(), NOISE_FIXED), 1.0, |y| y, |_| identity)
