@@ -60,7 +60,7 @@ impl Grid {
         let lin = affine.fixed_view::<3, 3>(0, 0).into_owned();
         let det = lin.determinant();
         let scale = lin.column_iter().map(|c| c.norm()).fold(0.0, f64::max);
-        if !(det.abs() > 1e-12 * scale.powi(3).max(1e-300)) {
+        if det.is_nan() || det.abs() <= 1e-12 * scale.powi(3).max(1e-300) {
             return Err(Error::Geometry("affine is singular (zero spacing or collinear axes)".into()));
         }
         Ok(Self { shape, affine })

@@ -3,9 +3,15 @@
 //! Low-level differentiable ops (grid sampling, filtering) live in the `segmentation` crate;
 //! this crate adds physical space on top of them.
 
+pub mod engine;
+pub mod features;
 pub mod grid;
+pub mod loss;
+pub mod metrics;
 pub mod synth;
+pub mod transform;
 pub mod volume;
+pub mod warp;
 
 pub use grid::{Grid, Space};
 pub use volume::{DisplacementField, Labels, Volume};

@@ -95,6 +95,47 @@ impl AxisOperator {
         AxisOperator { n_in: n, rows }
     }
 
+    /// Linear resizing to `m` samples with `align_corners = true`: the first and last samples of
+    /// input and output coincide (the convention of the OBELISK sampling grid).
+    pub fn resize_linear_aligned(n: usize, m: usize) -> AxisOperator {
+        let rows = (0..m)
+            .map(|j| {
+                let src = if m > 1 { j as f64 * (n - 1) as f64 / (m - 1) as f64 } else { 0.0 };
+                let i0 = (src.floor() as usize).min(n - 1);
+                let i1 = (i0 + 1).min(n - 1);
+                let f = src - i0 as f64;
+                let mut row = vec![(i0, 1.0 - f), (i1, f)];
+                merge(&mut row);
+                row
+            })
+            .collect();
+        AxisOperator { n_in: n, rows }
+    }
+
+    /// Area-weighted resizing to `m` samples: output `j` averages the input over the interval it
+    /// covers (`[j·n/m, (j+1)·n/m)` in voxel-edge units). Anti-aliased downsampling whose sample
+    /// positions match [`AxisOperator::resize_linear`]'s.
+    pub fn resize_area(n: usize, m: usize) -> AxisOperator {
+        let scale = n as f64 / m as f64;
+        let rows = (0..m)
+            .map(|j| {
+                let (lo, hi) = (j as f64 * scale, (j + 1) as f64 * scale);
+                let mut row = Vec::new();
+                let mut i = lo.floor() as usize;
+                while (i as f64) < hi && i < n {
+                    let overlap = (hi.min(i as f64 + 1.0) - lo.max(i as f64)).max(0.0);
+                    if overlap > 0.0 {
+                        row.push((i, overlap / scale));
+                    }
+                    i += 1;
+                }
+                merge(&mut row);
+                row
+            })
+            .collect();
+        AxisOperator { n_in: n, rows }
+    }
+
     /// Smoothing by a cubic B-spline of `width` samples between knots (stride 1, linear
     /// extrapolation at the ends): the field's B-spline approximation used by the penalty.
     pub fn bspline_smooth(n: usize, width: f64) -> AxisOperator {
@@ -243,6 +284,33 @@ pub fn resize_trilinear(x: &Tensor, size: [usize; 3]) -> candle_core::Result<Ten
         let n = y.dims()[2 + a];
         if n != m {
             y = along_axis(&y, 2 + a, AxisOperator::resize_linear(n, m))?;
+        }
+    }
+    Ok(y)
+}
+
+/// Trilinear resizing of `(B, C, D, H, W)` to `(d, h, w)` with `align_corners = true`.
+pub fn resize_trilinear_aligned(x: &Tensor, size: [usize; 3]) -> candle_core::Result<Tensor> {
+    let mut y = x.clone();
+    for (a, &m) in size.iter().enumerate() {
+        let n = y.dims()[2 + a];
+        if n != m {
+            y = along_axis(&y, 2 + a, AxisOperator::resize_linear_aligned(n, m))?;
+        }
+    }
+    Ok(y)
+}
+
+/// Resizing of `(B, C, D, H, W)` to `(d, h, w)` on the `align_corners = false` lattice: linear
+/// interpolation along axes that grow, area averaging along axes that shrink.
+pub fn resize(x: &Tensor, size: [usize; 3]) -> candle_core::Result<Tensor> {
+    let mut y = x.clone();
+    for (a, &m) in size.iter().enumerate() {
+        let n = y.dims()[2 + a];
+        if n < m {
+            y = along_axis(&y, 2 + a, AxisOperator::resize_linear(n, m))?;
+        } else if n > m {
+            y = along_axis(&y, 2 + a, AxisOperator::resize_area(n, m))?;
         }
     }
     Ok(y)

@@ -1,11 +1,15 @@
 //! Differentiable low-level ops that candle lacks: 3D grid sampling and separable axis filters
-//! (average pooling, trilinear resizing, B-spline smoothing). Each has a CPU forward and a
+//! (average pooling, trilinear resizing, B-spline smoothing) and 3D convolution. Each has a CPU forward and a
 //! backward pass checked against finite differences.
 
 pub mod axis;
+pub mod conv3d;
 pub mod sample;
 
-pub use axis::{avg_pool3d, bspline_smooth3d, resize_trilinear, AxisOperator, Boundary};
+pub use axis::{
+    avg_pool3d, bspline_smooth3d, resize, resize_trilinear, resize_trilinear_aligned, AxisOperator, Boundary,
+};
+pub use conv3d::{conv3d, unfold3d, ConvGeometry};
 pub use sample::{grid_sample, sample_point, Dims, Interpolation, Padding};
 
 pub(crate) fn bail<T>(msg: impl Into<String>) -> candle_core::Result<T> {

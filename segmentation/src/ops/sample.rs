@@ -223,6 +223,7 @@ fn gather<T: Float>(vol: &[T], dims: Dims, taps: &[Taps<T>; 3]) -> T {
 }
 
 /// Gradient with respect to the normalised points: `(B, P, 3)`.
+#[allow(clippy::too_many_arguments)] // mirrors `forward`'s flat-slice signature
 pub fn backward_points<T: Float + Send + Sync>(
     input: &[T],
     points: &[T],

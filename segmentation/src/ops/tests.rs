@@ -173,7 +173,20 @@ fn axis_op_gradients_match_finite_differences() {
     let x = volume(1, 2, 5, 6, 7);
     check_grad(&x, &|v| avg_pool3d(v, [3, 3, 2], [1, 2, 2], [1, 1, 0]).unwrap(), 1e-7);
     check_grad(&x, &|v| resize_trilinear(v, [9, 3, 14]).unwrap(), 1e-7);
+    check_grad(&x, &|v| resize_trilinear_aligned(v, [9, 3, 14]).unwrap(), 1e-7);
     check_grad(&x, &|v| bspline_smooth3d(v, [1.5, 2.0, 1.0]).unwrap(), 1e-7);
+    check_grad(&x, &|v| resize(v, [3, 9, 4]).unwrap(), 1e-7);
+}
+
+#[test]
+fn area_resize_averages_and_keeps_constants() {
+    let op = AxisOperator::resize_area(5, 2);
+    let y: Vec<f64> = op.apply(&[1.0, 2.0, 3.0, 4.0, 5.0], 1, 1);
+    // [0, 2.5) and [2.5, 5)
+    assert!((y[0] - (1.0 + 2.0 + 0.5 * 3.0) / 2.5).abs() < 1e-12);
+    assert!((y[1] - (0.5 * 3.0 + 4.0 + 5.0) / 2.5).abs() < 1e-12);
+    let c: Vec<f64> = AxisOperator::resize_area(7, 3).apply(&[2.0; 7], 1, 1);
+    assert!(c.iter().all(|v| (v - 2.0).abs() < 1e-12));
 }
 
 #[test]
@@ -246,4 +259,127 @@ fn axis_operator_transpose_is_the_adjoint() {
     let lhs: f64 = ax.iter().zip(&y).map(|(a, b)| a * b).sum();
     let rhs: f64 = x.iter().zip(&aty).map(|(a, b)| a * b).sum();
     assert!((lhs - rhs).abs() < 1e-12);
+}
+
+/// Direct-loop 3D cross-correlation, the reference for [`conv3d`].
+#[allow(clippy::too_many_arguments)]
+fn conv3d_direct(
+    x: &[f64],
+    xs: [usize; 5],
+    w: &[f64],
+    ws: [usize; 5],
+    stride: [usize; 3],
+    pad: [usize; 3],
+    groups: usize,
+) -> (Vec<f64>, [usize; 5]) {
+    let [b, cin, d, h, wd] = xs;
+    let [cout, cig, kd, kh, kw] = ws;
+    let o = |n: usize, k: usize, a: usize| (n + 2 * pad[a] - k) / stride[a] + 1;
+    let (od, oh, ow) = (o(d, kd, 0), o(h, kh, 1), o(wd, kw, 2));
+    let mut y = vec![0.0; b * cout * od * oh * ow];
+    let og = cout / groups;
+    for bi in 0..b {
+        for co in 0..cout {
+            let g = co / og;
+            for z in 0..od {
+                for yy in 0..oh {
+                    for xx in 0..ow {
+                        let mut acc = 0.0;
+                        for ci in 0..cig {
+                            let cx = g * cig + ci;
+                            for a in 0..kd {
+                                for bb in 0..kh {
+                                    for e in 0..kw {
+                                        let sz = (z * stride[0] + a) as isize - pad[0] as isize;
+                                        let sy = (yy * stride[1] + bb) as isize - pad[1] as isize;
+                                        let sx = (xx * stride[2] + e) as isize - pad[2] as isize;
+                                        if sz < 0 || sy < 0 || sx < 0 {
+                                            continue;
+                                        }
+                                        let (sz, sy, sx) = (sz as usize, sy as usize, sx as usize);
+                                        if sz >= d || sy >= h || sx >= wd {
+                                            continue;
+                                        }
+                                        acc += x[(((bi * cin + cx) * d + sz) * h + sy) * wd + sx]
+                                            * w[((((co * cig + ci) * kd + a) * kh + bb) * kw) + e];
+                                    }
+                                }
+                            }
+                        }
+                        y[(((bi * cout + co) * od + z) * oh + yy) * ow + xx] = acc;
+                    }
+                }
+            }
+        }
+    }
+    (y, [b, cout, od, oh, ow])
+}
+
+#[test]
+fn conv3d_matches_direct_loops() {
+    type Case = ([usize; 5], [usize; 5], [usize; 3], [usize; 3], usize);
+    let cases: [Case; 4] = [
+        ([2, 3, 5, 6, 4], [4, 3, 3, 3, 3], [1, 1, 1], [1, 1, 1], 1),
+        ([1, 4, 7, 5, 6], [6, 2, 3, 2, 3], [2, 1, 2], [1, 0, 1], 2),
+        ([2, 4, 3, 3, 3], [8, 1, 1, 1, 1], [1, 1, 1], [0, 0, 0], 4),
+        ([1, 2, 6, 6, 6], [3, 2, 2, 2, 2], [2, 2, 2], [0, 0, 0], 1),
+    ];
+    for (i, (xs, ws, stride, pad, groups)) in cases.into_iter().enumerate() {
+        let xv = rand_vec(xs.iter().product(), 10 + i as u64);
+        let wv = rand_vec(ws.iter().product(), 20 + i as u64);
+        let (want, ys) = conv3d_direct(&xv, xs, &wv, ws, stride, pad, groups);
+        let y = conv3d(&t(xv, &xs), &t(wv, &ws), stride, pad, groups).unwrap();
+        assert_eq!(y.dims(), &ys, "case {i}");
+        let got: Vec<f64> = y.flatten_all().unwrap().to_vec1().unwrap();
+        for (a, b) in got.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-12, "case {i}: {a} vs {b}");
+        }
+    }
+}
+
+#[test]
+fn conv3d_gradients_match_finite_differences() {
+    for (xs, ws, stride, pad, groups) in [
+        ([2, 2, 4, 3, 5], [3, 2, 3, 3, 3], [1, 1, 1], [1, 1, 1], 1),
+        ([1, 4, 5, 4, 4], [4, 2, 3, 1, 2], [2, 1, 2], [1, 0, 1], 2),
+    ] {
+        let x = t(rand_vec(xs.iter().product(), 1), &xs);
+        let w = t(rand_vec(ws.iter().product(), 2), &ws);
+        let bias = t(rand_vec(ws[0], 3), &[1, ws[0], 1, 1, 1]);
+        let (wc, bc) = (w.clone(), bias.clone());
+        check_grad(&x, &move |v| conv3d(v, &wc, stride, pad, groups).unwrap().broadcast_add(&bc).unwrap(), 1e-7);
+        let (xc, bc) = (x.clone(), bias.clone());
+        check_grad(&w, &move |v| conv3d(&xc, v, stride, pad, groups).unwrap().broadcast_add(&bc).unwrap(), 1e-7);
+        let (xc, wc) = (x.clone(), w.clone());
+        check_grad(&bias, &move |v| conv3d(&xc, &wc, stride, pad, groups).unwrap().broadcast_add(v).unwrap(), 1e-7);
+    }
+}
+
+#[test]
+fn conv3d_rejects_bad_shapes() {
+    let x = volume(1, 3, 4, 4, 4);
+    assert!(conv3d(&x, &volume(4, 2, 3, 3, 3), [1; 3], [1; 3], 1).is_err());
+    assert!(conv3d(&x, &volume(4, 1, 3, 3, 3), [1; 3], [1; 3], 2).is_err());
+    assert!(conv3d(&x, &volume(4, 3, 7, 3, 3), [1; 3], [0; 3], 1).is_err());
+}
+
+#[test]
+fn aligned_resize_agrees_with_grid_sampling() {
+    // align_corners = true resizing = sampling the coarse volume at a regular [-1, 1] grid
+    let x = volume(1, 2, 3, 4, 5);
+    let size = [7, 4, 9];
+    let y = resize_trilinear_aligned(&x, size).unwrap();
+    let ax = |n: usize, i: usize| -1.0 + 2.0 * i as f64 / (n - 1) as f64;
+    let mut pts = Vec::new();
+    for k in 0..size[0] {
+        for j in 0..size[1] {
+            for i in 0..size[2] {
+                pts.extend([ax(size[2], i), ax(size[1], j), ax(size[0], k)]);
+            }
+        }
+    }
+    let n = pts.len() / 3;
+    let s = grid_sample(&x, &t(pts, &[1, n, 3]), Interpolation::Linear, Padding::Border).unwrap();
+    let d = (y.flatten_from(2).unwrap() - s).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    assert!(d < 1e-12, "{d}");
 }

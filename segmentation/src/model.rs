@@ -1,0 +1,377 @@
+//! A trained model as a folder: `model.safetensors` (the weights, batch-norm statistics
+//! included) and `config.json` (architecture, sizes, input normalisation, labels, and which layer
+//! serves as registration features). Also loadable from bytes, so a binary can embed one.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, ModuleT, Tensor};
+use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
+
+use crate::net::{ObeliskNet, ObeliskNetConfig, UNet3d, UNetConfig};
+use crate::nn::{count_parameters, seeded_var_builder};
+use crate::ops::{grid_sample, Interpolation, Padding};
+use crate::{Error, Result};
+
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const CONFIG_FILE: &str = "config.json";
+
+/// Network architecture with its sizes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "name", rename_all = "snake_case")]
+pub enum Architecture {
+    ObeliskNet(ObeliskNetConfig),
+    Unet(UNetConfig),
+}
+
+/// Input normalisation `x · scale + offset` applied to raw intensities (`HU / 500`: scale 0.002,
+/// offset 0; `HU / 1024 + 1`: scale 1/1024, offset 1).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct InputNorm {
+    pub scale: f64,
+    pub offset: f64,
+}
+
+impl Default for InputNorm {
+    fn default() -> Self {
+        Self { scale: 1.0 / 500.0, offset: 0.0 }
+    }
+}
+
+/// The registration feature layer, as recorded for consumers of a saved model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeatureSpec {
+    pub layer: String,
+    pub channels: usize,
+    /// Voxel stride of the feature grid relative to the input.
+    pub stride: usize,
+}
+
+/// Everything `config.json` holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub architecture: Architecture,
+    pub input_norm: InputNorm,
+    pub num_classes: usize,
+    /// One name per class, background first (may be empty).
+    #[serde(default)]
+    pub label_names: Vec<String>,
+    pub features: FeatureSpec,
+}
+
+impl ModelConfig {
+    /// A consistent config for `architecture` (classes and feature spec derived from it).
+    pub fn new(architecture: Architecture, input_norm: InputNorm, label_names: Vec<String>) -> Self {
+        let (num_classes, features) = match &architecture {
+            Architecture::ObeliskNet(c) => (
+                c.num_classes,
+                FeatureSpec {
+                    layer: format!("{:?}", c.feature_layer).to_lowercase(),
+                    channels: c.feature_channels(),
+                    stride: c.grid_divisor,
+                },
+            ),
+            Architecture::Unet(c) => (
+                c.num_classes,
+                FeatureSpec { layer: "decoder0".into(), channels: c.channels.first().copied().unwrap_or(0), stride: 1 },
+            ),
+        };
+        Self { architecture, input_norm, num_classes, label_names, features }
+    }
+
+    /// Rejects configs whose recorded fields disagree with the architecture.
+    pub fn validate(&self) -> Result<()> {
+        let want = ModelConfig::new(self.architecture.clone(), self.input_norm, self.label_names.clone());
+        if want.num_classes != self.num_classes || want.features != self.features {
+            return Err(Error::Model(format!(
+                "config inconsistent: architecture implies {} classes and features {:?}, file says {} and {:?}",
+                want.num_classes, want.features, self.num_classes, self.features
+            )));
+        }
+        if !self.label_names.is_empty() && self.label_names.len() != self.num_classes {
+            return Err(Error::Model(format!(
+                "{} label names for {} classes",
+                self.label_names.len(),
+                self.num_classes
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The network behind a [`Model`].
+#[derive(Debug, Clone)]
+pub enum Network {
+    // boxed: the OBELISK-Net holds many more layers than the U-Net
+    Obelisk(Box<ObeliskNet>),
+    UNet(UNet3d),
+}
+
+/// A network with its variables and config.
+pub struct Model {
+    pub config: ModelConfig,
+    pub varmap: VarMap,
+    pub net: Network,
+    device: Device,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl Model {
+    /// A freshly initialised model (f32), weights drawn from `seed`.
+    pub fn new(config: ModelConfig, seed: u64, device: &Device) -> Result<Self> {
+        config.validate()?;
+        let varmap = VarMap::new();
+        let vb = seeded_var_builder(&varmap, seed, DType::F32, device);
+        let net = match &config.architecture {
+            Architecture::ObeliskNet(c) => Network::Obelisk(Box::new(ObeliskNet::new(vb, c.clone())?)),
+            Architecture::Unet(c) => Network::UNet(UNet3d::new(vb, c.clone())?),
+        };
+        Ok(Self { config, varmap, net, device: device.clone() })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn num_parameters(&self) -> usize {
+        count_parameters(&self.varmap)
+    }
+
+    /// Raw intensities → network input.
+    pub fn normalise(&self, raw: &Tensor) -> Result<Tensor> {
+        let n = self.config.input_norm;
+        Ok(raw.to_dtype(DType::F32)?.affine(n.scale, n.offset)?)
+    }
+
+    /// Logits `(B, classes, D, H, W)` of a normalised input.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(match &self.net {
+            Network::Obelisk(n) => n.forward_t(x, train)?,
+            Network::UNet(n) => n.forward_t(x, train)?,
+        })
+    }
+
+    /// Registration features of a normalised input, `(B, C, d, h, w)`.
+    pub fn features(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match &self.net {
+            Network::Obelisk(n) => n.features(x)?,
+            Network::UNet(n) => n.features(x)?,
+        })
+    }
+
+    /// Registration features at normalised points `(B, P, 3)` of a normalised input, `(B, C, P)`.
+    pub fn features_at_points(&self, x: &Tensor, points: &Tensor) -> Result<Tensor> {
+        Ok(match &self.net {
+            Network::Obelisk(n) => n.features_at_points(x, points)?,
+            Network::UNet(n) => n.features_at_points(x, points)?,
+        })
+    }
+
+    /// The weights as safetensors bytes.
+    pub fn weights_to_bytes(&self) -> Result<Vec<u8>> {
+        let data = self.varmap.data().lock().unwrap();
+        let tensors: Vec<(&String, &Tensor)> = data.iter().map(|(k, v)| (k, v.as_tensor())).collect();
+        safetensors::serialize(tensors, None).map_err(|e| Error::Model(format!("serialising weights: {e}")))
+    }
+
+    /// Writes `config.json` and `model.safetensors` into `dir` (created if missing).
+    pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
+        let dir = dir.as_ref();
+        let io = |e: std::io::Error| Error::Model(format!("{}: {e}", dir.display()));
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let json = serde_json::to_string_pretty(&self.config).map_err(|e| Error::Model(e.to_string()))?;
+        std::fs::write(dir.join(CONFIG_FILE), json).map_err(io)?;
+        std::fs::write(dir.join(WEIGHTS_FILE), self.weights_to_bytes()?).map_err(io)?;
+        Ok(())
+    }
+
+    /// Loads a model folder written by [`Model::save`].
+    pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let dir = dir.as_ref();
+        let read =
+            |f: &str| std::fs::read(dir.join(f)).map_err(|e| Error::Model(format!("{}: {e}", dir.join(f).display())));
+        let cfg = String::from_utf8(read(CONFIG_FILE)?).map_err(|e| Error::Model(format!("{CONFIG_FILE}: {e}")))?;
+        Self::load_from_bytes(&cfg, &read(WEIGHTS_FILE)?, device)
+    }
+
+    /// Loads from a `config.json` string and safetensors bytes (e.g. `include_bytes!`). Every
+    /// variable must be present with the right shape; extra tensors are an error too.
+    pub fn load_from_bytes(config_json: &str, safetensors: &[u8], device: &Device) -> Result<Self> {
+        let config: ModelConfig =
+            serde_json::from_str(config_json).map_err(|e| Error::Model(format!("{CONFIG_FILE}: {e}")))?;
+        let model = Model::new(config, 0, device)?;
+        let tensors = candle_core::safetensors::load_buffer(safetensors, device)
+            .map_err(|e| Error::Model(format!("{WEIGHTS_FILE}: {e}")))?;
+        let data = model.varmap.data().lock().unwrap();
+        for (name, var) in data.iter() {
+            let t = tensors.get(name).ok_or_else(|| Error::Model(format!("{WEIGHTS_FILE}: missing tensor {name}")))?;
+            if t.shape() != var.shape() {
+                return Err(Error::Model(format!("{name}: shape {:?}, expected {:?}", t.dims(), var.dims())));
+            }
+            var.set(&t.to_dtype(var.dtype())?)?;
+        }
+        if let Some(extra) = tensors.keys().find(|k| !data.contains_key(*k)) {
+            return Err(Error::Model(format!("{WEIGHTS_FILE}: unexpected tensor {extra}")));
+        }
+        drop(data);
+        Ok(model)
+    }
+}
+
+/// A frozen model used only for its registration features; takes raw intensities.
+#[derive(Debug)]
+pub struct FeatureExtractor {
+    model: Model,
+}
+
+impl FeatureExtractor {
+    pub fn new(model: Model) -> Self {
+        Self { model }
+    }
+
+    pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        Ok(Self::new(Model::load(dir, device)?))
+    }
+
+    pub fn load_from_bytes(config_json: &str, safetensors: &[u8], device: &Device) -> Result<Self> {
+        Ok(Self::new(Model::load_from_bytes(config_json, safetensors, device)?))
+    }
+
+    pub fn spec(&self) -> &FeatureSpec {
+        &self.model.config.features
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Features of a raw `(1, 1, D, H, W)` volume: `(1, C, d, h, w)`, no gradient tracking.
+    pub fn features(&self, volume: &Tensor) -> Result<Tensor> {
+        Ok(self.model.features(&self.model.normalise(volume)?)?.detach())
+    }
+
+    /// Features at normalised points `(1, P, 3)` of a raw volume, `(1, C, P)`, differentiable in
+    /// the points.
+    pub fn features_at_points(&self, volume: &Tensor, points: &Tensor) -> Result<Tensor> {
+        self.features_at_prepared_points(&self.prepare(volume)?, points)
+    }
+
+    /// The per-volume work of [`Self::features_at_points`], done once: for OBELISK-Net the
+    /// normalised, smoothed input; for the U-Net its full-resolution feature map.
+    pub fn prepare(&self, volume: &Tensor) -> Result<Tensor> {
+        let x = self.model.normalise(volume)?.detach();
+        Ok(match &self.model.net {
+            Network::Obelisk(n) => n.smooth(&x)?,
+            Network::UNet(n) => n.features(&x)?.detach(),
+        })
+    }
+
+    /// Features at normalised points `(1, P, 3)` of a volume passed through [`Self::prepare`],
+    /// `(1, C, P)`, differentiable in the points (for iterative registration).
+    pub fn features_at_prepared_points(&self, prepared: &Tensor, points: &Tensor) -> Result<Tensor> {
+        let p = points.to_dtype(DType::F32)?;
+        Ok(match &self.model.net {
+            Network::Obelisk(n) => n.features_at_points_smoothed(prepared, &p)?,
+            Network::UNet(_) => grid_sample(prepared, &p, Interpolation::Linear, Padding::Border)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+    use crate::nn::Rng;
+
+    fn small_obelisk() -> ModelConfig {
+        let c = ObeliskNetConfig {
+            kernels: 8,
+            hidden: 8,
+            mid: 8,
+            growth: 4,
+            dense_layers: 2,
+            num_classes: 3,
+            ..Default::default()
+        };
+        ModelConfig::new(Architecture::ObeliskNet(c), InputNorm::default(), vec!["bg".into(), "a".into(), "b".into()])
+    }
+
+    fn volume() -> Tensor {
+        let mut r = Rng::new(9);
+        let v: Vec<f32> = (0..8 * 9 * 10).map(|_| (r.uniform() * 1000.0 - 500.0) as f32).collect();
+        Tensor::from_vec(v, (1, 1, 8, 9, 10), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn save_and_reload_is_bit_identical() {
+        let dir = std::env::temp_dir().join(format!("obelisk-seg-model-{}", std::process::id()));
+        for cfg in [
+            small_obelisk(),
+            ModelConfig::new(
+                Architecture::Unet(UNetConfig { channels: vec![2, 4], num_classes: 2, ..Default::default() }),
+                InputNorm { scale: 1.0 / 1024.0, offset: 1.0 },
+                vec![],
+            ),
+        ] {
+            let m = Model::new(cfg, 7, &Device::Cpu).unwrap();
+            // change running statistics so that they must round-trip too
+            m.forward_t(&m.normalise(&volume()).unwrap(), true).unwrap();
+            m.save(&dir).unwrap();
+            let r = Model::load(&dir, &Device::Cpu).unwrap();
+            assert_eq!(r.config, m.config);
+            let x = m.normalise(&volume()).unwrap();
+            let a: Vec<f32> = m.forward_t(&x, false).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = r.forward_t(&x, false).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(a, b);
+            let fe = FeatureExtractor::load(&dir, &Device::Cpu).unwrap();
+            let f = fe.features(&volume()).unwrap();
+            assert_eq!(f.dim(1).unwrap(), fe.spec().channels);
+            // prepared and one-shot point evaluation agree
+            let pts = Tensor::new(&[[[0.1f32, -0.2, 0.3], [0.5, 0.5, -0.7]]], &Device::Cpu).unwrap();
+            let a = fe.features_at_points(&volume(), &pts).unwrap();
+            let b = fe.features_at_prepared_points(&fe.prepare(&volume()).unwrap(), &pts).unwrap();
+            assert_eq!(a.dims(), &[1, fe.spec().channels, 2]);
+            assert_eq!(
+                a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn broken_model_files_give_errors() {
+        let m = Model::new(small_obelisk(), 1, &Device::Cpu).unwrap();
+        let json = serde_json::to_string(&m.config).unwrap();
+        let w = m.weights_to_bytes().unwrap();
+        assert!(Model::load_from_bytes(&json, &w, &Device::Cpu).is_ok());
+        assert!(Model::load_from_bytes("{ not json", &w, &Device::Cpu).is_err());
+        assert!(Model::load_from_bytes(&json, &w[..w.len() / 2], &Device::Cpu).is_err());
+        assert!(Model::load_from_bytes(&json, b"", &Device::Cpu).is_err());
+        // a config whose sizes do not match the weights
+        let other = small_obelisk();
+        let mut c2 = other.clone();
+        if let Architecture::ObeliskNet(a) = &mut c2.architecture {
+            a.hidden = 12;
+        }
+        let c2 = ModelConfig::new(c2.architecture, other.input_norm, other.label_names);
+        assert!(Model::load_from_bytes(&serde_json::to_string(&c2).unwrap(), &w, &Device::Cpu).is_err());
+        // inconsistent recorded feature spec
+        let mut c3 = m.config.clone();
+        c3.features.channels += 1;
+        assert!(Model::load_from_bytes(&serde_json::to_string(&c3).unwrap(), &w, &Device::Cpu).is_err());
+        // missing folder / file
+        let dir = std::env::temp_dir().join(format!("obelisk-seg-missing-{}", std::process::id()));
+        assert!(Model::load(&dir, &Device::Cpu).is_err());
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(CONFIG_FILE), &json).unwrap();
+        assert!(Model::load(&dir, &Device::Cpu).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,223 @@
+//! `obelisk register`: deformable registration of an image pair.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+use clap::Args;
+use registration::engine::RegistrationConfig;
+
+use crate::io::{self, atomic::check_output, Format, IoError};
+use crate::pictures::SliceSpec;
+use crate::pipeline::{FeatureKind, InitKind, RegisterJob, RegisterSummary};
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  obelisk register --fixed f.nii.gz --moving m.nii.gz --out reg/
+  obelisk register --fixed f.nii.gz --moving m.nii.gz --moving-labels m_seg.nii.gz \\
+      --fixed-labels f_seg.nii.gz --features mind --out reg/ --json
+  obelisk register --fixed a.png --moving b.png --out reg2d/
+
+Writes field.nii.gz (ITK convention: LPS mm on the fixed grid, usable by SimpleITK/ANTs),
+warped.nii.gz (or .png), warped_labels.* with --moving-labels, metrics.json, loss.csv and
+summary.png.")]
+pub struct RegisterArgs {
+    /// Fixed (target) image: .nii, .nii.gz or .png.
+    #[arg(long)]
+    pub fixed: PathBuf,
+    /// Moving (source) image, resampled onto the fixed grid.
+    #[arg(long)]
+    pub moving: PathBuf,
+    /// Label map of the fixed image, for Dice/HD95 in metrics.json.
+    #[arg(long)]
+    pub fixed_labels: Option<PathBuf>,
+    /// Label map of the moving image, warped to warped_labels.*.
+    #[arg(long)]
+    pub moving_labels: Option<PathBuf>,
+    /// Ground-truth field (ITK convention, on the fixed grid), for the endpoint error.
+    #[arg(long)]
+    pub truth: Option<PathBuf>,
+    /// Output folder (created if missing).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Features that drive the registration.
+    #[arg(long, value_enum, default_value_t = FeatureKind::Mind)]
+    pub features: FeatureKind,
+    /// Starting position of the moving image.
+    #[arg(long, value_enum, default_value_t = InitKind::Com)]
+    pub init: InitKind,
+    /// Weight of the B-spline smoothness penalty.
+    #[arg(long, default_value_t = RegistrationConfig::default().smoothness)]
+    pub smoothness: f64,
+    /// Weight of the diffusion regulariser (squared field gradient).
+    #[arg(long, default_value_t = RegistrationConfig::default().diffusion)]
+    pub diffusion: f64,
+    /// Iterations of the affine stage (0 skips it).
+    #[arg(long, default_value_t = RegistrationConfig::default().affine_iterations)]
+    pub affine_iterations: usize,
+    /// Maximum iterations per deformable level.
+    #[arg(long)]
+    pub iterations: Option<usize>,
+    /// Slice shown in summary.png: axial|coronal|sagittal[:INDEX].
+    #[arg(long, default_value = "axial")]
+    pub slice: SliceSpec,
+    /// Do not draw summary.png.
+    #[arg(long)]
+    pub no_pictures: bool,
+    /// Overwrite existing outputs (never an input).
+    #[arg(long)]
+    pub force: bool,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub(crate) fn check_input(path: &Path) -> Result<(), IoError> {
+    if !path.exists() {
+        return Err(IoError::new(path, "file not found"));
+    }
+    if path.is_dir() {
+        return Err(IoError::new(path, "is a folder, not a file"));
+    }
+    Format::of(path)?;
+    Ok(())
+}
+
+/// Creates `dir` if needed and checks that new files can be made there.
+pub(crate) fn prepare_out_dir(dir: &Path) -> Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        bail!("{}: output path exists and is not a folder", dir.display());
+    }
+    std::fs::create_dir_all(dir)
+        .map_err(|e| anyhow::anyhow!("{}: cannot create the output folder: {e}", dir.display()))?;
+    Ok(())
+}
+
+impl RegisterArgs {
+    /// Validates everything and reads the inputs; no output is written.
+    pub fn into_job(self, quiet: bool) -> Result<RegisterJob> {
+        let mut inputs: Vec<&Path> = vec![&self.fixed, &self.moving];
+        inputs.extend(self.fixed_labels.as_deref());
+        inputs.extend(self.moving_labels.as_deref());
+        inputs.extend(self.truth.as_deref());
+        for p in &inputs {
+            check_input(p)?;
+        }
+        for (name, v) in [("--smoothness", self.smoothness), ("--diffusion", self.diffusion)] {
+            if !(v.is_finite() && v >= 0.0) {
+                bail!("{name} must be a finite number >= 0, got {v}");
+            }
+        }
+        prepare_out_dir(&self.out)?;
+        let fixed = io::read_image(&self.fixed)?;
+        let moving = io::read_image(&self.moving)?;
+        if fixed.grid.is_2d() != moving.grid.is_2d() {
+            bail!(
+                "{} is {}D but {} is {}D: register images of the same dimensionality",
+                self.fixed.display(),
+                if fixed.grid.is_2d() { 2 } else { 3 },
+                self.moving.display(),
+                if moving.grid.is_2d() { 2 } else { 3 }
+            );
+        }
+        let fixed_labels =
+            self.fixed_labels.as_ref().map(|p| io::read_labels_for(p, &fixed.grid, &self.fixed)).transpose()?;
+        let moving_labels =
+            self.moving_labels.as_ref().map(|p| io::read_labels_for(p, &moving.grid, &self.moving)).transpose()?;
+        let truth = match &self.truth {
+            Some(p) => {
+                let t = io::read_field(p)?;
+                if !t.grid.same_as(&fixed.grid, io::GRID_TOL) {
+                    return Err(IoError::new(
+                        p,
+                        format!("the truth field does not lie on the grid of {}", self.fixed.display()),
+                    )
+                    .into());
+                }
+                Some(t)
+            }
+            None => None,
+        };
+        let mut config = RegistrationConfig {
+            smoothness: self.smoothness,
+            diffusion: self.diffusion,
+            affine_iterations: self.affine_iterations,
+            ..Default::default()
+        };
+        if let Some(n) = self.iterations {
+            config.levels.iter_mut().for_each(|l| l.iterations = n);
+        }
+        let job = RegisterJob {
+            fixed_path: self.fixed.clone(),
+            moving_path: self.moving.clone(),
+            fixed,
+            moving,
+            fixed_labels,
+            moving_labels,
+            truth,
+            label_names: BTreeMap::new(),
+            out: self.out.clone(),
+            features: self.features,
+            init: self.init,
+            config,
+            pictures: !self.no_pictures,
+            slice: self.slice,
+            force: self.force,
+            quiet,
+        };
+        for out in job.planned_outputs() {
+            check_output(&out, &inputs, self.force)?;
+        }
+        Ok(job)
+    }
+}
+
+/// Prints the one-screen summary of a registration.
+pub fn report(s: &RegisterSummary, json: bool, quiet: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(s)?);
+        return Ok(());
+    }
+    if quiet {
+        return Ok(());
+    }
+    for st in &s.stages {
+        println!(
+            "  {:<14} {:>4} it  loss {:.4} -> {:.4}  overlap {:>5.1}%  {:.2} s",
+            st.name,
+            st.iterations,
+            st.initial_loss,
+            st.final_loss,
+            100.0 * st.overlap,
+            st.seconds
+        );
+    }
+    if let (Some(b), Some(a)) = (s.dice_before, s.metrics.mean_dice) {
+        println!("mean Dice {b:.3} -> {a:.3}");
+    }
+    if let Some(e) = &s.metrics.endpoint_error {
+        println!("endpoint error vs truth: mean {:.2} mm, p95 {:.2} mm", e.mean_mm, e.p95_mm);
+    }
+    println!(
+        "folding {:.4}%  SDlogJ {:.3}  total {:.1} s",
+        100.0 * s.metrics.folding_fraction,
+        s.metrics.sd_log_j.unwrap_or(f64::NAN),
+        s.runtime_s.get("total").copied().unwrap_or(f64::NAN)
+    );
+    println!("outputs in {}:", s.out_dir.display());
+    for f in &s.files {
+        println!("  {}", f.display());
+    }
+    Ok(())
+}
+
+pub fn run(args: RegisterArgs, quiet: bool) -> Result<()> {
+    let json = args.json;
+    let job = args.into_job(quiet)?;
+    let summary = job.run(|stage, it, loss| {
+        if !quiet && !json && it % 20 == 0 {
+            eprintln!("{stage:<14} iteration {it:>4}  loss {loss:.5}");
+        }
+    })?;
+    report(&summary, json, quiet)
+}

@@ -1,0 +1,207 @@
+//! `obelisk demo`, `obelisk eval` and `obelisk grid`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use registration::metrics::{endpoint_error, jacobian, RegistrationMetrics};
+use registration::synth::SynthConfig;
+
+use crate::cli::register::{check_input, prepare_out_dir, report, RegisterArgs};
+use crate::cli::synth::write_dataset;
+use crate::io::{self, atomic::check_output, IoError};
+use crate::pictures::{self, SliceSpec};
+use crate::pipeline::{save_png, FeatureKind, InitKind};
+
+#[derive(Debug, Args)]
+#[command(after_help = "Example:
+  obelisk demo --out obelisk-demo
+
+Generates a synthetic abdominal CT pair with a known deformation (seeded, so every run gives
+the same files), registers it, and writes the field, warped image, propagated labels,
+metrics.json and summary.png under OUT/registration.")]
+pub struct DemoArgs {
+    /// Output folder.
+    #[arg(long, default_value = "obelisk-demo")]
+    pub out: PathBuf,
+    /// Seed of the generated pair.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// Overwrite the outputs of an earlier demo.
+    #[arg(long)]
+    pub force: bool,
+}
+
+pub fn demo(args: DemoArgs, quiet: bool) -> Result<()> {
+    let data = args.out.join("data");
+    let cfg = SynthConfig { size: [80, 80, 80], spacing: [4.2, 4.2, 4.2], seed: args.seed, ..Default::default() };
+    if !quiet {
+        println!(
+            "generating a synthetic CT pair ({}^3 voxels, {} mm) in {}",
+            cfg.size[0],
+            cfg.spacing[0],
+            data.display()
+        );
+    }
+    write_dataset(&cfg, &data, 0, 1, args.force)?;
+    let reg = RegisterArgs {
+        fixed: data.join("pair_000_fixed.nii.gz"),
+        moving: data.join("pair_000_moving.nii.gz"),
+        fixed_labels: Some(data.join("pair_000_fixed_labels.nii.gz")),
+        moving_labels: Some(data.join("pair_000_moving_labels.nii.gz")),
+        truth: Some(data.join("pair_000_truth.nii.gz")),
+        out: args.out.join("registration"),
+        features: FeatureKind::Mind,
+        init: InitKind::None,
+        smoothness: registration::engine::RegistrationConfig::default().smoothness,
+        diffusion: registration::engine::RegistrationConfig::default().diffusion,
+        affine_iterations: 0,
+        iterations: None,
+        slice: SliceSpec { axis: pictures::Axis::Coronal, index: None },
+        no_pictures: false,
+        force: args.force,
+        json: false,
+    };
+    if !quiet {
+        println!("registering moving -> fixed with MIND-SSC features");
+    }
+    let job = reg.into_job(quiet)?;
+    let summary = job.run(|_, _, _| {})?;
+    report(&summary, false, quiet)
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Example:
+  obelisk eval --fixed-labels fixed_seg.nii.gz --warped-labels reg/warped_labels.nii.gz \\
+      --field reg/field.nii.gz --json")]
+pub struct EvalArgs {
+    /// Reference label map (on the fixed grid).
+    #[arg(long)]
+    pub fixed_labels: PathBuf,
+    /// Warped moving label map (on the fixed grid).
+    #[arg(long)]
+    pub warped_labels: PathBuf,
+    /// Displacement field, for Jacobian statistics.
+    #[arg(long)]
+    pub field: Option<PathBuf>,
+    /// Ground-truth field, for the endpoint error (needs --field).
+    #[arg(long)]
+    pub truth: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn eval(args: EvalArgs, quiet: bool) -> Result<()> {
+    for p in [Some(&args.fixed_labels), Some(&args.warped_labels), args.field.as_ref(), args.truth.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        check_input(p)?;
+    }
+    if args.truth.is_some() && args.field.is_none() {
+        bail!("--truth needs --field");
+    }
+    let fixed = io::read_label_map(&args.fixed_labels)?;
+    let warped = io::read_labels_for(&args.warped_labels, &fixed.grid, &args.fixed_labels)?;
+    let field = match &args.field {
+        Some(p) => io::read_field(p)?,
+        None => registration::DisplacementField::zeros(fixed.grid.clone()),
+    };
+    let mut m = RegistrationMetrics::evaluate(&fixed, &warped, &field, &BTreeMap::new(), None)?;
+    if let (Some(t), Some(fp)) = (&args.truth, &args.field) {
+        let truth = io::read_field(t)?;
+        if !truth.grid.same_as(&field.grid, io::GRID_TOL) {
+            return Err(IoError::new(t, format!("does not lie on the grid of {}", fp.display())).into());
+        }
+        m = m.with_endpoint_error(endpoint_error(&field, &truth, None)?);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&m)?);
+    } else if !quiet {
+        println!("label      Dice   HD95 mm");
+        for l in &m.labels {
+            println!("{:>5}  {:>8.4}  {:>8}", l.label, l.dice, l.hd95_mm.map_or("-".into(), |h| format!("{h:.2}")));
+        }
+        if let Some(d) = m.mean_dice {
+            println!(" mean  {d:>8.4}");
+        }
+        if args.field.is_some() {
+            println!(
+                "folding {:.4}%  SDlogJ {:.4}  det J in [{:.3}, {:.3}]",
+                100.0 * m.folding_fraction,
+                m.sd_log_j.unwrap_or(f64::NAN),
+                m.jacobian_min,
+                m.jacobian_max
+            );
+        }
+        if let Some(e) = &m.endpoint_error {
+            println!("endpoint error: mean {:.3} mm, p95 {:.3} mm, max {:.3} mm", e.mean_mm, e.p95_mm, e.max_mm);
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  obelisk grid --field reg/field.nii.gz --image fixed.nii.gz --slice coronal --out grid.png
+  obelisk grid --field reg/field.nii.gz --slice axial:40 --out grid.png --jacobian jac.png")]
+pub struct GridArgs {
+    /// Displacement field (ITK convention).
+    #[arg(long)]
+    pub field: PathBuf,
+    /// Image on the field's grid to draw under the grid (usually the fixed image).
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// Slice: axial|coronal|sagittal[:INDEX].
+    #[arg(long, default_value = "axial")]
+    pub slice: SliceSpec,
+    /// Voxels between grid lines.
+    #[arg(long, default_value_t = 4)]
+    pub step: usize,
+    /// Output PNG of the deformed grid.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Also write the Jacobian determinant map (with colour bar) to this PNG.
+    #[arg(long)]
+    pub jacobian: Option<PathBuf>,
+    #[arg(long)]
+    pub force: bool,
+}
+
+pub fn grid(args: GridArgs, quiet: bool) -> Result<()> {
+    let mut inputs = vec![args.field.as_path()];
+    inputs.extend(args.image.as_deref());
+    for p in &inputs {
+        check_input(p)?;
+    }
+    for o in [Some(&args.out), args.jacobian.as_ref()].into_iter().flatten() {
+        if io::Format::of(o)? != io::Format::Png {
+            return Err(IoError::new(o, "pictures are written as .png").into());
+        }
+        if let Some(parent) = o.parent().filter(|p| !p.as_os_str().is_empty()) {
+            prepare_out_dir(parent)?;
+        }
+        check_output(o, &inputs, args.force)?;
+    }
+    let field = io::read_field(&args.field)?;
+    let image = args.image.as_ref().map(|p| io::read_image(p)).transpose()?;
+    if let (Some(img), Some(p)) = (&image, &args.image) {
+        if !img.grid.same_as(&field.grid, io::GRID_TOL) {
+            return Err(
+                IoError::new(p, format!("does not lie on the grid of the field {}", args.field.display())).into()
+            );
+        }
+    }
+    let pic = pictures::grid_picture(image.as_ref(), &field, args.slice, args.step)?;
+    save_png(&args.out, &pic)?;
+    if let Some(j) = &args.jacobian {
+        let (det, _) = jacobian(&field, None)?;
+        save_png(j, &pictures::jacobian_picture(&det, args.slice)?)?;
+    }
+    if !quiet {
+        println!("wrote {}", args.out.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,7 @@
+//! The `obelisk` application crate: file formats, pipelines, pictures and the command-line
+//! front end, shared by the binary, the integration tests and examples.
+
+pub mod cli;
+pub mod io;
+pub mod pictures;
+pub mod pipeline;

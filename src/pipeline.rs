@@ -1,0 +1,271 @@
+//! Pipelines behind the subcommands: image pair registration with all its outputs.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use registration::engine::{register, Registration, RegistrationConfig};
+use registration::features::{FeatureExtractor, IntensityFeatures, MindConfig, MindSsc};
+use registration::metrics::{dice_per_label, jacobian, RegistrationMetrics};
+use registration::transform::{grid_points_lps, Affine};
+use registration::warp::{warp_labels, warp_volume};
+use registration::{DisplacementField, Labels, Volume};
+use segmentation::ops::{Interpolation, Padding};
+use serde::Serialize;
+
+use crate::io;
+use crate::pictures::{self, SliceSpec};
+
+/// Which features drive the registration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FeatureKind {
+    /// MIND-SSC self-similarity context (12 channels; 4 in 2D); contrast-robust, needs no training.
+    Mind,
+    /// The robustly normalised intensity (same modality only).
+    Intensity,
+}
+
+impl FeatureKind {
+    pub fn extractor(self, grid: &registration::Grid) -> Box<dyn FeatureExtractor> {
+        match self {
+            FeatureKind::Mind => Box::new(MindSsc::for_grid(MindConfig::default(), grid)),
+            FeatureKind::Intensity => Box::new(IntensityFeatures),
+        }
+    }
+}
+
+/// How the moving image is placed before optimisation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InitKind {
+    /// Trust the headers: world coordinates already correspond.
+    None,
+    /// Translate so that the intensity centres of mass coincide.
+    Com,
+}
+
+/// A validated registration job: every input exists and reads, the output folder is writable.
+pub struct RegisterJob {
+    pub fixed_path: PathBuf,
+    pub moving_path: PathBuf,
+    pub fixed: Volume,
+    pub moving: Volume,
+    pub fixed_labels: Option<Labels>,
+    pub moving_labels: Option<Labels>,
+    pub truth: Option<DisplacementField>,
+    pub label_names: BTreeMap<u32, String>,
+    pub out: PathBuf,
+    pub features: FeatureKind,
+    pub init: InitKind,
+    pub config: RegistrationConfig,
+    pub pictures: bool,
+    pub slice: SliceSpec,
+    pub force: bool,
+    pub quiet: bool,
+}
+
+/// What a registration wrote and measured.
+#[derive(Debug, Serialize)]
+pub struct RegisterSummary {
+    pub out_dir: PathBuf,
+    pub files: Vec<PathBuf>,
+    pub features: FeatureKind,
+    pub init: InitKind,
+    pub init_translation_mm: [f64; 3],
+    pub dice_before: Option<f64>,
+    pub metrics: RegistrationMetrics,
+    pub stages: Vec<registration::engine::StageReport>,
+    pub runtime_s: BTreeMap<String, f64>,
+    pub config: RegistrationConfig,
+}
+
+/// Intensity-weighted centre of mass (LPS mm) of the robustly normalised image.
+fn centre_of_mass(v: &Volume) -> Result<[f64; 3]> {
+    let w = IntensityFeatures.extract(v)?;
+    let pts = grid_points_lps(&v.grid);
+    let mut acc = [0.0f64; 4];
+    for (p, &m) in pts.iter().zip(&w.data) {
+        let m = m as f64;
+        for a in 0..3 {
+            acc[a] += m * p[a];
+        }
+        acc[3] += m;
+    }
+    if acc[3] <= 0.0 {
+        return Ok(v.grid.map(v.grid.center_ras(), registration::Space::Ras, registration::Space::Lps));
+    }
+    Ok([acc[0] / acc[3], acc[1] / acc[3], acc[2] / acc[3]])
+}
+
+fn mean_dice(d: &[(u32, f64)]) -> Option<f64> {
+    (!d.is_empty()).then(|| d.iter().map(|x| x.1).sum::<f64>() / d.len() as f64)
+}
+
+/// The moving labels resampled onto the fixed grid through `field` (nearest neighbour).
+fn labels_through(moving: &Labels, field: &DisplacementField) -> Labels {
+    warp_labels(moving, field)
+}
+
+impl RegisterJob {
+    fn output_name(&self, stem: &str, image_like: bool) -> PathBuf {
+        let png =
+            image_like && self.fixed.grid.is_2d() && io::Format::of(&self.fixed_path).ok() == Some(io::Format::Png);
+        self.out.join(if png { format!("{stem}.png") } else { format!("{stem}.nii.gz") })
+    }
+
+    /// The files this job will write, so that they can be checked before any work.
+    pub fn planned_outputs(&self) -> Vec<PathBuf> {
+        let mut v =
+            vec![self.out.join("field.nii.gz"), self.output_name("warped", true), self.out.join("metrics.json")];
+        v.push(self.out.join("loss.csv"));
+        if self.moving_labels.is_some() {
+            v.push(self.output_name("warped_labels", true));
+        }
+        if self.pictures {
+            v.push(self.out.join("summary.png"));
+        }
+        v
+    }
+
+    pub fn run(&self, mut progress: impl FnMut(&str, usize, f64)) -> Result<RegisterSummary> {
+        let mut runtime = BTreeMap::new();
+        let t0 = Instant::now();
+        let extractor = self.features.extractor(&self.fixed.grid);
+        let ff =
+            extractor.extract(&self.fixed).with_context(|| format!("features of {}", self.fixed_path.display()))?;
+        let mf =
+            extractor.extract(&self.moving).with_context(|| format!("features of {}", self.moving_path.display()))?;
+        runtime.insert("features".to_string(), t0.elapsed().as_secs_f64());
+
+        let t1 = Instant::now();
+        let init = match self.init {
+            InitKind::None => Affine::default(),
+            InitKind::Com => {
+                let (cf, cm) = (centre_of_mass(&self.fixed)?, centre_of_mass(&self.moving)?);
+                Affine::translation([cm[0] - cf[0], cm[1] - cf[1], cm[2] - cf[2]])
+            }
+        };
+        let init_t = [init.matrix[(0, 3)], init.matrix[(1, 3)], init.matrix[(2, 3)]];
+        runtime.insert("initialisation".to_string(), t1.elapsed().as_secs_f64());
+
+        let t2 = Instant::now();
+        let reg: Registration = register(&ff, &mf, &self.fixed.grid, &init, &self.config, &mut progress)?;
+        runtime.insert("optimisation".to_string(), t2.elapsed().as_secs_f64());
+
+        let t3 = Instant::now();
+        let warped = warp_volume(&self.moving, &reg.field, Interpolation::Linear, Padding::Extent);
+        let warped_labels = self.moving_labels.as_ref().map(|l| labels_through(l, &reg.field));
+        let identity = DisplacementField::zeros(self.fixed.grid.clone());
+        let dice_before = match (&self.fixed_labels, &self.moving_labels) {
+            (Some(f), Some(m)) => mean_dice(&dice_per_label(f, &labels_through(m, &identity))?),
+            _ => None,
+        };
+        let metrics = match (&self.fixed_labels, &warped_labels) {
+            (Some(f), Some(w)) => RegistrationMetrics::evaluate(f, w, &reg.field, &self.label_names, None)?,
+            _ => {
+                let (_, j) = jacobian(&reg.field, None)?;
+                RegistrationMetrics {
+                    labels: vec![],
+                    mean_dice: None,
+                    sd_log_j: j.sd_log_j.is_finite().then_some(j.sd_log_j),
+                    folding_fraction: j.fraction_nonpositive,
+                    jacobian_min: j.min,
+                    jacobian_max: j.max,
+                    endpoint_error: None,
+                }
+            }
+        };
+        let metrics = match &self.truth {
+            Some(t) => metrics.with_endpoint_error(registration::metrics::endpoint_error(&reg.field, t, None)?),
+            None => metrics,
+        };
+        runtime.insert("evaluation".to_string(), t3.elapsed().as_secs_f64());
+
+        let t4 = Instant::now();
+        let mut files = Vec::new();
+        let field_path = self.out.join("field.nii.gz");
+        io::write_field(&field_path, &reg.field)?;
+        files.push(field_path);
+        let warped_path = self.output_name("warped", true);
+        io::write_image(&warped_path, &warped)?;
+        files.push(warped_path);
+        if let Some(w) = &warped_labels {
+            let p = self.output_name("warped_labels", true);
+            io::write_label_map(&p, w)?;
+            files.push(p);
+        }
+        let loss_path = self.out.join("loss.csv");
+        let mut csv = String::from("stage,iteration,loss\n");
+        for (s, i, l) in &reg.losses {
+            csv.push_str(&format!("{s},{i},{l}\n"));
+        }
+        io::atomic::write_atomic(&loss_path, |f| std::io::Write::write_all(f, csv.as_bytes()))?;
+        files.push(loss_path);
+        if self.pictures {
+            let (jac, _) = jacobian(&reg.field, None)?;
+            let before = warp_volume(&self.moving, &identity, Interpolation::Linear, Padding::Extent);
+            let labels_before = self.moving_labels.as_ref().map(|l| labels_through(l, &identity));
+            let heading = match (dice_before, metrics.mean_dice) {
+                (Some(b), Some(a)) => format!(
+                    "{} features · mean Dice {b:.3} → {a:.3} · folding {:.3}% · SDlogJ {:.3}",
+                    extractor.name(),
+                    100.0 * metrics.folding_fraction,
+                    metrics.sd_log_j.unwrap_or(f64::NAN)
+                ),
+                _ => format!(
+                    "{} features · folding {:.3}% · SDlogJ {:.3}",
+                    extractor.name(),
+                    100.0 * metrics.folding_fraction,
+                    metrics.sd_log_j.unwrap_or(f64::NAN)
+                ),
+            };
+            let sheet = pictures::summary_sheet(
+                &pictures::Summary {
+                    fixed: &self.fixed,
+                    moving_before: &before,
+                    warped: &warped,
+                    fixed_labels: self.fixed_labels.as_ref(),
+                    moving_labels_before: labels_before.as_ref(),
+                    warped_labels: warped_labels.as_ref(),
+                    field: &reg.field,
+                    jacobian: &jac,
+                    losses: &reg.losses,
+                    heading,
+                },
+                self.slice,
+            )?;
+            let p = self.out.join("summary.png");
+            save_png(&p, &sheet)?;
+            files.push(p);
+        }
+        runtime.insert("writing".to_string(), t4.elapsed().as_secs_f64());
+        runtime.insert("total".to_string(), t0.elapsed().as_secs_f64());
+
+        let summary = RegisterSummary {
+            out_dir: self.out.clone(),
+            files: files.clone(),
+            features: self.features,
+            init: self.init,
+            init_translation_mm: init_t,
+            dice_before,
+            metrics,
+            stages: reg.stages,
+            runtime_s: runtime,
+            config: self.config.clone(),
+        };
+        let mpath = self.out.join("metrics.json");
+        let json = serde_json::to_string_pretty(&summary)?;
+        io::atomic::write_atomic(&mpath, |f| std::io::Write::write_all(f, json.as_bytes()))?;
+        Ok(summary)
+    }
+}
+
+/// Writes an RGB picture atomically.
+pub fn save_png(path: &Path, img: &image::RgbImage) -> Result<()> {
+    io::atomic::write_atomic(path, |f| {
+        img.write_to(&mut std::io::BufWriter::new(f), image::ImageFormat::Png).map_err(std::io::Error::other)
+    })?;
+    Ok(())
+}

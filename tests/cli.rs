@@ -1,0 +1,263 @@
+//! End-to-end tests of the subcommands on tiny generated data: outputs exist, read back with the
+//! right geometry, `--json` parses, and reruns are byte-identical.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use obelisk::io;
+
+fn obelisk(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_obelisk")).args(args).output().expect("the obelisk binary runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = obelisk(args);
+    assert!(
+        out.status.success(),
+        "obelisk {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A tiny synthetic pair (24³ at 14 mm covers the phantom's body coarsely).
+fn tiny_pair(dir: &Path) -> PathBuf {
+    let data = dir.join("data");
+    ok(&[
+        "synth",
+        "--out",
+        s(&data),
+        "--subjects",
+        "1",
+        "--pairs",
+        "1",
+        "--size",
+        "24,24,24",
+        "--spacing",
+        "14,14,14",
+        "--seed",
+        "3",
+        "--quiet",
+    ]);
+    data
+}
+
+#[test]
+fn synth_is_deterministic_and_writes_a_dataset() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let da = tiny_pair(a.path());
+    let db = tiny_pair(b.path());
+    let mut names: Vec<_> = std::fs::read_dir(&da).unwrap().map(|e| e.unwrap().file_name()).collect();
+    names.sort();
+    assert_eq!(names.len(), 8, "{names:?}");
+    for n in &names {
+        let (x, y) = (std::fs::read(da.join(n)).unwrap(), std::fs::read(db.join(n)).unwrap());
+        assert!(x == y, "{n:?} differs between runs with the same seed");
+    }
+    let ds: serde_json::Value = serde_json::from_slice(&std::fs::read(da.join("dataset.json")).unwrap()).unwrap();
+    assert_eq!(ds["numPairs"], 1);
+    assert_eq!(ds["labels"]["1"], "liver");
+    let img = io::read_image(&da.join("subject_000_image.nii.gz")).unwrap();
+    let lab = io::read_label_map(&da.join("subject_000_labels.nii.gz")).unwrap();
+    assert!(img.grid.same_as(&lab.grid, 1e-6));
+    assert_eq!(img.grid.shape(), [24, 24, 24]);
+    assert!((img.grid.spacing()[0] - 14.0).abs() < 1e-6);
+    // a different seed gives different data
+    let c = tempfile::tempdir().unwrap();
+    let dc = c.path().join("d");
+    ok(&[
+        "synth",
+        "--out",
+        s(&dc),
+        "--subjects",
+        "1",
+        "--size",
+        "24,24,24",
+        "--spacing",
+        "14,14,14",
+        "--seed",
+        "4",
+        "--quiet",
+    ]);
+    assert_ne!(
+        std::fs::read(dc.join("subject_000_image.nii.gz")).unwrap(),
+        std::fs::read(da.join("subject_000_image.nii.gz")).unwrap()
+    );
+}
+
+#[test]
+fn register_eval_grid_and_warp_work_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tiny_pair(dir.path());
+    let reg = dir.path().join("reg");
+    let p = |n: &str| data.join(n);
+    let fixed = p("pair_000_fixed.nii.gz");
+    let (moving, fixed_labels, moving_labels, truth) = (
+        p("pair_000_moving.nii.gz"),
+        p("pair_000_fixed_labels.nii.gz"),
+        p("pair_000_moving_labels.nii.gz"),
+        p("pair_000_truth.nii.gz"),
+    );
+    let args = [
+        "register",
+        "--fixed",
+        s(&fixed),
+        "--moving",
+        s(&moving),
+        "--fixed-labels",
+        s(&fixed_labels),
+        "--moving-labels",
+        s(&moving_labels),
+        "--truth",
+        s(&truth),
+        "--out",
+        s(&reg),
+        "--iterations",
+        "15",
+        "--affine-iterations",
+        "5",
+        "--json",
+    ];
+    let json = ok(&args);
+    let summary: serde_json::Value = serde_json::from_str(&json).expect("--json prints JSON");
+    assert!(summary["metrics"]["mean_dice"].as_f64().unwrap() > 0.3);
+    assert!(summary["metrics"]["endpoint_error"]["mean_mm"].as_f64().is_some());
+    let fixed_img = io::read_image(&fixed).unwrap();
+    let field = io::read_field(&reg.join("field.nii.gz")).unwrap();
+    assert!(field.grid.same_as(&fixed_img.grid, 1e-4));
+    let warped = io::read_image(&reg.join("warped.nii.gz")).unwrap();
+    assert!(warped.grid.same_as(&fixed_img.grid, 1e-4));
+    let wl = io::read_label_map(&reg.join("warped_labels.nii.gz")).unwrap();
+    assert!(wl.grid.same_as(&fixed_img.grid, 1e-4));
+    let png = image::open(reg.join("summary.png")).expect("summary.png is a PNG");
+    assert!(png.width() > 1000 && png.height() > 600);
+    let metrics: serde_json::Value = serde_json::from_slice(&std::fs::read(reg.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(metrics["metrics"], summary["metrics"]);
+
+    // same inputs, same outputs
+    let first = std::fs::read(reg.join("field.nii.gz")).unwrap();
+    let again = obelisk(&args);
+    assert!(!again.status.success(), "existing outputs are not overwritten without --force");
+    let mut forced: Vec<&str> = args.to_vec();
+    forced.push("--force");
+    ok(&forced);
+    assert!(first == std::fs::read(reg.join("field.nii.gz")).unwrap(), "rerun gave a different field");
+
+    // eval agrees with register's Dice
+    let ev = ok(&[
+        "eval",
+        "--fixed-labels",
+        s(&p("pair_000_fixed_labels.nii.gz")),
+        "--warped-labels",
+        s(&reg.join("warped_labels.nii.gz")),
+        "--field",
+        s(&reg.join("field.nii.gz")),
+        "--json",
+    ]);
+    let ev: serde_json::Value = serde_json::from_str(&ev).unwrap();
+    assert!((ev["mean_dice"].as_f64().unwrap() - summary["metrics"]["mean_dice"].as_f64().unwrap()).abs() < 1e-9);
+
+    // warp with the written field reproduces register's warped labels
+    let relabel = dir.path().join("relabel.nii.gz");
+    ok(&[
+        "warp",
+        "--moving",
+        s(&p("pair_000_moving_labels.nii.gz")),
+        "--field",
+        s(&reg.join("field.nii.gz")),
+        "--out",
+        s(&relabel),
+        "--labels",
+    ]);
+    assert_eq!(io::read_label_map(&relabel).unwrap().data, wl.data);
+
+    // pictures
+    let grid_png = dir.path().join("pics/grid.png");
+    let jac_png = dir.path().join("pics/jac.png");
+    ok(&[
+        "grid",
+        "--field",
+        s(&reg.join("field.nii.gz")),
+        "--image",
+        s(&fixed),
+        "--slice",
+        "coronal",
+        "--out",
+        s(&grid_png),
+        "--jacobian",
+        s(&jac_png),
+    ]);
+    assert!(image::open(&grid_png).is_ok() && image::open(&jac_png).is_ok());
+}
+
+#[test]
+fn register_2d_png_pair() {
+    let dir = tempfile::tempdir().unwrap();
+    let (w, h) = (48u32, 40u32);
+    let blob = |cx: f64, cy: f64| {
+        image::ImageBuffer::from_fn(w, h, |x, y| {
+            let r2 = (x as f64 - cx).powi(2) + (y as f64 - cy).powi(2);
+            image::Luma([(40.0 + 200.0 * (-r2 / 60.0).exp()) as u8])
+        })
+    };
+    let (f, m) = (dir.path().join("f.png"), dir.path().join("m.png"));
+    blob(22.0, 20.0).save(&f).unwrap();
+    blob(25.0, 18.0).save(&m).unwrap();
+    let out = dir.path().join("reg");
+    ok(&["register", "--fixed", s(&f), "--moving", s(&m), "--out", s(&out), "--features", "intensity", "--quiet"]);
+    let warped = io::read_image(&out.join("warped.png")).unwrap();
+    assert!(warped.grid.is_2d());
+    let field = io::read_field(&out.join("field.nii.gz")).unwrap();
+    // the blob moved by (+3, -2) pixels; the field at its centre points there (LPS = pixel axes here)
+    let v = (20 * w as usize) + 22;
+    let u = field.at(v);
+    assert!((u[0] - 3.0).abs() < 1.0 && (u[1] + 2.0).abs() < 1.0, "displacement at the blob {u:?}");
+}
+
+#[test]
+fn help_lists_every_subcommand_with_examples() {
+    let top = ok(&["--help"]);
+    for cmd in ["register", "warp", "synth", "eval", "grid", "demo"] {
+        assert!(top.contains(cmd), "--help lacks {cmd}");
+        let h = ok(&[cmd, "--help"]);
+        assert!(h.contains("Example"), "{cmd} --help has no example");
+    }
+}
+
+#[test]
+fn bad_register_inputs_fail_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tiny_pair(dir.path());
+    let out = obelisk(&[
+        "register",
+        "--fixed",
+        s(&data.join("nope.nii.gz")),
+        "--moving",
+        s(&data.join("pair_000_moving.nii.gz")),
+        "--out",
+        s(&dir.path().join("r")),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nope.nii.gz") && !err.contains("panicked"), "{err}");
+    // a missing label map stops the job before any output is written
+    let out = obelisk(&[
+        "register",
+        "--fixed",
+        s(&data.join("pair_000_fixed.nii.gz")),
+        "--moving",
+        s(&data.join("pair_000_moving.nii.gz")),
+        "--fixed-labels",
+        s(&dir.path().join("x.png")),
+        "--out",
+        s(&dir.path().join("r2")),
+    ]);
+    assert!(!out.status.success());
+    assert!(!dir.path().join("r2/field.nii.gz").exists());
+}

@@ -1,0 +1,225 @@
+//! Cross-checks against SimpleITK and nibabel (the acceptance criterion for ITK compatibility).
+//!
+//! Needs a Python with SimpleITK, numpy and nibabel: `$OBELISK_PYTHON`, else `.venv/bin/python`
+//! (made by `data-scripts/setup-venv.sh`). Without one the tests print SKIPPED, unless
+//! `OBELISK_REQUIRE_PYTHON=1` (CI), where they fail.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use nalgebra::{Matrix4, Rotation3};
+use obelisk::io;
+use registration::grid::Space;
+use registration::{DisplacementField, Grid, Volume};
+
+fn python() -> Option<PathBuf> {
+    let candidate = match std::env::var_os("OBELISK_PYTHON") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"),
+    };
+    if candidate.exists() {
+        return Some(candidate);
+    }
+    if std::env::var("OBELISK_REQUIRE_PYTHON").as_deref() == Ok("1") {
+        panic!("OBELISK_REQUIRE_PYTHON=1 but no Python at {} (run data-scripts/setup-venv.sh)", candidate.display());
+    }
+    println!("SKIPPED: no Python at {} (run data-scripts/setup-venv.sh or set OBELISK_PYTHON)", candidate.display());
+    None
+}
+
+fn py(python: &Path, args: &[&dyn AsRef<std::ffi::OsStr>]) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/itk_check.py");
+    let out = Command::new(python).arg(script).args(args.iter().map(|a| a.as_ref())).output().unwrap();
+    assert!(out.status.success(), "python failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn obelisk(args: &[&dyn AsRef<std::ffi::OsStr>]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_obelisk")).args(args.iter().map(|a| a.as_ref())).output().unwrap();
+    assert!(out.status.success(), "obelisk failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A smooth image with structure at several scales, defined in RAS mm so that any grid can hold it.
+fn phantom(grid: &Grid) -> Volume {
+    let [nx, ny, nz] = grid.shape();
+    let mut data = Vec::with_capacity(grid.num_voxels());
+    for k in 0..nz {
+        for j in 0..ny {
+            for i in 0..nx {
+                let p = grid.map([i as f64, j as f64, k as f64], Space::Voxel, Space::Ras);
+                let blob = (-((p[0] - 2.0).powi(2) + (p[1] + 1.0).powi(2) + (p[2] - 1.0).powi(2)) / 40.0).exp();
+                let v = 300.0 * blob + 40.0 * (0.35 * p[0]).sin() * (0.25 * p[1]).cos() + 5.0 * p[2] + 100.0;
+                data.push(v as f32);
+            }
+        }
+    }
+    Volume::new(grid.clone(), 1, data).unwrap()
+}
+
+/// Fixed and moving grids: oblique, anisotropic, different from each other.
+fn grids(two_d: bool) -> (Grid, Grid) {
+    if two_d {
+        let rf = Rotation3::from_euler_angles(0.0, 0.0, 0.35).into_inner();
+        let rm = Rotation3::from_euler_angles(0.0, 0.0, -0.2).into_inner();
+        (
+            Grid::from_parts([30, 24, 1], [0.9, 1.3, 1.0], [-12.0, -14.0, 0.0], rf).unwrap(),
+            Grid::from_parts([34, 30, 1], [1.1, 0.8, 1.0], [-16.0, -10.0, 0.0], rm).unwrap(),
+        )
+    } else {
+        let rf = Rotation3::from_euler_angles(0.2, -0.15, 0.3).into_inner();
+        let rm = Rotation3::from_euler_angles(-0.1, 0.1, -0.25).into_inner();
+        (
+            Grid::from_parts([22, 18, 10], [0.9, 1.3, 2.2], [-10.0, -12.0, -9.0], rf).unwrap(),
+            Grid::from_parts([24, 22, 14], [1.1, 0.8, 1.7], [-12.0, -9.0, -11.0], rm).unwrap(),
+        )
+    }
+}
+
+fn max_diff_rel(a: &Volume, b: &Volume) -> f32 {
+    assert_eq!(a.data.len(), b.data.len());
+    let (lo, hi) = a.range();
+    a.data.iter().zip(&b.data).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) / (hi - lo)
+}
+
+/// (a) a field written by SimpleITK, applied by obelisk and by SimpleITK.
+fn sitk_field_applied_by_both(two_d: bool) {
+    let Some(python) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (fixed, moving) = grids(two_d);
+    let (f, m) = (dir.path().join("fixed.nii.gz"), dir.path().join("moving.nii.gz"));
+    io::write_volume(&f, &phantom(&fixed)).unwrap();
+    io::write_volume(&m, &phantom(&moving)).unwrap();
+    let field = dir.path().join("field.nii.gz");
+    py(&python, &[&"make-field", &f, &field, &"3", &"4.0"]);
+    let (ours, theirs) = (dir.path().join("ours.nii.gz"), dir.path().join("sitk.nii.gz"));
+    obelisk(&[&"warp", &"--quiet", &"--moving", &m, &"--field", &field, &"--reference", &f, &"--out", &ours]);
+    py(&python, &[&"resample", &m, &f, &field, &theirs]);
+    let (a, b) = (io::read_image(&theirs).unwrap(), io::read_image(&ours).unwrap());
+    assert!(a.grid.same_as(&b.grid, 1e-4), "grids differ: {:?} vs {:?}", a.grid, b.grid);
+    let d = max_diff_rel(&a, &b);
+    // the field must actually move things, or the comparison proves little
+    let identity = registration::warp::warp_volume(
+        &phantom(&moving),
+        &DisplacementField::zeros(fixed.clone()),
+        registration::warp::Interpolation::Linear,
+        registration::warp::Padding::Extent,
+    );
+    assert!(max_diff_rel(&b, &identity) > 0.05, "field too weak to test anything");
+    println!("max abs difference to SimpleITK: {d:.2e} of the intensity range");
+    assert!(d < 1e-3, "obelisk vs SimpleITK: max |diff| = {d} of the range");
+}
+
+#[test]
+fn sitk_field_3d() {
+    sitk_field_applied_by_both(false);
+}
+
+#[test]
+fn sitk_field_2d() {
+    sitk_field_applied_by_both(true);
+}
+
+/// (b) a field obelisk writes, read and applied by SimpleITK, matches obelisk's own warp.
+fn obelisk_field_applied_by_sitk(two_d: bool) {
+    let Some(python) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (fixed, moving) = grids(two_d);
+    let (f, m) = (dir.path().join("fixed.nii"), dir.path().join("moving.nii"));
+    io::write_volume(&f, &phantom(&fixed)).unwrap();
+    io::write_volume(&m, &phantom(&moving)).unwrap();
+    // a rotation about the field of view's centre plus a shift, expressed as a displacement in LPS
+    let [nx, ny, nz] = fixed.shape();
+    let n = fixed.num_voxels();
+    let c = fixed.center_ras();
+    let rot = Rotation3::from_euler_angles(0.0, 0.0, 0.12);
+    let mut data = vec![0.0f32; 3 * n];
+    for k in 0..nz {
+        for j in 0..ny {
+            for i in 0..nx {
+                let v = (k * ny + j) * nx + i;
+                let p = fixed.map([i as f64, j as f64, k as f64], Space::Voxel, Space::Ras);
+                let d = nalgebra::Vector3::new(p[0] - c[0], p[1] - c[1], p[2] - c[2]);
+                let q = rot * d - d + nalgebra::Vector3::new(1.5, -2.0, if two_d { 0.0 } else { 0.7 });
+                // RAS → LPS: x and y change sign
+                data[v] = -q[0] as f32;
+                data[n + v] = -q[1] as f32;
+                data[2 * n + v] = q[2] as f32;
+            }
+        }
+    }
+    let field = dir.path().join("field.nii.gz");
+    io::write_field(&field, &DisplacementField::new(fixed.clone(), data).unwrap()).unwrap();
+    let (ours, theirs) = (dir.path().join("ours.nii"), dir.path().join("sitk.nii"));
+    obelisk(&[&"warp", &"--moving", &m, &"--field", &field, &"--out", &ours]);
+    py(&python, &[&"resample", &m, &f, &field, &theirs]);
+    let d = max_diff_rel(&io::read_image(&theirs).unwrap(), &io::read_image(&ours).unwrap());
+    println!("max abs difference to SimpleITK: {d:.2e} of the intensity range");
+    assert!(d < 1e-3, "obelisk vs SimpleITK on obelisk's field: max |diff| = {d} of the range");
+}
+
+#[test]
+fn obelisk_field_3d() {
+    obelisk_field_applied_by_sitk(false);
+}
+
+#[test]
+fn obelisk_field_2d() {
+    obelisk_field_applied_by_sitk(true);
+}
+
+#[derive(serde::Deserialize)]
+struct NibInfo {
+    affine: Vec<Vec<f64>>,
+    data: Vec<f64>,
+}
+
+fn nib_info(python: &Path, path: &Path) -> NibInfo {
+    let json = path.with_extension("json");
+    py(python, &[&"nib-info", &path, &json]);
+    serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap()
+}
+
+fn affine_of(info: &NibInfo) -> Matrix4<f64> {
+    Matrix4::from_fn(|r, c| info.affine[r][c])
+}
+
+/// (c) a zero field returns the input exactly, with the affine nibabel reads from the input.
+#[test]
+fn zero_field_is_identity_for_nibabel() {
+    let Some(python) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    for two_d in [false, true] {
+        let (fixed, _) = grids(two_d);
+        let input = dir.path().join(if two_d { "in2.nii.gz" } else { "in3.nii.gz" });
+        let img = phantom(&fixed);
+        io::write_volume(&input, &img).unwrap();
+        let field = dir.path().join("zero.nii.gz");
+        io::write_field(&field, &DisplacementField::zeros(fixed.clone())).unwrap();
+        let out = dir.path().join(if two_d { "out2.nii.gz" } else { "out3.nii.gz" });
+        obelisk(&[&"warp", &"--force", &"--moving", &input, &"--field", &field, &"--out", &out]);
+        let (a, b) = (nib_info(&python, &input), nib_info(&python, &out));
+        assert_eq!(a.data, b.data, "zero field changed voxel values");
+        // serde_json may parse a decimal 1 ulp off in f64, never in f32
+        assert_eq!(a.data.iter().map(|&v| v as f32).collect::<Vec<_>>(), img.data);
+        assert_eq!(a.affine, b.affine);
+        // and nibabel reads the affine we meant to write
+        assert!((affine_of(&a) - fixed.affine()).abs().max() < 1e-5, "{} vs {}", affine_of(&a), fixed.affine());
+    }
+}
+
+/// Our reader agrees with nibabel on files nibabel wrote (int16, slope/inter, qform only, qfac −1;
+/// little- and big-endian).
+#[test]
+fn reads_what_nibabel_writes() {
+    let Some(python) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    for (name, endianness) in [("le.nii.gz", "<"), ("be.nii", ">")] {
+        let p = dir.path().join(name);
+        let json = dir.path().join("nib.json");
+        py(&python, &[&"nib-make", &p, &json, &endianness]);
+        let info: NibInfo = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+        let v = io::read_image(&p).unwrap();
+        assert_eq!(v.data, info.data.iter().map(|&x| x as f32).collect::<Vec<_>>(), "{name}");
+        let a = affine_of(&info);
+        assert!((v.grid.affine() - a).abs().max() < 1e-5, "{name}: {} vs {a}", v.grid.affine());
+    }
+}
