@@ -59,12 +59,6 @@ impl SplitMix64 {
         self.uniform(-a, a)
     }
 
-    /// Standard normal.
-    pub fn normal(&mut self) -> f64 {
-        let s = self.next_u64();
-        normal_pair(s, 0).0
-    }
-
     /// A uniformly distributed unit vector.
     pub fn unit_vector(&mut self) -> [f64; 3] {
         let z = self.uniform(-1.0, 1.0);

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Fetches the TotalSegmentator 2.18.0 source distribution from PyPI (it ships three example
+# subjects with predicted organ labels under tests/reference_files) and converts them into
+# data/totalseg/ with one common label list and a Learn2Reg-style dataset.json.
+#
+#   data-scripts/fetch_totalseg.sh            # venv + download (once) + extract + convert
+#   PYTHON=python3.12 data-scripts/fetch_totalseg.sh
+#
+# Layout (all gitignored):
+#   data-scripts/.venv-data/   Python venv with the pinned packages below
+#   data/cache/                the sdist (downloaded once, SHA-256 checked) and its extracted
+#                              tests/reference_files
+#   data/totalseg/             converter output (see data-scripts/README.md)
+# Licence of the data: Apache-2.0 (TotalSegmentator); the labels are model predictions.
+set -euo pipefail
+
+root="$(cd "$(dirname "$0")/.." && pwd)"
+venv="$root/data-scripts/.venv-data"
+cache="$root/data/cache"
+out="$root/data/totalseg"
+python="${PYTHON:-python3}"
+
+version=2.18.0
+sdist="totalsegmentator-$version.tar.gz"
+# SHA-256 of totalsegmentator-2.18.0.tar.gz as downloaded from PyPI on 2026-11-27 (38,049,988 bytes).
+sdist_sha256=5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03
+
+pins=(setuptools==80.9.0 wheel==0.46.3 SimpleITK==2.5.7 numpy==2.3.5 nibabel==5.3.2 pydicom==3.0.2)
+
+# --- 1. venv with pinned packages (idempotent) -------------------------------------------------
+have_pins() {
+    [[ -x "$venv/bin/python" ]] || return 1
+    "$venv/bin/python" - "${pins[@]}" <<'PY' 2>/dev/null
+import importlib.metadata as m, sys
+ok = all(m.version(n) == v for n, v in (p.split("==") for p in sys.argv[1:]))
+sys.exit(0 if ok else 1)
+PY
+}
+if have_pins; then
+    echo "fetch_totalseg: venv $venv has ${pins[*]}"
+else
+    [[ -x "$venv/bin/python" ]] || "$python" -m venv "$venv"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${pins[@]}"
+    echo "fetch_totalseg: installed ${pins[*]} into $venv"
+fi
+
+# --- 2. download the sdist once -----------------------------------------------------------------
+mkdir -p "$cache"
+if [[ -f "$cache/$sdist" ]]; then
+    echo "fetch_totalseg: using cached $cache/$sdist"
+else
+    # Exactly as in the reference notes: no binaries (the wheel lacks tests/), and no build
+    # isolation (with isolation, --no-binary :all: makes pip build numpy from source).
+    dl="$(mktemp -d "$cache/.download.XXXXXX")"
+    trap 'rm -rf "$dl"' EXIT
+    "$venv/bin/python" -m pip download --disable-pip-version-check --no-deps --no-binary :all: \
+        --no-build-isolation -d "$dl" "totalsegmentator==$version"
+    mv "$dl/$sdist" "$cache/$sdist"
+    rm -rf "$dl"
+    trap - EXIT
+fi
+size=$(stat -c %s "$cache/$sdist")
+got=$(sha256sum "$cache/$sdist" | cut -d' ' -f1)
+if [[ "$got" != "$sdist_sha256" ]]; then
+    echo "fetch_totalseg: SHA-256 mismatch for $cache/$sdist" >&2
+    echo "  expected $sdist_sha256" >&2
+    echo "  got      $got" >&2
+    echo "  delete the file to download it again" >&2
+    exit 1
+fi
+echo "fetch_totalseg: $sdist $size bytes, SHA-256 ok"
+
+# --- 3. extract only tests/reference_files -----------------------------------------------------
+ref="$cache/totalsegmentator-$version/tests/reference_files"
+if [[ ! -f "$ref/example_ct.nii.gz" ]]; then
+    tar xzf "$cache/$sdist" -C "$cache" "totalsegmentator-$version/tests/reference_files"
+fi
+
+# --- 4. convert (the class maps are read from the sdist's map_to_binary.py inside the tarball) --
+"$venv/bin/python" "$root/data-scripts/totalseg_convert.py" \
+    --reference "$ref" --sdist "$cache/$sdist" --out "$out"
