@@ -12,7 +12,7 @@
 //!    thin slab keeps a few slices.
 //! 2. Translations on a lattice of [`SearchConfig::step_voxels`] coarse voxels covering, per LPS
 //!    axis, `min(moving) − max(fixed) ..= max(moving) − min(fixed)` are scored in parallel.
-//!    Translations that overlap less than [`SearchConfig::min_overlap`] of the smaller image are
+//!    Translations that overlap less than [`SearchConfig::min_overlap`] of the largest overlap the fields of view can reach are
 //!    rejected: the mean over a sliver of overlap is noisy and would often win by chance.
 //! 3. The best [`SearchConfig::refine_candidates`] lattice points that are not neighbours of a
 //!    better one are refined by a pattern search with halving steps on the coarse maps, and the
@@ -48,7 +48,8 @@ pub struct SearchConfig {
     /// How many of the best coarse-refined candidates are refined again on the fine maps;
     /// default 2.
     pub fine_candidates: usize,
-    /// Smallest overlap, as a fraction of the smaller image's volume, a translation must give to
+    /// Smallest overlap, as a fraction of the largest overlap the two fields of view can reach
+    /// (at most the smaller image's volume), a translation must give to
     /// be considered; default 0.5.
     pub min_overlap: f64,
     /// Downsampling keeps at least this many voxels along every axis (fewer only where the image
@@ -255,7 +256,12 @@ pub fn search_translation(fixed_feat: &Volume, moving_feat: &Volume, cfg: &Searc
     }
     let vf = voxel_volume(&fixed_feat.grid) * fixed_feat.grid.num_voxels() as f64;
     let vm = voxel_volume(&moving_feat.grid) * moving_feat.grid.num_voxels() as f64;
-    let smaller = vf.min(vm);
+    // The largest overlap the two boxes can have at all: a slab 500 mm wide can never lie half
+    // inside an abdomen 360 mm wide, so "half the smaller image" would reject every placement.
+    let (flo0, fhi0) = extent_box(&fixed_feat.grid);
+    let (mlo0, mhi0) = extent_box(&moving_feat.grid);
+    let reachable: f64 = (0..3).map(|a| (fhi0[a] - flo0[a]).min(mhi0[a] - mlo0[a]).max(0.0)).product();
+    let smaller = vf.min(vm).min(reachable).max(f64::MIN_POSITIVE);
     let min_slices = cfg.min_slices.max(1);
 
     let coarse = Level::new(
