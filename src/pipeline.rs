@@ -14,6 +14,7 @@ use registration::{DisplacementField, Labels, Volume};
 use segmentation::ops::{Interpolation, Padding};
 use serde::Serialize;
 
+use crate::features::ObeliskFeatures;
 use crate::io;
 use crate::pictures::{self, SliceSpec};
 
@@ -25,14 +26,24 @@ pub enum FeatureKind {
     Mind,
     /// The robustly normalised intensity (same modality only).
     Intensity,
+    /// Learned OBELISK features of a trained model (`--model DIR`), on the network's coarse grid.
+    Obelisk,
 }
 
 impl FeatureKind {
-    pub fn extractor(self, grid: &registration::Grid) -> Box<dyn FeatureExtractor> {
-        match self {
+    /// The extractor for images on `grid`; OBELISK features need the loaded model.
+    pub fn extractor(
+        self,
+        grid: &registration::Grid,
+        model: Option<&ObeliskFeatures>,
+    ) -> Result<Box<dyn FeatureExtractor>> {
+        Ok(match self {
             FeatureKind::Mind => Box::new(MindSsc::for_grid(MindConfig::default(), grid)),
             FeatureKind::Intensity => Box::new(IntensityFeatures),
-        }
+            FeatureKind::Obelisk => Box::new(
+                model.cloned().ok_or_else(|| anyhow::anyhow!("OBELISK features need a model folder (--model)"))?,
+            ),
+        })
     }
 }
 
@@ -58,6 +69,8 @@ pub struct RegisterJob {
     pub label_names: BTreeMap<u32, String>,
     pub out: PathBuf,
     pub features: FeatureKind,
+    /// The trained model behind [`FeatureKind::Obelisk`], loaded while validating.
+    pub model: Option<ObeliskFeatures>,
     pub init: InitKind,
     pub config: RegistrationConfig,
     pub pictures: bool,
@@ -132,7 +145,7 @@ impl RegisterJob {
     pub fn run(&self, mut progress: impl FnMut(&str, usize, f64)) -> Result<RegisterSummary> {
         let mut runtime = BTreeMap::new();
         let t0 = Instant::now();
-        let extractor = self.features.extractor(&self.fixed.grid);
+        let extractor = self.features.extractor(&self.fixed.grid, self.model.as_ref())?;
         let ff =
             extractor.extract(&self.fixed).with_context(|| format!("features of {}", self.fixed_path.display()))?;
         let mf =

@@ -4,6 +4,7 @@
 pub mod register;
 pub mod synth;
 pub mod tools;
+pub mod train;
 pub mod warp;
 
 use clap::{Parser, Subcommand};
@@ -33,6 +34,10 @@ pub enum Command {
     Eval(tools::EvalArgs),
     /// Draw a deformed grid (and Jacobian map) of a displacement field.
     Grid(tools::GridArgs),
+    /// Train a segmentation model (OBELISK-Net or U-Net) on a dataset.json, optionally with k-fold CV.
+    Train(train::TrainArgs),
+    /// Segment an image with a trained model; the label map lies on the image's grid.
+    Segment(train::SegmentArgs),
     /// Generate a synthetic pair, register it and write every output and picture.
     Demo(tools::DemoArgs),
 }
@@ -56,5 +61,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(args) => tools::eval(args, cli.quiet),
         Command::Grid(args) => tools::grid(args, cli.quiet),
         Command::Demo(args) => tools::demo(args, cli.quiet),
+        Command::Train(args) => train::train(args, cli.quiet),
+        Command::Segment(args) => train::segment(args, cli.quiet),
     }
 }
