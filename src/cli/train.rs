@@ -47,7 +47,7 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value_t = ArchArg::Obelisk)]
     pub arch: ArchArg,
     /// Training iterations (batches).
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 200)]
     pub iterations: usize,
     /// Seed of the weight initialisation and of the sampling of training points.
     #[arg(long, default_value_t = 0)]
@@ -265,7 +265,7 @@ impl TrainJob {
             lr_decay: 0.99,
             decay_every: (self.iterations / 50).max(1),
             batch_size: 2,
-            points_per_image: 1024,
+            points_per_image: 512,
             patch_size: [32; 3],
             epochs: 1,
             iters_per_epoch: self.iterations,
