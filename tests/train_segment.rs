@@ -69,6 +69,10 @@ fn synth_train_segment_register() {
     let image = data.join("subject_000_image.nii.gz");
     let seg = dir.path().join("seg.nii.gz");
     ok(&["segment", "--model", s(&model), "--image", s(&image), "--out", s(&seg), "--quiet"]);
+    let missing = dir.path().join("no_model");
+    let err =
+        fails(&["segment", "--model", s(&missing), "--image", s(&image), "--out", s(&dir.path().join("x.nii.gz"))]);
+    assert!(err.contains("no_model"), "{err}");
     let labels = io::read_label_map(&seg).unwrap();
     let grid = io::read_grid(&image).unwrap();
     assert!(labels.grid.same_as(&grid, io::GRID_TOL));
@@ -79,6 +83,9 @@ fn synth_train_segment_register() {
     let err =
         fails(&["register", "--fixed", s(&fixed), "--moving", s(&moving), "--out", s(&reg), "--features", "obelisk"]);
     assert!(err.contains("--model"), "{err}");
+    #[rustfmt::skip]
+    let err = fails(&["register", "--fixed", s(&fixed), "--moving", s(&moving), "--out", s(&reg), "--model", s(&model)]);
+    assert!(err.contains("--features obelisk"), "{err}");
     #[rustfmt::skip]
     ok(&["register", "--fixed", s(&fixed), "--moving", s(&moving), "--out", s(&reg), "--features", "obelisk",
          "--model", s(&model), "--no-pictures", "--iterations", "20", "--quiet"]);
