@@ -164,7 +164,8 @@ impl RegisterJob {
         runtime.insert("initialisation".to_string(), t1.elapsed().as_secs_f64());
 
         let t2 = Instant::now();
-        let reg: Registration = register(&ff, &mf, &self.fixed.grid, &init, &self.config, &mut progress)?;
+        let config = config_for_features(&self.config, &self.fixed.grid, &ff.grid);
+        let reg: Registration = register(&ff, &mf, &self.fixed.grid, &init, &config, &mut progress)?;
         runtime.insert("optimisation".to_string(), t2.elapsed().as_secs_f64());
 
         let t3 = Instant::now();
@@ -266,13 +267,31 @@ impl RegisterJob {
             metrics,
             stages: reg.stages,
             runtime_s: runtime,
-            config: self.config.clone(),
+            config,
         };
         let mpath = self.out.join("metrics.json");
         let json = serde_json::to_string_pretty(&summary)?;
         io::atomic::write_atomic(&mpath, |f| std::io::Write::write_all(f, json.as_bytes()))?;
         Ok(summary)
     }
+}
+
+/// The pyramid's shrink factors apply to the feature grid. Features that already lie on a coarser
+/// grid than the image (OBELISK: stride 4) would otherwise be shrunk twice, down to a handful of
+/// voxels, so the factors are divided by the features' own stride.
+pub fn config_for_features(
+    config: &RegistrationConfig,
+    image: &registration::Grid,
+    features: &registration::Grid,
+) -> RegistrationConfig {
+    let min = |g: &registration::Grid| g.spacing().iter().cloned().fold(f64::INFINITY, f64::min);
+    let stride = (min(features) / min(image)).round().max(1.0) as usize;
+    let mut c = config.clone();
+    c.affine_shrink = (c.affine_shrink / stride).max(1);
+    for l in &mut c.levels {
+        l.shrink = (l.shrink / stride).max(1);
+    }
+    c
 }
 
 /// Writes an RGB picture atomically.
