@@ -89,6 +89,12 @@ fn synth_train_segment_register() {
     #[rustfmt::skip]
     ok(&["register", "--fixed", s(&fixed), "--moving", s(&moving), "--out", s(&reg), "--features", "obelisk",
          "--model", s(&model), "--no-pictures", "--iterations", "20", "--quiet"]);
+    // the stride-4 features must not be shrunk again by the pyramid (they were, to 2³ voxels
+    // with no overlap at all, before the shrink factors were divided by the feature stride)
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(reg.join("metrics.json")).unwrap()).unwrap();
+    for st in m["stages"].as_array().unwrap() {
+        assert!(st["overlap"].as_f64().unwrap() > 0.5, "{st}");
+    }
     let field = io::read_field(&reg.join("field.nii.gz")).unwrap();
     assert!(field.grid.same_as(&io::read_grid(&fixed).unwrap(), io::GRID_TOL));
     assert!(field.data.iter().all(|v| v.is_finite()));
