@@ -441,3 +441,49 @@ pub fn segment(args: SegmentArgs, quiet: bool) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use registration::Grid;
+
+    use super::*;
+
+    #[test]
+    fn robust_norm_maps_the_percentiles_to_plus_minus_one() {
+        let grid = Grid::from_spacing([10, 10, 10], [1.0; 3], [0.0; 3]).unwrap();
+        let mut data: Vec<f32> = (0..1000).map(|v| v as f32 * 0.5 - 100.0).collect();
+        data[3] = 1e7; // one outlier must not set the scale
+        let n = robust_norm(&[Volume::new(grid.clone(), 1, data).unwrap()]);
+        let f = |x: f64| x * n.scale + n.offset;
+        assert!((f(150.0)).abs() < 0.05, "{n:?}");
+        assert!(f(-100.0) < -0.9 && f(-100.0) > -1.1 && f(399.5) > 0.9 && f(399.5) < 1.1, "{n:?}");
+        let flat = robust_norm(&[Volume::new(grid, 1, vec![7.0; 1000]).unwrap()]);
+        assert_eq!(7.0 * flat.scale + flat.offset, 0.0);
+    }
+
+    #[test]
+    fn cv_table_has_a_row_per_label_and_marks_absent_labels() {
+        let names = vec!["liver".to_string(), "spleen".to_string()];
+        let fold = |i: usize, l: f64, s: Option<f64>| FoldReport {
+            fold: i,
+            train: vec![],
+            test: vec![],
+            dice: [("liver".to_string(), Some(l)), ("spleen".to_string(), s)].into_iter().collect(),
+            mean_dice: mean([Some(l), s].into_iter().flatten()),
+            seconds: 0.0,
+        };
+        let r = CvReport {
+            folds: vec![fold(1, 0.5, None), fold(2, 0.7, Some(0.2))],
+            mean: [("liver".to_string(), Some(0.6)), ("spleen".to_string(), Some(0.2))].into_iter().collect(),
+            mean_dice: Some(0.4),
+        };
+        let md = cv_markdown(&r, &names);
+        let lines: Vec<&str> = md.lines().collect();
+        assert_eq!(lines[0], "| label | fold 1 | fold 2 | mean |");
+        assert_eq!(lines[2], "| liver | 0.500 | 0.700 | 0.600 |");
+        assert_eq!(lines[3], "| spleen | – | 0.200 | 0.200 |");
+        assert_eq!(lines[4], "| **mean** | 0.500 | 0.450 | 0.400 |");
+        assert_eq!(mean([f64::NAN, 1.0, 3.0]), Some(2.0));
+        assert_eq!(mean([f64::NAN]), None);
+    }
+}
