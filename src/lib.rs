@@ -2,6 +2,7 @@
 //! front end, shared by the binary, the integration tests and examples.
 
 pub mod cli;
+pub mod features;
 pub mod io;
 pub mod pictures;
 pub mod pipeline;

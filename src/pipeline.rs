@@ -15,6 +15,7 @@ use registration::{DisplacementField, Labels, Volume};
 use segmentation::ops::{Interpolation, Padding};
 use serde::Serialize;
 
+use crate::features::ObeliskFeatures;
 use crate::io;
 use crate::pictures::{self, SliceSpec};
 
@@ -26,14 +27,24 @@ pub enum FeatureKind {
     Mind,
     /// The robustly normalised intensity (same modality only).
     Intensity,
+    /// Learned OBELISK features of a trained model (`--model DIR`), on the network's coarse grid.
+    Obelisk,
 }
 
 impl FeatureKind {
-    pub fn extractor(self, grid: &registration::Grid) -> Box<dyn FeatureExtractor> {
-        match self {
+    /// The extractor for images on `grid`; OBELISK features need the loaded model.
+    pub fn extractor(
+        self,
+        grid: &registration::Grid,
+        model: Option<&ObeliskFeatures>,
+    ) -> Result<Box<dyn FeatureExtractor>> {
+        Ok(match self {
             FeatureKind::Mind => Box::new(MindSsc::for_grid(MindConfig::default(), grid)),
             FeatureKind::Intensity => Box::new(IntensityFeatures),
-        }
+            FeatureKind::Obelisk => Box::new(
+                model.cloned().ok_or_else(|| anyhow::anyhow!("OBELISK features need a model folder (--model)"))?,
+            ),
+        })
     }
 }
 
@@ -62,6 +73,8 @@ pub struct RegisterJob {
     pub label_names: BTreeMap<u32, String>,
     pub out: PathBuf,
     pub features: FeatureKind,
+    /// The trained model behind [`FeatureKind::Obelisk`], loaded while validating.
+    pub model: Option<ObeliskFeatures>,
     pub init: InitKind,
     pub config: RegistrationConfig,
     pub pictures: bool,
@@ -138,7 +151,7 @@ impl RegisterJob {
     pub fn run(&self, mut progress: impl FnMut(&str, usize, f64)) -> Result<RegisterSummary> {
         let mut runtime = BTreeMap::new();
         let t0 = Instant::now();
-        let extractor = self.features.extractor(&self.fixed.grid);
+        let extractor = self.features.extractor(&self.fixed.grid, self.model.as_ref())?;
         let ff =
             extractor.extract(&self.fixed).with_context(|| format!("features of {}", self.fixed_path.display()))?;
         let mf =
@@ -165,7 +178,8 @@ impl RegisterJob {
         runtime.insert("initialisation".to_string(), t1.elapsed().as_secs_f64());
 
         let t2 = Instant::now();
-        let reg: Registration = register(&ff, &mf, &self.fixed.grid, &init, &self.config, &mut progress)?;
+        let config = config_for_features(&self.config, &self.fixed.grid, &ff.grid);
+        let reg: Registration = register(&ff, &mf, &self.fixed.grid, &init, &config, &mut progress)?;
         runtime.insert("optimisation".to_string(), t2.elapsed().as_secs_f64());
 
         let t3 = Instant::now();
@@ -268,13 +282,31 @@ impl RegisterJob {
             metrics,
             stages: reg.stages,
             runtime_s: runtime,
-            config: self.config.clone(),
+            config,
         };
         let mpath = self.out.join("metrics.json");
         let json = serde_json::to_string_pretty(&summary)?;
         io::atomic::write_atomic(&mpath, |f| std::io::Write::write_all(f, json.as_bytes()))?;
         Ok(summary)
     }
+}
+
+/// The pyramid's shrink factors apply to the feature grid. Features that already lie on a coarser
+/// grid than the image (OBELISK: stride 4) would otherwise be shrunk twice, down to a handful of
+/// voxels, so the factors are divided by the features' own stride.
+pub fn config_for_features(
+    config: &RegistrationConfig,
+    image: &registration::Grid,
+    features: &registration::Grid,
+) -> RegistrationConfig {
+    let min = |g: &registration::Grid| g.spacing().iter().cloned().fold(f64::INFINITY, f64::min);
+    let stride = (min(features) / min(image)).round().max(1.0) as usize;
+    let mut c = config.clone();
+    c.affine_shrink = (c.affine_shrink / stride).max(1);
+    for l in &mut c.levels {
+        l.shrink = (l.shrink / stride).max(1);
+    }
+    c
 }
 
 /// Writes an RGB picture atomically.

@@ -4,6 +4,7 @@
 pub mod register;
 pub mod synth;
 pub mod tools;
+pub mod train;
 pub mod warp;
 
 use clap::{Parser, Subcommand};
@@ -35,6 +36,10 @@ pub enum Command {
     Grid(tools::GridArgs),
     /// Draw axial, coronal and sagittal slices of an image with label contours.
     View(tools::ViewArgs),
+    /// Train a segmentation model (OBELISK-Net or U-Net) on a dataset.json, optionally with k-fold CV.
+    Train(train::TrainArgs),
+    /// Segment an image with a trained model; the label map lies on the image's grid.
+    Segment(train::SegmentArgs),
     /// Generate a synthetic pair, register it and write every output and picture.
     Demo(tools::DemoArgs),
 }
@@ -59,5 +64,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Grid(args) => tools::grid(args, cli.quiet),
         Command::Demo(args) => tools::demo(args, cli.quiet),
         Command::View(args) => tools::view(args, cli.quiet),
+        Command::Train(args) => train::train(args, cli.quiet),
+        Command::Segment(args) => train::segment(args, cli.quiet),
     }
 }

@@ -7,6 +7,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use registration::engine::RegistrationConfig;
 
+use crate::features::ObeliskFeatures;
 use crate::io::{self, atomic::check_output, Format, IoError};
 use crate::pictures::SliceSpec;
 use crate::pipeline::{FeatureKind, InitKind, RegisterJob, RegisterSummary};
@@ -17,6 +18,7 @@ use crate::pipeline::{FeatureKind, InitKind, RegisterJob, RegisterSummary};
   obelisk register --fixed f.nii.gz --moving m.nii.gz --moving-labels m_seg.nii.gz \\
       --fixed-labels f_seg.nii.gz --features mind --out reg/ --json
   obelisk register --fixed a.png --moving b.png --out reg2d/
+  obelisk register --fixed f.nii.gz --moving m.nii.gz --features obelisk --model model/ --out reg/
 
 Writes field.nii.gz (ITK convention: LPS mm on the fixed grid, usable by SimpleITK/ANTs),
 warped.nii.gz (or .png), warped_labels.* with --moving-labels, metrics.json, loss.csv and
@@ -43,6 +45,9 @@ pub struct RegisterArgs {
     /// Features that drive the registration.
     #[arg(long, value_enum, default_value_t = FeatureKind::Mind)]
     pub features: FeatureKind,
+    /// Trained model folder (from `obelisk train`) for --features obelisk.
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
     /// Starting position of the moving image.
     #[arg(long, value_enum, default_value_t = InitKind::Search)]
     pub init: InitKind,
@@ -108,6 +113,14 @@ impl RegisterArgs {
                 bail!("{name} must be a finite number >= 0, got {v}");
             }
         }
+        let model = match (self.features, &self.model) {
+            (FeatureKind::Obelisk, None) => {
+                bail!("--features obelisk needs --model DIR (a folder written by obelisk train)")
+            }
+            (FeatureKind::Obelisk, Some(dir)) => Some(ObeliskFeatures::load(dir)?),
+            (_, Some(_)) => bail!("--model is only used with --features obelisk"),
+            (_, None) => None,
+        };
         prepare_out_dir(&self.out)?;
         let fixed = io::read_image(&self.fixed)?;
         let moving = io::read_image(&self.moving)?;
@@ -158,6 +171,7 @@ impl RegisterArgs {
             label_names: BTreeMap::new(),
             out: self.out.clone(),
             features: self.features,
+            model,
             init: self.init,
             config,
             pictures: !self.no_pictures,

@@ -53,6 +53,7 @@ pub fn demo(args: DemoArgs, quiet: bool) -> Result<()> {
         truth: Some(data.join("pair_000_truth.nii.gz")),
         out: args.out.join("registration"),
         features: FeatureKind::Mind,
+        model: None,
         init: InitKind::None,
         smoothness: registration::engine::RegistrationConfig::default().smoothness,
         diffusion: registration::engine::RegistrationConfig::default().diffusion,

@@ -1,0 +1,182 @@
+//! Learned OBELISK features for registration: a trained segmentation model folder, frozen, used
+//! as a [`registration::features::FeatureExtractor`].
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use nalgebra::Matrix4;
+use registration::features::FeatureExtractor;
+use registration::{Grid, Volume};
+
+/// The frozen feature layer of a trained model (cheap to clone: the network is shared).
+#[derive(Debug, Clone)]
+pub struct ObeliskFeatures {
+    inner: Arc<segmentation::FeatureExtractor>,
+    dir: PathBuf,
+}
+
+impl ObeliskFeatures {
+    /// Loads the model folder `dir` (`config.json` + `model.safetensors`); errors name the folder.
+    pub fn load(dir: &Path) -> anyhow::Result<Self> {
+        if !dir.is_dir() {
+            anyhow::bail!("{}: model folder not found", dir.display());
+        }
+        let inner = segmentation::FeatureExtractor::load(dir, &Device::Cpu)
+            .map_err(|e| anyhow::anyhow!("{}: cannot load the model: {e}", dir.display()))?;
+        Ok(Self { inner: Arc::new(inner), dir: dir.to_path_buf() })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Voxel stride of the feature maps relative to the image.
+    pub fn stride(&self) -> usize {
+        self.inner.spec().stride
+    }
+}
+
+/// The lattice of a feature map of shape `feature_shape` (`[nx, ny, nz]`) computed from an image
+/// on `image`. The network samples its feature grid at `align_corners = true` positions of the
+/// `[-1, 1]` cube, so feature voxel `c` sits at image voxel `c·(N−1)/(n−1)` per axis (and at the
+/// centre `(N−1)/2` for an axis of one feature voxel).
+pub fn feature_grid(image: &Grid, feature_shape: [usize; 3]) -> Result<Grid, registration::Error> {
+    let shape = image.shape();
+    let mut m = Matrix4::identity();
+    for a in 0..3 {
+        let (big, small) = (shape[a] as f64, feature_shape[a] as f64);
+        if feature_shape[a] > 1 {
+            m[(a, a)] = (big - 1.0) / (small - 1.0);
+        } else {
+            // one sample at the centre; the spacing only needs to be non-zero and stands for the
+            // whole extent the sample summarises
+            m[(a, a)] = big.max(1.0);
+            m[(a, 3)] = (big - 1.0) / 2.0;
+        }
+    }
+    Grid::new(feature_shape, image.affine() * m)
+}
+
+impl FeatureExtractor for ObeliskFeatures {
+    fn name(&self) -> &str {
+        "obelisk"
+    }
+
+    fn channels(&self) -> usize {
+        self.inner.spec().channels
+    }
+
+    fn extract(&self, image: &Volume) -> registration::Result<Volume> {
+        if image.channels != 1 {
+            return Err(registration::Error::Data(format!(
+                "OBELISK features need a 1-channel image, got {}",
+                image.channels
+            )));
+        }
+        image.check_finite()?;
+        let (d, h, w) = image.grid.dhw();
+        let x = Tensor::from_slice(&image.data, (1, 1, d, h, w), &Device::Cpu)?;
+        let f = self
+            .inner
+            .features(&x)
+            .map_err(|e| registration::Error::Data(format!("OBELISK features (model {}): {e}", self.dir.display())))?;
+        let (_, c, fd, fh, fw) = f.dims5()?;
+        let data: Vec<f32> = f.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+        Volume::new(feature_grid(&image.grid, [fw, fh, fd])?, c, data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use registration::Space;
+    use segmentation::{Architecture, InputNorm, Model, ModelConfig, ObeliskNetConfig};
+
+    use super::*;
+
+    #[test]
+    fn feature_grid_maps_corners_to_corners() {
+        let img = Grid::from_spacing([33, 17, 9], [2.0, 3.0, 4.0], [10.0, -5.0, 7.0]).unwrap();
+        let f = feature_grid(&img, [8, 4, 1]).unwrap();
+        let last = img.map([32.0, 16.0, 4.0], Space::Voxel, Space::Ras);
+        let flast = f.map([7.0, 3.0, 0.0], Space::Voxel, Space::Ras);
+        for a in 0..3 {
+            assert!((last[a] - flast[a]).abs() < 1e-9, "{last:?} vs {flast:?}");
+        }
+        assert_eq!(f.map([0.0; 3], Space::Voxel, Space::Ras)[0], img.origin_ras()[0]);
+        assert!((f.spacing()[0] - 2.0 * 32.0 / 7.0).abs() < 1e-9);
+    }
+
+    /// A feature map of a bright blob must peak where the blob is, in world coordinates. With a
+    /// stride of 4 the align-corners placement and an average-pooling placement differ by
+    /// several voxels near the far corner, where the blob sits.
+    #[test]
+    fn features_of_a_blob_peak_at_the_blob() {
+        let dir = std::env::temp_dir().join(format!("obelisk-feat-test-{}", std::process::id()));
+        let cfg = ObeliskNetConfig {
+            kernels: 16,
+            hidden: 8,
+            mid: 8,
+            growth: 4,
+            dense_layers: 1,
+            num_classes: 2,
+            pool_kernel: [1, 1, 1],
+            grid_divisor: 4,
+            ..Default::default()
+        };
+        let model =
+            Model::new(ModelConfig::new(Architecture::ObeliskNet(cfg), InputNorm::default(), vec![]), 3, &Device::Cpu)
+                .unwrap();
+        // First offsets of each pair at the point itself, second ones far outside (zero padding):
+        // every sampled channel is then the intensity at the point, and (eval-mode batch norm
+        // being affine, ReLU of a multiple of a non-negative input being linear) every feature
+        // channel is an affine function of the intensity, extreme where the image is brightest.
+        {
+            let data = model.varmap.data().lock().unwrap();
+            let (_, var) = data.iter().find(|(k, _)| k.ends_with("offsets")).unwrap();
+            let s = var.dims()[0];
+            let mut o = vec![0f32; s * 3];
+            o[s / 2 * 3..].iter_mut().for_each(|v| *v = 5.0);
+            var.set(&Tensor::from_vec(o, (s, 3), &Device::Cpu).unwrap()).unwrap();
+        }
+        model.save(&dir).unwrap();
+        let fe = ObeliskFeatures::load(&dir).unwrap();
+        let grid = Grid::from_spacing([30, 26, 22], [2.0, 2.5, 3.0], [-20.0, 4.0, 9.0]).unwrap();
+        // feature voxel (5, 4, 3) of the 7 x 6 x 5 feature grid
+        let blob_vox = [5.0 * 29.0 / 6.0, 4.0 * 25.0 / 5.0, 3.0 * 21.0 / 4.0];
+        let blob = grid.map(blob_vox, Space::Voxel, Space::Ras);
+        let mut data = Vec::new();
+        for k in 0..22 {
+            for j in 0..26 {
+                for i in 0..30 {
+                    let p = grid.map([i as f64, j as f64, k as f64], Space::Voxel, Space::Ras);
+                    let r2: f64 = (0..3).map(|a| (p[a] - blob[a]).powi(2)).sum();
+                    data.push((1000.0 * (-r2 / (2.0 * 6.0f64.powi(2))).exp()) as f32);
+                }
+            }
+        }
+        let img = Volume::new(grid.clone(), 1, data).unwrap();
+        let f = fe.extract(&img).unwrap();
+        assert_eq!(f.channels, fe.channels());
+        assert_eq!(f.grid.shape(), [7, 6, 5]);
+        let n = f.grid.num_voxels();
+        let spread = |c: usize| {
+            let ch = &f.data[c * n..(c + 1) * n];
+            let (lo, hi) = ch.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+            hi - lo
+        };
+        let c = (0..f.channels).max_by(|&a, &b| spread(a).total_cmp(&spread(b))).unwrap();
+        assert!(spread(c) > 0.0);
+        let ch = &f.data[c * n..(c + 1) * n];
+        // the background dominates the mean, so the blob is the value farthest from it
+        let mean = ch.iter().sum::<f32>() / n as f32;
+        let best = (0..n).max_by(|&a, &b| (ch[a] - mean).abs().total_cmp(&(ch[b] - mean).abs())).unwrap();
+        let [nx, ny, _] = f.grid.shape();
+        let v = [(best % nx) as f64, ((best / nx) % ny) as f64, (best / (nx * ny)) as f64];
+        assert_eq!(v, [5.0, 4.0, 3.0]);
+        let at = f.grid.map(v, Space::Voxel, Space::Ras);
+        let dist = (0..3).map(|a| (at[a] - blob[a]).powi(2)).sum::<f64>().sqrt();
+        assert!(dist < 1e-3, "peak at {at:?}, blob at {blob:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

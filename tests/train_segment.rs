@@ -1,0 +1,101 @@
+//! End to end: synth → train (with cross-validation) → segment → register with the trained
+//! model's OBELISK features, on a tiny cohort so that it runs in seconds.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use obelisk::io;
+
+fn obelisk(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_obelisk")).args(args).output().expect("the obelisk binary runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = obelisk(args);
+    assert!(
+        out.status.success(),
+        "obelisk {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn fails(args: &[&str]) -> String {
+    let out = obelisk(args);
+    assert!(!out.status.success(), "obelisk {args:?} should have failed");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn synth_train_segment_register() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let model = dir.path().join("model");
+    #[rustfmt::skip]
+    ok(&["synth", "--out", s(&data), "--subjects", "3", "--pairs", "1", "--size", "32,32,32",
+         "--spacing", "10,10,10", "--seed", "5", "--quiet"]);
+    let ds = data.join("dataset.json");
+
+    let err = fails(&["train", "--dataset", s(&ds), "--out", s(&model), "--folds", "4"]);
+    assert!(err.contains("--folds"), "{err}");
+
+    #[rustfmt::skip]
+    let out = obelisk(&["train", "--dataset", s(&ds), "--out", s(&model), "--iterations", "10",
+                        "--folds", "3", "--log-every", "5"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // progress lines every 5 iterations: 2 per fold and 2 for the final model
+    assert_eq!(stderr.lines().filter(|l| l.contains("iteration")).count(), 8, "{stderr}");
+    for f in ["model.safetensors", "config.json", "cv.json", "cv.md"] {
+        assert!(model.join(f).is_file(), "{f} missing");
+    }
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(model.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["label_names"][1], "liver");
+    assert_eq!(config["num_classes"], 10);
+    let cv: serde_json::Value = serde_json::from_slice(&std::fs::read(model.join("cv.json")).unwrap()).unwrap();
+    assert_eq!(cv["folds"].as_array().unwrap().len(), 3);
+    assert!(cv["folds"][0]["dice"]["liver"].is_number(), "{cv}");
+    let md = std::fs::read_to_string(model.join("cv.md")).unwrap();
+    assert!(md.contains("| liver |") && md.contains("fold 3"), "{md}");
+    // a second run without --force must not clobber the model
+    let err = fails(&["train", "--dataset", s(&ds), "--out", s(&model), "--iterations", "1"]);
+    assert!(err.contains("already exists"), "{err}");
+
+    let image = data.join("subject_000_image.nii.gz");
+    let seg = dir.path().join("seg.nii.gz");
+    ok(&["segment", "--model", s(&model), "--image", s(&image), "--out", s(&seg), "--quiet"]);
+    let missing = dir.path().join("no_model");
+    let err =
+        fails(&["segment", "--model", s(&missing), "--image", s(&image), "--out", s(&dir.path().join("x.nii.gz"))]);
+    assert!(err.contains("no_model"), "{err}");
+    let labels = io::read_label_map(&seg).unwrap();
+    let grid = io::read_grid(&image).unwrap();
+    assert!(labels.grid.same_as(&grid, io::GRID_TOL));
+    assert!(labels.data.iter().all(|&l| l < 10));
+
+    let reg = dir.path().join("reg");
+    let (fixed, moving) = (data.join("pair_000_fixed.nii.gz"), data.join("pair_000_moving.nii.gz"));
+    let err =
+        fails(&["register", "--fixed", s(&fixed), "--moving", s(&moving), "--out", s(&reg), "--features", "obelisk"]);
+    assert!(err.contains("--model"), "{err}");
+    #[rustfmt::skip]
+    let err = fails(&["register", "--fixed", s(&fixed), "--moving", s(&moving), "--out", s(&reg), "--model", s(&model)]);
+    assert!(err.contains("--features obelisk"), "{err}");
+    #[rustfmt::skip]
+    ok(&["register", "--fixed", s(&fixed), "--moving", s(&moving), "--out", s(&reg), "--features", "obelisk",
+         "--model", s(&model), "--no-pictures", "--iterations", "20", "--quiet"]);
+    // the stride-4 features must not be shrunk again by the pyramid (they were, to 2³ voxels
+    // with no overlap at all, before the shrink factors were divided by the feature stride)
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(reg.join("metrics.json")).unwrap()).unwrap();
+    for st in m["stages"].as_array().unwrap() {
+        assert!(st["overlap"].as_f64().unwrap() > 0.5, "{st}");
+    }
+    let field = io::read_field(&reg.join("field.nii.gz")).unwrap();
+    assert!(field.grid.same_as(&io::read_grid(&fixed).unwrap(), io::GRID_TOL));
+    assert!(field.data.iter().all(|v| v.is_finite()));
+}
