@@ -78,7 +78,7 @@ pub struct SearchResult {
     pub translation_mm: [f64; 3],
     /// Its mean L1 feature difference over the overlap, on the refinement maps.
     pub score: f64,
-    /// Its overlap as a fraction of the smaller image's volume.
+    /// Its overlap as a fraction of the largest reachable overlap.
     pub overlap_fraction: f64,
     /// Every candidate refined on the coarse maps, `(translation, coarse score)`, best first.
     pub candidates: Vec<([f64; 3], f64)>,
@@ -488,7 +488,8 @@ mod tests {
 
     #[test]
     fn overlap_requirement_and_bad_input() {
-        // an x-thin and a z-thin slab overlap at most 10·10/(48·10) ≈ 21% of either
+        // an x-thin and a z-thin slab overlap at most 10·48·10 voxels, 21% of either: the
+        // requirement is relative to that reachable overlap, so such pairs are still searched
         let g = |shape: [usize; 3]| Grid::from_spacing(shape, [SPACING; 3], [0.0; 3]).unwrap();
         let noise = |grid: Grid, seed: u64| {
             let mut r = SplitMix64::new(seed);
@@ -496,10 +497,9 @@ mod tests {
             Volume::new(grid, 1, data).unwrap()
         };
         let (a, b) = (noise(g([10, 48, 48]), 1), noise(g([48, 48, 10]), 2));
-        assert!(search_translation(&a, &b, &SearchConfig::default()).is_err(), "50% cannot be met");
-        let cfg = SearchConfig { min_overlap: 0.15, ..Default::default() };
+        let cfg = SearchConfig::default();
         let r = search_translation(&a, &b, &cfg).unwrap();
-        assert!(r.overlap_fraction >= 0.15 && r.overlap_fraction < 0.25, "{r:?}");
+        assert!(r.overlap_fraction >= 0.5 && r.overlap_fraction <= 1.0 + 1e-9, "{r:?}");
         // the same answer on one thread
         let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
         let one = pool.install(|| search_translation(&a, &b, &cfg)).unwrap();
