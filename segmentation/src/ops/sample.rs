@@ -42,6 +42,17 @@ struct Taps<T> {
     n: usize,
 }
 
+/// `floor` by truncating conversion: without SSE4.1 (the x86-64 baseline) `f32::floor` is a
+/// libm call, and the sampler takes three floors per point. Only called on values already
+/// range-checked to fit an `i64`.
+#[inline(always)]
+fn floor<T: Float>(x: T) -> T {
+    let v = x.to_f64().unwrap_or(0.0);
+    let i = v as i64;
+    let f = if (i as f64) > v { i - 1 } else { i };
+    T::from(f).unwrap_or(x)
+}
+
 #[inline]
 fn axis_taps<T: Float>(x: T, len: usize, interp: Interpolation, pad: Padding) -> Taps<T> {
     let zero = T::zero();
@@ -57,7 +68,7 @@ fn axis_taps<T: Float>(x: T, len: usize, interp: Interpolation, pad: Padding) ->
     }
     match interp {
         Interpolation::Nearest => {
-            let r = (x + half).floor();
+            let r = if x.abs() < T::from(1e15).unwrap() { floor(x + half) } else { x };
             let i = match pad {
                 Padding::Zeros if r < zero || r > last => return t,
                 Padding::Zeros => r,
@@ -69,7 +80,10 @@ fn axis_taps<T: Float>(x: T, len: usize, interp: Interpolation, pad: Padding) ->
         }
         Interpolation::Linear => match pad {
             Padding::Zeros => {
-                let f0 = x.floor();
+                if x.abs() > T::from(1e15).unwrap() {
+                    return t;
+                }
+                let f0 = floor(x);
                 let f = x - f0;
                 // range check in float first: a far-away point must not overflow an index
                 if f0 < -one || f0 > last {
@@ -88,7 +102,7 @@ fn axis_taps<T: Float>(x: T, len: usize, interp: Interpolation, pad: Padding) ->
             Padding::Border | Padding::Extent => {
                 let inside = x > zero && x < last;
                 let xc = x.max(zero).min(last);
-                let f0 = xc.floor();
+                let f0 = floor(xc);
                 let f = xc - f0;
                 let i0 = f0.to_usize().unwrap();
                 let i1 = (i0 + 1).min(len - 1);
