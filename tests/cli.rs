@@ -1,29 +1,12 @@
 //! End-to-end tests of the subcommands on tiny generated data: outputs exist, read back with the
 //! right geometry, `--json` parses, and reruns are byte-identical.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
+use common::{obelisk, ok, s};
 use obelisk::io;
-
-fn obelisk(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_obelisk")).args(args).output().expect("the obelisk binary runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = obelisk(args);
-    assert!(
-        out.status.success(),
-        "obelisk {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// A tiny synthetic pair (24³ at 14 mm covers the phantom's body coarsely).
 fn tiny_pair(dir: &Path) -> PathBuf {

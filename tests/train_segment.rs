@@ -1,35 +1,10 @@
 //! End to end: synth → train (with cross-validation) → segment → register with the trained
 //! model's OBELISK features, on a tiny cohort so that it runs in seconds.
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod common;
 
+use common::{fails, obelisk, ok, s};
 use obelisk::io;
-
-fn obelisk(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_obelisk")).args(args).output().expect("the obelisk binary runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = obelisk(args);
-    assert!(
-        out.status.success(),
-        "obelisk {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn fails(args: &[&str]) -> String {
-    let out = obelisk(args);
-    assert!(!out.status.success(), "obelisk {args:?} should have failed");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 #[test]
 fn synth_train_segment_register() {

@@ -78,15 +78,15 @@ impl AxisOperator {
         Self::filter(n, &k, stride, padding, Boundary::Zero)
     }
 
-    /// Linear resizing to `m` samples with `align_corners = false` (PyTorch's `interpolate`).
-    pub fn resize_linear(n: usize, m: usize) -> AxisOperator {
-        let scale = n as f64 / m as f64;
+    /// Linear interpolation of `n` samples at the `m` source positions `src(j)` (clamped to the
+    /// ends).
+    fn linear_at(n: usize, m: usize, src: impl Fn(usize) -> f64) -> AxisOperator {
         let rows = (0..m)
             .map(|j| {
-                let src = ((j as f64 + 0.5) * scale - 0.5).max(0.0);
-                let i0 = (src.floor() as usize).min(n - 1);
+                let x = src(j).clamp(0.0, (n - 1) as f64);
+                let i0 = (x.floor() as usize).min(n - 1);
                 let i1 = (i0 + 1).min(n - 1);
-                let f = src - i0 as f64;
+                let f = x - i0 as f64;
                 let mut row = vec![(i0, 1.0 - f), (i1, f)];
                 merge(&mut row);
                 row
@@ -95,21 +95,16 @@ impl AxisOperator {
         AxisOperator { n_in: n, rows }
     }
 
+    /// Linear resizing to `m` samples with `align_corners = false` (PyTorch's `interpolate`).
+    pub fn resize_linear(n: usize, m: usize) -> AxisOperator {
+        let scale = n as f64 / m as f64;
+        Self::linear_at(n, m, |j| (j as f64 + 0.5) * scale - 0.5)
+    }
+
     /// Linear resizing to `m` samples with `align_corners = true`: the first and last samples of
     /// input and output coincide (the convention of the OBELISK sampling grid).
     pub fn resize_linear_aligned(n: usize, m: usize) -> AxisOperator {
-        let rows = (0..m)
-            .map(|j| {
-                let src = if m > 1 { j as f64 * (n - 1) as f64 / (m - 1) as f64 } else { 0.0 };
-                let i0 = (src.floor() as usize).min(n - 1);
-                let i1 = (i0 + 1).min(n - 1);
-                let f = src - i0 as f64;
-                let mut row = vec![(i0, 1.0 - f), (i1, f)];
-                merge(&mut row);
-                row
-            })
-            .collect();
-        AxisOperator { n_in: n, rows }
+        Self::linear_at(n, m, |j| if m > 1 { j as f64 * (n - 1) as f64 / (m - 1) as f64 } else { 0.0 })
     }
 
     /// Area-weighted resizing to `m` samples: output `j` averages the input over the interval it
