@@ -197,11 +197,13 @@ pub fn forward<T: Float + Send + Sync>(
         std::borrow::Cow::Borrowed(input)
     } else {
         let mut t = vec![T::zero(); input.len()];
-        t.par_chunks_mut(vsz * c).enumerate().for_each(|(bi, tb)| {
-            for ch in 0..c {
-                let src = &input[(bi * c + ch) * vsz..(bi * c + ch + 1) * vsz];
-                for (v, &x) in src.iter().enumerate() {
-                    tb[v * c + ch] = x;
+        // parallel over voxel blocks (a batch of one volume must not run on one thread)
+        t.par_chunks_mut(CHUNK * c).enumerate().for_each(|(ci, tb)| {
+            let first = ci * CHUNK;
+            for (q, dst) in tb.chunks_mut(c).enumerate() {
+                let (bi, v) = ((first + q) / vsz, (first + q) % vsz);
+                for (ch, d) in dst.iter_mut().enumerate() {
+                    *d = input[(bi * c + ch) * vsz + v];
                 }
             }
         });
