@@ -217,22 +217,8 @@ pub fn forward<T: Float + Send + Sync>(
             let gp = first + q;
             let bi = gp / np;
             let pt = to_voxel(&points[3 * gp..3 * gp + 3], half);
-            let [tx, ty, tz] = all_taps(pt, dims, interp, pad);
-            let vol = &cl[bi * vsz * c..(bi + 1) * vsz * c];
-            for a in 0..tz.n {
-                let za = tz.idx[a] * dims.h;
-                for bb in 0..ty.n {
-                    let row = (za + ty.idx[bb]) * dims.w;
-                    let wzy = tz.w[a] * ty.w[bb];
-                    for cc in 0..tx.n {
-                        let w = wzy * tx.w[cc];
-                        let base = (row + tx.idx[cc]) * c;
-                        for (slot, &v) in o.iter_mut().zip(&vol[base..base + c]) {
-                            *slot = *slot + w * v;
-                        }
-                    }
-                }
-            }
+            let taps = all_taps(pt, dims, interp, pad);
+            gather_into(&cl[bi * vsz * c..(bi + 1) * vsz * c], dims, &taps, o);
         }
     });
     if c == 1 {
@@ -248,21 +234,33 @@ pub fn forward<T: Float + Send + Sync>(
     out
 }
 
+/// Interpolates `out.len()` channels stored channels-last (`vol[voxel · C + c]`) and adds them
+/// into `out`; one channel is the plain channel-major case.
 #[inline]
-fn gather<T: Float>(vol: &[T], dims: Dims, taps: &[Taps<T>; 3]) -> T {
+fn gather_into<T: Float>(vol: &[T], dims: Dims, taps: &[Taps<T>; 3], out: &mut [T]) {
     let [tx, ty, tz] = taps;
-    let mut acc = T::zero();
+    let c = out.len();
     for a in 0..tz.n {
         let za = tz.idx[a] * dims.h;
         for bb in 0..ty.n {
             let row = (za + ty.idx[bb]) * dims.w;
             let wzy = tz.w[a] * ty.w[bb];
             for cc in 0..tx.n {
-                acc = acc + wzy * tx.w[cc] * vol[row + tx.idx[cc]];
+                let w = wzy * tx.w[cc];
+                let base = (row + tx.idx[cc]) * c;
+                for (slot, &v) in out.iter_mut().zip(&vol[base..base + c]) {
+                    *slot = *slot + w * v;
+                }
             }
         }
     }
-    acc
+}
+
+#[inline]
+fn gather<T: Float>(vol: &[T], dims: Dims, taps: &[Taps<T>; 3]) -> T {
+    let mut acc = [T::zero()];
+    gather_into(vol, dims, taps, &mut acc);
+    acc[0]
 }
 
 /// Gradient with respect to the normalised points: `(B, P, 3)`.
