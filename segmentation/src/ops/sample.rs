@@ -33,88 +33,118 @@ pub enum Padding {
     Extent,
 }
 
-/// Taps of one axis: up to two `(index, weight, d weight / d x)`.
+/// Taps of one axis: always two `(index, weight, d weight / d x)`. A tap that falls outside the
+/// volume keeps a valid index with zero weight, so the gather loops have a fixed trip count and
+/// no branches (the volume must hold finite values, which the readers guarantee).
 #[derive(Clone, Copy)]
 struct Taps<T> {
     idx: [usize; 2],
     w: [T; 2],
     dw: [T; 2],
-    n: usize,
+}
+
+/// The sampler's scalar: `f32` or `f64` with the primitive casts it needs. `num_traits`'
+/// checked conversions cost more than the interpolation itself.
+pub trait Real: Float + Send + Sync + 'static {
+    /// `self as i64` (saturating).
+    fn trunc_i64(self) -> i64;
+    fn of_i64(i: i64) -> Self;
+    fn of_f64(v: f64) -> Self;
+}
+
+impl Real for f32 {
+    #[inline(always)]
+    fn trunc_i64(self) -> i64 {
+        self as i64
+    }
+    #[inline(always)]
+    fn of_i64(i: i64) -> Self {
+        i as f32
+    }
+    #[inline(always)]
+    fn of_f64(v: f64) -> Self {
+        v as f32
+    }
+}
+
+impl Real for f64 {
+    #[inline(always)]
+    fn trunc_i64(self) -> i64 {
+        self as i64
+    }
+    #[inline(always)]
+    fn of_i64(i: i64) -> Self {
+        i as f64
+    }
+    #[inline(always)]
+    fn of_f64(v: f64) -> Self {
+        v
+    }
 }
 
 /// `floor` by truncating conversion: without SSE4.1 (the x86-64 baseline) `f32::floor` is a
 /// libm call, and the sampler takes three floors per point. Only called on values already
 /// range-checked to fit an `i64`.
 #[inline(always)]
-fn floor<T: Float>(x: T) -> T {
-    let v = x.to_f64().unwrap_or(0.0);
-    let i = v as i64;
-    let f = if (i as f64) > v { i - 1 } else { i };
-    T::from(f).unwrap_or(x)
+fn floor<T: Real>(v: T) -> T {
+    let i = v.trunc_i64();
+    T::of_i64(if T::of_i64(i) > v { i - 1 } else { i })
 }
 
-#[inline]
-fn axis_taps<T: Float>(x: T, len: usize, interp: Interpolation, pad: Padding) -> Taps<T> {
-    let zero = T::zero();
-    let one = T::one();
-    let mut t = Taps { idx: [0; 2], w: [zero; 2], dw: [zero; 2], n: 0 };
-    let last = T::from(len - 1).unwrap();
-    let half = T::from(0.5).unwrap();
-    if !x.is_finite() {
-        return t;
+#[inline(always)]
+fn axis_taps<T: Real>(x: T, len: usize, interp: Interpolation, pad: Padding) -> Taps<T> {
+    let (zero, one) = (T::zero(), T::one());
+    let last = T::of_i64(len as i64 - 1);
+    // strictly inside, every padding mode agrees: the common case takes no other branch
+    if interp == Interpolation::Linear && x > zero && x < last {
+        let i0 = x.trunc_i64();
+        let f = x - T::of_i64(i0);
+        let i0 = i0 as usize;
+        return Taps { idx: [i0, i0 + 1], w: [one - f, f], dw: [-one, one] };
     }
-    if pad == Padding::Extent && (x < -half || x >= last + half) {
-        return t;
+    let none = Taps { idx: [0; 2], w: [zero; 2], dw: [zero; 2] };
+    let (half, huge) = (T::of_f64(0.5), T::of_f64(1e15));
+    if !x.is_finite() || (pad == Padding::Extent && (x < -half || x >= last + half)) {
+        return none;
     }
     match interp {
         Interpolation::Nearest => {
-            let r = if x.abs() < T::from(1e15).unwrap() { floor(x + half) } else { x };
+            let r = if x.abs() < huge { floor(x + half) } else { x };
             let i = match pad {
-                Padding::Zeros if r < zero || r > last => return t,
+                Padding::Zeros if r < zero || r > last => return none,
                 Padding::Zeros => r,
                 _ => r.max(zero).min(last),
             };
-            t.idx[0] = i.to_usize().unwrap();
-            t.w[0] = one;
-            t.n = 1;
+            let i = i.trunc_i64() as usize;
+            Taps { idx: [i, i], w: [one, zero], dw: [zero; 2] }
         }
         Interpolation::Linear => match pad {
             Padding::Zeros => {
-                if x.abs() > T::from(1e15).unwrap() {
-                    return t;
+                // range check in float first: a far-away point must not overflow an index
+                if x.abs() > huge {
+                    return none;
                 }
                 let f0 = floor(x);
-                let f = x - f0;
-                // range check in float first: a far-away point must not overflow an index
                 if f0 < -one || f0 > last {
-                    return t;
+                    return none;
                 }
-                let i0 = f0.to_isize().unwrap();
-                for (i, w, dw) in [(i0, one - f, -one), (i0 + 1, f, one)] {
-                    if i >= 0 && (i as usize) < len {
-                        t.idx[t.n] = i as usize;
-                        t.w[t.n] = w;
-                        t.dw[t.n] = dw;
-                        t.n += 1;
-                    }
-                }
+                let f = x - f0;
+                let (lo, hi) = (f0 >= zero, f0 < last);
+                let i0 = f0.max(zero).trunc_i64() as usize;
+                let i1 = if lo && hi { i0 + 1 } else { i0 };
+                let pick = |ok: bool, v: T| if ok { v } else { zero };
+                Taps { idx: [i0, i1], w: [pick(lo, one - f), pick(hi, f)], dw: [pick(lo, -one), pick(hi, one)] }
             }
             Padding::Border | Padding::Extent => {
-                let inside = x > zero && x < last;
+                let g = if x > zero && x < last { one } else { zero };
                 let xc = x.max(zero).min(last);
                 let f0 = floor(xc);
                 let f = xc - f0;
-                let i0 = f0.to_usize().unwrap();
-                let i1 = (i0 + 1).min(len - 1);
-                let g = if inside { one } else { zero };
-                t.idx = [i0, i1];
-                t.w = [one - f, f];
-                t.dw = [-g, g];
-                t.n = 2;
+                let i0 = f0.trunc_i64() as usize;
+                Taps { idx: [i0, (i0 + 1).min(len - 1)], w: [one - f, f], dw: [-g, g] }
             }
         },
     }
-    t
 }
 
 /// Sizes of one sampled volume.
@@ -135,51 +165,74 @@ impl Dims {
     }
 
     /// Normalised → voxel scale per axis (x, y, z): `(N − 1) / 2`.
-    fn half_extent<T: Float>(&self) -> [T; 3] {
+    fn half_extent<T: Real>(&self) -> [T; 3] {
         [self.w, self.h, self.d].map(|n| T::from(n as f64 - 1.0).unwrap() / T::from(2.0).unwrap())
     }
 }
 
-#[inline]
-fn all_taps<T: Float>(p: [T; 3], dims: Dims, interp: Interpolation, pad: Padding) -> [Taps<T>; 3] {
+#[inline(always)]
+fn all_taps<T: Real>(p: [T; 3], dims: Dims, interp: Interpolation, pad: Padding) -> [Taps<T>; 3] {
     [axis_taps(p[0], dims.w, interp, pad), axis_taps(p[1], dims.h, interp, pad), axis_taps(p[2], dims.d, interp, pad)]
 }
 
 /// Samples one channel (`D·H·W` values) at a point given in **voxel** coordinates `(x, y, z)`.
 #[inline]
-pub fn sample_point<T: Float>(vol: &[T], dims: Dims, p: [T; 3], interp: Interpolation, pad: Padding) -> T {
+pub fn sample_point<T: Real>(vol: &[T], dims: Dims, p: [T; 3], interp: Interpolation, pad: Padding) -> T {
     gather(vol, dims, &all_taps(p, dims, interp, pad))
 }
 
-/// Value and gradient (in voxel units) of one channel at a voxel-coordinate point.
-#[inline]
-fn sample_point_grad<T: Float>(vol: &[T], dims: Dims, taps: &[Taps<T>; 3]) -> (T, [T; 3]) {
+/// Gradient (voxel units) of `Σ_ch go[ch] · sample_ch` at the taps' point, for a channels-last
+/// volume: one dot product over the channels per corner, then the corner's weight derivatives.
+#[inline(always)]
+fn gather_grad<T: Real>(vol: &[T], dims: Dims, taps: &[Taps<T>; 3], go: &[T]) -> [T; 3] {
     let [tx, ty, tz] = taps;
-    let (mut v, mut gx, mut gy, mut gz) = (T::zero(), T::zero(), T::zero(), T::zero());
-    for a in 0..tz.n {
+    let c = go.len();
+    let mut g = [T::zero(); 3];
+    for a in 0..2 {
         let za = tz.idx[a] * dims.h;
-        for b in 0..ty.n {
-            let row = (za + ty.idx[b]) * dims.w;
-            for c in 0..tx.n {
-                let s = vol[row + tx.idx[c]];
-                v = v + tz.w[a] * ty.w[b] * tx.w[c] * s;
-                gx = gx + tz.w[a] * ty.w[b] * tx.dw[c] * s;
-                gy = gy + tz.w[a] * ty.dw[b] * tx.w[c] * s;
-                gz = gz + tz.dw[a] * ty.w[b] * tx.w[c] * s;
+        for bb in 0..2 {
+            let row = (za + ty.idx[bb]) * dims.w;
+            for cc in 0..2 {
+                let v = &vol[(row + tx.idx[cc]) * c..][..c];
+                let s = v.iter().zip(go).fold(T::zero(), |acc, (&v, &g)| acc + v * g);
+                g[0] = g[0] + tz.w[a] * ty.w[bb] * tx.dw[cc] * s;
+                g[1] = g[1] + tz.w[a] * ty.dw[bb] * tx.w[cc] * s;
+                g[2] = g[2] + tz.dw[a] * ty.w[bb] * tx.w[cc] * s;
             }
         }
     }
-    (v, [gx, gy, gz])
+    g
 }
 
 const CHUNK: usize = 4096;
 
-fn to_voxel<T: Float>(p: &[T], half: [T; 3]) -> [T; 3] {
+fn to_voxel<T: Real>(p: &[T], half: [T; 3]) -> [T; 3] {
     [(p[0] + T::one()) * half[0], (p[1] + T::one()) * half[1], (p[2] + T::one()) * half[2]]
 }
 
+/// A channels-last copy of `(B, C, V)` data (`c == 1` borrows): the C values of one voxel share
+/// a cache line, so a point costs 8 cache misses instead of 8·C (the volume is read at scattered
+/// positions).
+fn channels_last<T: Real>(input: &[T], c: usize, vsz: usize) -> std::borrow::Cow<'_, [T]> {
+    if c == 1 {
+        return std::borrow::Cow::Borrowed(input);
+    }
+    let mut t = vec![T::zero(); input.len()];
+    // parallel over voxel blocks (a batch of one volume must not run on one thread)
+    t.par_chunks_mut(CHUNK * c).enumerate().for_each(|(ci, tb)| {
+        let first = ci * CHUNK;
+        for (q, dst) in tb.chunks_mut(c).enumerate() {
+            let (bi, v) = ((first + q) / vsz, (first + q) % vsz);
+            for (ch, d) in dst.iter_mut().enumerate() {
+                *d = input[(bi * c + ch) * vsz + v];
+            }
+        }
+    });
+    std::borrow::Cow::Owned(t)
+}
+
 /// Forward: input `(B, C, dims)`, points `(B, P, 3)` normalised → `(B, C, P)`.
-pub fn forward<T: Float + Send + Sync>(
+pub fn forward<T: Real>(
     input: &[T],
     points: &[T],
     b: usize,
@@ -191,44 +244,28 @@ pub fn forward<T: Float + Send + Sync>(
     let np = points.len() / (3 * b.max(1));
     let half = dims.half_extent::<T>();
     let vsz = dims.len();
-    // channels-last copy: the C values of one voxel share a cache line, so a point costs 8
-    // cache misses instead of 8·C (the volume is read at scattered positions)
-    let cl: std::borrow::Cow<[T]> = if c == 1 {
-        std::borrow::Cow::Borrowed(input)
-    } else {
-        let mut t = vec![T::zero(); input.len()];
-        // parallel over voxel blocks (a batch of one volume must not run on one thread)
-        t.par_chunks_mut(CHUNK * c).enumerate().for_each(|(ci, tb)| {
-            let first = ci * CHUNK;
-            for (q, dst) in tb.chunks_mut(c).enumerate() {
-                let (bi, v) = ((first + q) / vsz, (first + q) % vsz);
-                for (ch, d) in dst.iter_mut().enumerate() {
-                    *d = input[(bi * c + ch) * vsz + v];
-                }
-            }
-        });
-        std::borrow::Cow::Owned(t)
-    };
-    // point-major scratch so that each chunk of points writes one contiguous block
-    let mut pm = vec![T::zero(); b * np * c];
-    pm.par_chunks_mut(CHUNK * c).enumerate().for_each(|(ci, out)| {
-        let first = ci * CHUNK;
-        for (q, o) in out.chunks_mut(c).enumerate() {
-            let gp = first + q;
-            let bi = gp / np;
-            let pt = to_voxel(&points[3 * gp..3 * gp + 3], half);
-            let taps = all_taps(pt, dims, interp, pad);
-            gather_into(&cl[bi * vsz * c..(bi + 1) * vsz * c], dims, &taps, o);
-        }
-    });
-    if c == 1 {
-        return pm;
-    }
+    let cl = channels_last(input, c, vsz);
+    // each task owns one chunk of points and writes that range of every output channel row
+    let nk = np.div_ceil(CHUNK);
     let mut out = vec![T::zero(); b * c * np];
-    out.par_chunks_mut(np).enumerate().for_each(|(row, o)| {
-        let (bi, ch) = (row / c, row % c);
-        for (p, v) in o.iter_mut().enumerate() {
-            *v = pm[(bi * np + p) * c + ch];
+    let mut groups: Vec<Vec<&mut [T]>> = (0..b * nk).map(|_| Vec::with_capacity(c)).collect();
+    for (row, r) in out.chunks_mut(np.max(1)).enumerate() {
+        for (k, piece) in r.chunks_mut(CHUNK).enumerate() {
+            groups[(row / c) * nk + k].push(piece);
+        }
+    }
+    groups.into_par_iter().enumerate().for_each(|(g, mut rows)| {
+        let (bi, first) = (g / nk, (g % nk) * CHUNK);
+        let vol = &cl[bi * vsz * c..(bi + 1) * vsz * c];
+        let mut acc = vec![T::zero(); c];
+        for q in 0..rows.first().map_or(0, |r| r.len()) {
+            let gp = bi * np + first + q;
+            let taps = all_taps(to_voxel(&points[3 * gp..3 * gp + 3], half), dims, interp, pad);
+            acc.iter_mut().for_each(|a| *a = T::zero());
+            gather_into(vol, dims, &taps, &mut acc);
+            for (r, &v) in rows.iter_mut().zip(&acc) {
+                r[q] = v;
+            }
         }
     });
     out
@@ -236,28 +273,27 @@ pub fn forward<T: Float + Send + Sync>(
 
 /// Interpolates `out.len()` channels stored channels-last (`vol[voxel · C + c]`) and adds them
 /// into `out`; one channel is the plain channel-major case.
-#[inline]
-fn gather_into<T: Float>(vol: &[T], dims: Dims, taps: &[Taps<T>; 3], out: &mut [T]) {
+#[inline(always)]
+fn gather_into<T: Real>(vol: &[T], dims: Dims, taps: &[Taps<T>; 3], out: &mut [T]) {
     let [tx, ty, tz] = taps;
     let c = out.len();
-    for a in 0..tz.n {
+    for a in 0..2 {
         let za = tz.idx[a] * dims.h;
-        for bb in 0..ty.n {
+        for bb in 0..2 {
             let row = (za + ty.idx[bb]) * dims.w;
             let wzy = tz.w[a] * ty.w[bb];
-            for cc in 0..tx.n {
-                let w = wzy * tx.w[cc];
-                let base = (row + tx.idx[cc]) * c;
-                for (slot, &v) in out.iter_mut().zip(&vol[base..base + c]) {
-                    *slot = *slot + w * v;
-                }
+            let (w0, w1) = (wzy * tx.w[0], wzy * tx.w[1]);
+            let v0 = &vol[(row + tx.idx[0]) * c..][..c];
+            let v1 = &vol[(row + tx.idx[1]) * c..][..c];
+            for ((slot, &a0), &a1) in out.iter_mut().zip(v0).zip(v1) {
+                *slot = *slot + w0 * a0 + w1 * a1;
             }
         }
     }
 }
 
 #[inline]
-fn gather<T: Float>(vol: &[T], dims: Dims, taps: &[Taps<T>; 3]) -> T {
+fn gather<T: Real>(vol: &[T], dims: Dims, taps: &[Taps<T>; 3]) -> T {
     let mut acc = [T::zero()];
     gather_into(vol, dims, taps, &mut acc);
     acc[0]
@@ -265,7 +301,7 @@ fn gather<T: Float>(vol: &[T], dims: Dims, taps: &[Taps<T>; 3]) -> T {
 
 /// Gradient with respect to the normalised points: `(B, P, 3)`.
 #[allow(clippy::too_many_arguments)] // mirrors `forward`'s flat-slice signature
-pub fn backward_points<T: Float + Send + Sync>(
+pub fn backward_points<T: Real>(
     input: &[T],
     points: &[T],
     grad: &[T],
@@ -282,27 +318,20 @@ pub fn backward_points<T: Float + Send + Sync>(
     }
     let half = dims.half_extent::<T>();
     let vsz = dims.len();
+    let cl = channels_last(input, c, vsz);
     out.par_chunks_mut(3 * CHUNK).enumerate().for_each(|(ci, o)| {
         let first = ci * CHUNK;
+        let mut go = vec![T::zero(); c];
         for (q, g3) in o.chunks_mut(3).enumerate() {
             let gp = first + q;
             let (bi, p) = (gp / np, gp % np);
-            let pt = to_voxel(&points[3 * gp..3 * gp + 3], half);
-            let taps = all_taps(pt, dims, interp, pad);
-            let mut acc = [T::zero(); 3];
-            for ch in 0..c {
-                let go = grad[(bi * c + ch) * np + p];
-                if go == T::zero() {
-                    continue;
-                }
-                let vol = &input[(bi * c + ch) * vsz..(bi * c + ch + 1) * vsz];
-                let (_, g) = sample_point_grad(vol, dims, &taps);
-                for a in 0..3 {
-                    acc[a] = acc[a] + go * g[a];
-                }
+            for (ch, g) in go.iter_mut().enumerate() {
+                *g = grad[(bi * c + ch) * np + p];
             }
+            let taps = all_taps(to_voxel(&points[3 * gp..3 * gp + 3], half), dims, interp, pad);
+            let g = gather_grad(&cl[bi * vsz * c..(bi + 1) * vsz * c], dims, &taps, &go);
             for a in 0..3 {
-                g3[a] = acc[a] * half[a];
+                g3[a] = g[a] * half[a];
             }
         }
     });
@@ -312,7 +341,7 @@ pub fn backward_points<T: Float + Send + Sync>(
 /// Gradient with respect to the input volume: `(B, C, dims)` (a scatter of the output gradient).
 /// Summation order is fixed by the problem size, not the thread count, so results are
 /// reproducible across `--threads`.
-pub fn backward_input<T: Float + Send + Sync>(
+pub fn backward_input<T: Real>(
     points: &[T],
     grad: &[T],
     b: usize,
@@ -333,12 +362,12 @@ pub fn backward_input<T: Float + Send + Sync>(
             let gp = bi * np + p;
             let pt = to_voxel(&points[3 * gp..3 * gp + 3], half);
             let [tx, ty, tz] = all_taps(pt, dims, interp, pad);
-            for a in 0..tz.n {
+            for a in 0..2 {
                 let za = tz.idx[a] * dims.h;
-                for bb in 0..ty.n {
+                for bb in 0..2 {
                     let row = (za + ty.idx[bb]) * dims.w;
                     let wzy = go * tz.w[a] * ty.w[bb];
-                    for cc in 0..tx.n {
+                    for cc in 0..2 {
                         let i = row + tx.idx[cc];
                         out[i] = out[i] + wzy * tx.w[cc];
                     }
