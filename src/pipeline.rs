@@ -8,9 +8,9 @@ use anyhow::{Context, Result};
 use registration::engine::{register, Registration, RegistrationConfig};
 use registration::features::{FeatureExtractor, IntensityFeatures, MindConfig, MindSsc};
 use registration::init::{search_translation, SearchConfig, SearchResult};
-use registration::metrics::{dice_per_label, jacobian, RegistrationMetrics};
-use registration::transform::{grid_points_lps, Affine};
-use registration::warp::{warp_labels, warp_volume};
+use registration::metrics::{dice_per_label_masked, jacobian, RegistrationMetrics};
+use registration::transform::{grid_points_lps, Affine, DenseDisplacement};
+use registration::warp::{coverage, warp_labels, warp_volume};
 use registration::{DisplacementField, Labels, Volume};
 use segmentation::ops::{Interpolation, Padding};
 use serde::Serialize;
@@ -59,6 +59,9 @@ pub enum InitKind {
     /// Search every translation over which the fields of view overlap, scored on coarse feature
     /// maps (finds a thin slab in a whole-body atlas whatever its header says).
     Search,
+    /// The same search scored on the label maps' shared structures instead of image features
+    /// (needs `--fixed-labels` and `--moving-labels`; a reference start for comparisons).
+    Labels,
 }
 
 /// A validated registration job: every input exists and reads, the output folder is writable.
@@ -93,7 +96,16 @@ pub struct RegisterSummary {
     pub init_translation_mm: [f64; 3],
     /// The translation search's outcome with `--init search`.
     pub init_search: Option<SearchResult>,
+    /// Mean Dice with the headers' placement, over [`RegisterSummary::dice_scope`].
     pub dice_before: Option<f64>,
+    /// Mean Dice after the initialisation (translation only), before any optimisation.
+    pub dice_after_init: Option<f64>,
+    /// Where Dice (and HD95) are counted.
+    pub dice_scope: &'static str,
+    /// Label ids present in both label maps: the structures evaluated.
+    pub shared_labels: Vec<u32>,
+    /// Fraction of the fixed image's voxels that the registered moving image covers.
+    pub overlap_fraction: f64,
     pub metrics: RegistrationMetrics,
     pub stages: Vec<registration::engine::StageReport>,
     pub runtime_s: BTreeMap<String, f64>,
@@ -122,9 +134,42 @@ fn mean_dice(d: &[(u32, f64)]) -> Option<f64> {
     (!d.is_empty()).then(|| d.iter().map(|x| x.1).sum::<f64>() / d.len() as f64)
 }
 
-/// The moving labels resampled onto the fixed grid through `field` (nearest neighbour).
-fn labels_through(moving: &Labels, field: &DisplacementField) -> Labels {
-    warp_labels(moving, field)
+/// What Dice is computed over when both label maps are given.
+pub const DICE_SCOPE: &str = "structures present in both label maps, inside the overlap of the two fields of view";
+
+/// Label maps reduced to the structures they share; Dice of a pair is counted inside the part
+/// of the fixed image that the moving image covers (a slab cannot be blamed for what it does not
+/// show, and an atlas structure absent from the target is not a registration error).
+struct Evaluation {
+    fixed: Labels,
+    moving: Labels,
+    shared: Vec<u32>,
+}
+
+impl Evaluation {
+    fn new(fixed: &Labels, moving: &Labels) -> Self {
+        let shared = fixed.shared_ids(moving);
+        Self { fixed: fixed.keep_only(&shared), moving: moving.keep_only(&shared), shared }
+    }
+
+    /// The warped shared labels and the coverage mask of `field`.
+    fn through(&self, field: &DisplacementField, moving_grid: &registration::Grid) -> (Labels, Vec<bool>) {
+        (warp_labels(&self.moving, field), coverage(field, moving_grid))
+    }
+
+    /// Mean Dice through `field` over the overlap; `None` when nothing shared is covered.
+    fn mean_dice(&self, field: &DisplacementField, moving_grid: &registration::Grid) -> Result<Option<f64>> {
+        let (w, mask) = self.through(field, moving_grid);
+        Ok(mean_dice(&dice_per_label_masked(&self.fixed, &w, &mask)?))
+    }
+}
+
+/// Translation that best lines up the shared structures of two label maps, found by the same
+/// search as the feature-driven start (one channel per shared label).
+fn label_start(fixed: &Labels, moving: &Labels) -> Result<SearchResult> {
+    let shared = fixed.shared_ids(moving);
+    anyhow::ensure!(!shared.is_empty(), "--init labels: the two label maps share no label id");
+    Ok(search_translation(&fixed.one_hot(&shared), &moving.one_hot(&shared), &SearchConfig::default())?)
 }
 
 impl RegisterJob {
@@ -166,9 +211,13 @@ impl RegisterJob {
                 let (cf, cm) = (centre_of_mass(&self.fixed)?, centre_of_mass(&self.moving)?);
                 Affine::translation([cm[0] - cf[0], cm[1] - cf[1], cm[2] - cf[2]])
             }
-            InitKind::Search => {
-                let r = search_translation(&ff, &mf, &SearchConfig::default())
-                    .context("translation search (--init com or --init none skip it)")?;
+            InitKind::Search | InitKind::Labels => {
+                let r = match (self.init, &self.fixed_labels, &self.moving_labels) {
+                    (InitKind::Labels, Some(f), Some(m)) => label_start(f, m)?,
+                    (InitKind::Labels, ..) => anyhow::bail!("--init labels needs --fixed-labels and --moving-labels"),
+                    _ => search_translation(&ff, &mf, &SearchConfig::default())
+                        .context("translation search (--init com or --init none skip it)")?,
+                };
                 let t = Affine::translation(r.translation_mm);
                 init_search = Some(r);
                 t
@@ -184,15 +233,27 @@ impl RegisterJob {
 
         let t3 = Instant::now();
         let warped = warp_volume(&self.moving, &reg.field, Interpolation::Linear, Padding::Extent);
-        let warped_labels = self.moving_labels.as_ref().map(|l| labels_through(l, &reg.field));
+        let warped_labels = self.moving_labels.as_ref().map(|l| warp_labels(l, &reg.field));
         let identity = DisplacementField::zeros(self.fixed.grid.clone());
-        let dice_before = match (&self.fixed_labels, &self.moving_labels) {
-            (Some(f), Some(m)) => mean_dice(&dice_per_label(f, &labels_through(m, &identity))?),
+        let overlap = coverage(&reg.field, &self.moving.grid);
+        let overlap_fraction = overlap.iter().filter(|&&c| c).count() as f64 / overlap.len().max(1) as f64;
+        let eval = match (&self.fixed_labels, &self.moving_labels) {
+            (Some(f), Some(m)) => Some(Evaluation::new(f, m)),
             _ => None,
         };
-        let metrics = match (&self.fixed_labels, &warped_labels) {
-            (Some(f), Some(w)) => RegistrationMetrics::evaluate(f, w, &reg.field, &self.label_names, None)?,
-            _ => {
+        let (mut dice_before, mut dice_after_init) = (None, None);
+        if let Some(e) = &eval {
+            dice_before = e.mean_dice(&identity, &self.moving.grid)?;
+            let start = DenseDisplacement::zeros(self.fixed.grid.clone(), &candle_core::Device::Cpu)?
+                .to_field(&init, &self.fixed.grid)?;
+            dice_after_init = e.mean_dice(&start, &self.moving.grid)?;
+        }
+        let metrics = match &eval {
+            Some(e) => {
+                let (w, mask) = e.through(&reg.field, &self.moving.grid);
+                RegistrationMetrics::evaluate(&e.fixed, &w, &reg.field, &self.label_names, Some(&mask))?
+            }
+            None => {
                 let (_, j) = jacobian(&reg.field, None)?;
                 RegistrationMetrics {
                     labels: vec![],
@@ -234,7 +295,7 @@ impl RegisterJob {
         if self.pictures {
             let (jac, _) = jacobian(&reg.field, None)?;
             let before = warp_volume(&self.moving, &identity, Interpolation::Linear, Padding::Extent);
-            let labels_before = self.moving_labels.as_ref().map(|l| labels_through(l, &identity));
+            let labels_before = self.moving_labels.as_ref().map(|l| warp_labels(l, &identity));
             let heading = match (dice_before, metrics.mean_dice) {
                 (Some(b), Some(a)) => format!(
                     "{} features · mean Dice {b:.3} → {a:.3} · folding {:.3}% · SDlogJ {:.3}",
@@ -279,6 +340,10 @@ impl RegisterJob {
             init_translation_mm: init_t,
             init_search,
             dice_before,
+            dice_after_init,
+            dice_scope: if eval.is_some() { DICE_SCOPE } else { "no label maps given" },
+            shared_labels: eval.map(|e| e.shared).unwrap_or_default(),
+            overlap_fraction,
             metrics,
             stages: reg.stages,
             runtime_s: runtime,

@@ -5,7 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{obelisk, ok, s};
+use common::{fails, obelisk, ok, s};
 use obelisk::io;
 
 /// A tiny synthetic pair (24³ at 14 mm covers the phantom's body coarsely).
@@ -256,14 +256,15 @@ fn bad_register_inputs_fail_cleanly() {
     assert!(!dir.path().join("r2/field.nii.gz").exists());
 }
 
-/// Issue 9 end to end: a 10-slice slab cut from a subject, its header moved 150 mm right and
-/// 300 mm down (no overlap with the subject at all), is placed by the default `--init search`.
-#[test]
-fn register_places_a_slab_with_an_unrelated_header() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = tiny_pair(dir.path());
+/// A 10-slice slab cut from pair 0's fixed subject (image and labels), its header moved 150 mm
+/// right and 300 mm down (no overlap with the subject at all). Returns (slab, slab labels,
+/// whole, whole labels, the shift in LPS mm, the whole image's spacing).
+fn slab_case(dir: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf, [f64; 3], [f64; 3]) {
+    let data = tiny_pair(dir);
     let whole_path = data.join("pair_000_fixed.nii.gz");
+    let whole_labels_path = data.join("pair_000_fixed_labels.nii.gz");
     let whole = io::read_image(&whole_path).unwrap();
+    let whole_labels = io::read_label_map(&whole_labels_path).unwrap();
     let [nx, ny, _] = whole.grid.shape();
     let (z0, nz) = (7, 10);
     let shift_lps = [150.0, 0.0, -300.0];
@@ -273,32 +274,105 @@ fn register_places_a_slab_with_an_unrelated_header() {
     let origin = affine.fixed_view::<3, 1>(0, 3) + start + shift_ras;
     affine.fixed_view_mut::<3, 1>(0, 3).copy_from(&origin);
     let grid = registration::Grid::new([nx, ny, nz], affine).unwrap();
-    let slab = registration::Volume::new(grid, 1, whole.data[z0 * nx * ny..(z0 + nz) * nx * ny].to_vec()).unwrap();
-    let slab_path = dir.path().join("slab.nii.gz");
+    let cut = z0 * nx * ny..(z0 + nz) * nx * ny;
+    let slab = registration::Volume::new(grid.clone(), 1, whole.data[cut.clone()].to_vec()).unwrap();
+    let slab_labels = registration::Labels::new(grid, whole_labels.data[cut].to_vec()).unwrap();
+    let slab_path = dir.join("slab.nii.gz");
+    let slab_labels_path = dir.join("slab_labels.nii.gz");
     io::write_image(&slab_path, &slab).unwrap();
-    let reg = dir.path().join("reg_slab");
-    let json = ok(&[
+    io::write_label_map(&slab_labels_path, &slab_labels).unwrap();
+    (slab_path, slab_labels_path, whole_path, whole_labels_path, shift_lps, whole.grid.spacing())
+}
+
+/// Registers the slab (fixed) and the whole subject (moving) with a few iterations; the JSON
+/// summary.
+fn register_slab(out: &Path, slab: &Path, whole: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
         "register",
         "--fixed",
-        s(&slab_path),
+        s(slab),
         "--moving",
-        s(&whole_path),
+        s(whole),
         "--out",
-        s(&reg),
+        s(out),
         "--iterations",
         "5",
         "--affine-iterations",
         "0",
         "--no-pictures",
         "--json",
-    ]);
-    let summary: serde_json::Value = serde_json::from_str(&json).unwrap();
+    ];
+    args.extend_from_slice(extra);
+    serde_json::from_str(&ok(&args)).unwrap()
+}
+
+/// Issue 9 end to end: the slab is placed by the default `--init search` within a voxel.
+#[test]
+fn register_places_a_slab_with_an_unrelated_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let (slab, _, whole, _, shift_lps, spacing) = slab_case(dir.path());
+    let summary = register_slab(&dir.path().join("reg_slab"), &slab, &whole, &[]);
     let search = &summary["init_search"];
     assert!(search["overlap_fraction"].as_f64().unwrap() > 0.9, "{search}");
-    let spacing = whole.grid.spacing();
     for a in 0..3 {
         // slab point x shows the subject's anatomy at x − shift
         let t = search["translation_mm"][a].as_f64().unwrap();
         assert!((t + shift_lps[a]).abs() <= spacing[a], "axis {a}: {search}");
     }
+}
+
+/// `--init labels` lines up the shared structures, and Dice is reported over the structures
+/// both maps hold, inside the overlap: before (headers: no overlap at all), after the start, after
+/// the registration.
+#[test]
+fn init_labels_and_dice_over_the_overlap() {
+    let dir = tempfile::tempdir().unwrap();
+    let (slab, slab_labels, whole, whole_labels, shift_lps, spacing) = slab_case(dir.path());
+    let err = fails(&[
+        "register",
+        "--fixed",
+        s(&slab),
+        "--moving",
+        s(&whole),
+        "--out",
+        s(&dir.path().join("x")),
+        "--init",
+        "labels",
+    ]);
+    assert!(err.contains("--init labels needs"), "{err}");
+    let labels = ["--fixed-labels", s(&slab_labels), "--moving-labels", s(&whole_labels)];
+    let mut extra = vec!["--init", "labels"];
+    extra.extend_from_slice(&labels);
+    let summary = register_slab(&dir.path().join("reg_labels"), &slab, &whole, &extra);
+    let search = &summary["init_search"];
+    for a in 0..3 {
+        let t = search["translation_mm"][a].as_f64().unwrap();
+        assert!((t + shift_lps[a]).abs() <= spacing[a], "axis {a}: {search}");
+    }
+    assert!(summary["dice_scope"].as_str().unwrap().contains("inside the overlap"), "{summary}");
+    assert!(summary["dice_before"].is_null(), "no overlap before: {summary}");
+    assert!(summary["dice_after_init"].as_f64().unwrap() > 0.8, "{summary}");
+    assert!(summary["metrics"]["mean_dice"].as_f64().unwrap() > 0.7, "{summary}");
+    let shared = summary["shared_labels"].as_array().unwrap();
+    let in_slab = io::read_label_map(&slab_labels).unwrap().ids();
+    assert_eq!(shared.len(), in_slab.len(), "{summary}");
+    assert!(summary["overlap_fraction"].as_f64().unwrap() > 0.9, "{summary}");
+
+    // `obelisk eval --moving-labels` counts the same way as the registration's report
+    let reg = dir.path().join("reg_labels");
+    let eval: serde_json::Value = serde_json::from_str(&ok(&[
+        "eval",
+        "--fixed-labels",
+        s(&slab_labels),
+        "--warped-labels",
+        s(&reg.join("warped_labels.nii.gz")),
+        "--field",
+        s(&reg.join("field.nii.gz")),
+        "--moving-labels",
+        s(&whole_labels),
+        "--json",
+    ]))
+    .unwrap();
+    let (a, b) = (eval["mean_dice"].as_f64().unwrap(), summary["metrics"]["mean_dice"].as_f64().unwrap());
+    assert!((a - b).abs() < 1e-9, "eval {a} vs register {b}");
 }

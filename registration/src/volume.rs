@@ -84,6 +84,31 @@ impl Labels {
         v
     }
 
+    /// A copy with every label not in `keep` (sorted) set to background.
+    pub fn keep_only(&self, keep: &[u32]) -> Labels {
+        let data = self.data.iter().map(|&l| if keep.binary_search(&l).is_ok() { l } else { 0 }).collect();
+        Labels { grid: self.grid.clone(), data }
+    }
+
+    /// Sorted non-zero labels present in both maps.
+    pub fn shared_ids(&self, other: &Labels) -> Vec<u32> {
+        let theirs = other.ids();
+        self.ids().into_iter().filter(|l| theirs.binary_search(l).is_ok()).collect()
+    }
+
+    /// One channel per label of `ids`: 1 inside the label, 0 elsewhere (a feature map in which
+    /// two label maps can be compared by the same code as image features).
+    pub fn one_hot(&self, ids: &[u32]) -> Volume {
+        let n = self.data.len();
+        let mut data = vec![0.0f32; ids.len() * n];
+        for (c, &id) in ids.iter().enumerate() {
+            for (d, &l) in data[c * n..(c + 1) * n].iter_mut().zip(&self.data) {
+                *d = if l == id { 1.0 } else { 0.0 };
+            }
+        }
+        Volume { grid: self.grid.clone(), channels: ids.len(), data }
+    }
+
     /// The labels as a float volume (for sampling).
     pub fn to_volume(&self) -> Volume {
         Volume { grid: self.grid.clone(), channels: 1, data: self.data.iter().map(|&l| l as f32).collect() }

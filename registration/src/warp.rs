@@ -87,14 +87,7 @@ pub fn warp_labels(moving: &Labels, field: &DisplacementField) -> Labels {
     let map = Mapping::new(field, &moving.grid);
     let [nx, ny, nz] = field.grid.shape();
     let [mx, my, mz] = moving.grid.shape();
-    let pick = |x: f64, n: usize| -> Option<usize> {
-        // ITK's extent test: a continuous index in [-0.5, n - 0.5)
-        if x.is_finite() && x >= -0.5 && x < n as f64 - 0.5 {
-            Some(((x + 0.5).floor() as usize).min(n - 1))
-        } else {
-            None
-        }
-    };
+    let pick = |x: f64, n: usize| in_extent(x, n).then(|| ((x + 0.5).floor() as usize).min(n - 1));
     let mut out = vec![0u32; nx * ny * nz];
     out.par_chunks_mut(nx).enumerate().for_each(|(row, o)| {
         let (j, k) = (row % ny, row / ny);
@@ -106,6 +99,28 @@ pub fn warp_labels(moving: &Labels, field: &DisplacementField) -> Labels {
         }
     });
     Labels { grid: field.grid.clone(), data: out }
+}
+
+/// ITK's extent test: a continuous index in `[-0.5, n - 0.5)`.
+fn in_extent(x: f64, n: usize) -> bool {
+    x.is_finite() && x >= -0.5 && x < n as f64 - 0.5
+}
+
+/// Which voxels of the field's (fixed) grid the moving image covers through `field`: where
+/// both images have data, the only place a registration can be judged.
+pub fn coverage(field: &DisplacementField, moving: &crate::Grid) -> Vec<bool> {
+    let map = Mapping::new(field, moving);
+    let [nx, ny, nz] = field.grid.shape();
+    let m = moving.shape();
+    let mut out = vec![false; nx * ny * nz];
+    out.par_chunks_mut(nx).enumerate().for_each(|(row, o)| {
+        let (j, k) = (row % ny, row / ny);
+        for (i, v) in o.iter_mut().enumerate() {
+            let p = map.at(i, j, k, field.at(row * nx + i));
+            *v = (0..3).all(|a| in_extent(p[a], m[a]));
+        }
+    });
+    out
 }
 
 #[cfg(test)]
@@ -131,6 +146,26 @@ mod tests {
             }
         }
         Volume::new(grid.clone(), 2, data).unwrap()
+    }
+
+    #[test]
+    fn coverage_is_where_the_displaced_point_lies_inside_the_moving_extent() {
+        let g = oblique();
+        let [nx, ny, nz] = g.shape();
+        assert!(coverage(&DisplacementField::zeros(g.clone()), &g).iter().all(|&c| c));
+        // three voxels along the grid's first axis, in LPS mm
+        let step = g.map([3.0, 0.0, 0.0], crate::Space::Voxel, crate::Space::Lps);
+        let o = g.map([0.0, 0.0, 0.0], crate::Space::Voxel, crate::Space::Lps);
+        let n = g.num_voxels();
+        let mut data = vec![0.0f32; 3 * n];
+        for a in 0..3 {
+            data[a * n..(a + 1) * n].fill((step[a] - o[a]) as f32);
+        }
+        let cov = coverage(&DisplacementField::new(g.clone(), data).unwrap(), &g);
+        for (v, &c) in cov.iter().enumerate() {
+            assert_eq!(c, v % nx + 3 < nx, "voxel {v}");
+        }
+        assert_eq!(cov.iter().filter(|&&c| c).count(), (nx - 3) * ny * nz);
     }
 
     #[test]

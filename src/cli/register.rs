@@ -108,6 +108,9 @@ impl RegisterArgs {
         for p in &inputs {
             check_input(p)?;
         }
+        if self.init == InitKind::Labels && (self.fixed_labels.is_none() || self.moving_labels.is_none()) {
+            bail!("--init labels needs --fixed-labels and --moving-labels");
+        }
         for (name, v) in [("--smoothness", self.smoothness), ("--diffusion", self.diffusion)] {
             if !(v.is_finite() && v >= 0.0) {
                 bail!("{name} must be a finite number >= 0, got {v}");
@@ -219,8 +222,14 @@ pub fn report(s: &RegisterSummary, json: bool, quiet: bool) -> Result<()> {
             st.seconds
         );
     }
-    if let (Some(b), Some(a)) = (s.dice_before, s.metrics.mean_dice) {
-        println!("mean Dice {b:.3} -> {a:.3}");
+    if let Some(a) = s.metrics.mean_dice {
+        let f = |d: Option<f64>| d.map_or("-".to_string(), |v| format!("{v:.3}"));
+        println!(
+            "mean Dice of {} shared structures inside the overlap: {} before -> {} after init -> {a:.3}",
+            s.shared_labels.len(),
+            f(s.dice_before),
+            f(s.dice_after_init)
+        );
     }
     if let Some(e) = &s.metrics.endpoint_error {
         println!("endpoint error vs truth: mean {:.2} mm, p95 {:.2} mm", e.mean_mm, e.p95_mm);

@@ -7,6 +7,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use registration::metrics::{endpoint_error, jacobian, RegistrationMetrics};
 use registration::synth::SynthConfig;
+use registration::warp::coverage;
 
 use crate::cli::register::{check_input, prepare_out_dir, report, RegisterArgs};
 use crate::cli::synth::write_dataset;
@@ -89,20 +90,34 @@ pub struct EvalArgs {
     /// Ground-truth field, for the endpoint error (needs --field).
     #[arg(long)]
     pub truth: Option<PathBuf>,
+    /// The moving label map before warping (needs --field): Dice and HD95 are then counted over
+    /// the structures present in both label maps, inside the part of the fixed image that the
+    /// moving image covers through the field (as `obelisk register` reports them).
+    #[arg(long)]
+    pub moving_labels: Option<PathBuf>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn eval(args: EvalArgs, quiet: bool) -> Result<()> {
-    for p in [Some(&args.fixed_labels), Some(&args.warped_labels), args.field.as_ref(), args.truth.as_ref()]
-        .into_iter()
-        .flatten()
+    for p in [
+        Some(&args.fixed_labels),
+        Some(&args.warped_labels),
+        args.field.as_ref(),
+        args.truth.as_ref(),
+        args.moving_labels.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
     {
         check_input(p)?;
     }
     if args.truth.is_some() && args.field.is_none() {
         bail!("--truth needs --field");
+    }
+    if args.moving_labels.is_some() && args.field.is_none() {
+        bail!("--moving-labels needs --field (the overlap is where the field maps into the moving image)");
     }
     let fixed = io::read_label_map(&args.fixed_labels)?;
     let warped = io::read_labels_for(&args.warped_labels, &fixed.grid, &args.fixed_labels)?;
@@ -110,7 +125,20 @@ pub fn eval(args: EvalArgs, quiet: bool) -> Result<()> {
         Some(p) => io::read_field(p)?,
         None => registration::DisplacementField::zeros(fixed.grid.clone()),
     };
-    let mut m = RegistrationMetrics::evaluate(&fixed, &warped, &field, &BTreeMap::new(), None)?;
+    let (fixed, warped, mask) = match &args.moving_labels {
+        Some(p) => {
+            if !field.grid.same_as(&fixed.grid, io::GRID_TOL) {
+                let fp = args.field.as_deref().unwrap_or(p);
+                let msg = format!("does not lie on the grid of {}", args.fixed_labels.display());
+                return Err(IoError::new(fp, msg).into());
+            }
+            let moving = io::read_label_map(p)?;
+            let shared = fixed.shared_ids(&moving);
+            (fixed.keep_only(&shared), warped.keep_only(&shared), Some(coverage(&field, &moving.grid)))
+        }
+        None => (fixed, warped, None),
+    };
+    let mut m = RegistrationMetrics::evaluate(&fixed, &warped, &field, &BTreeMap::new(), mask.as_deref())?;
     if let (Some(t), Some(fp)) = (&args.truth, &args.field) {
         let truth = io::read_field(t)?;
         if !truth.grid.same_as(&field.grid, io::GRID_TOL) {
