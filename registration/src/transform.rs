@@ -131,6 +131,21 @@ impl DenseDisplacement {
         Ok(Self { grid: grid.clone(), tensor: self.sample_on(grid)? })
     }
 
+    /// The displacement `exp(v) − id` of a stationary velocity field `v` `(1, 3, d, h, w)` (LPS
+    /// mm on `grid`) by scaling and squaring: `v / 2^steps`, composed with itself `steps` times
+    /// (`u ← u + u ∘ (id + u)`). Each small step is invertible, hence so is the result: it does
+    /// not fold. Differentiable in `v`.
+    pub fn exponentiate(velocity: &Tensor, grid: &Grid, steps: usize) -> Result<Tensor> {
+        let plan = SamplingPlan::new(grid, grid, &Affine::default(), velocity.device())?;
+        let shape = velocity.shape().clone();
+        let mut u = (velocity / 2f64.powi(steps as i32))?;
+        for _ in 0..steps {
+            let at = ops::grid_sample(&u, &plan.points_for(&u)?, ops::Interpolation::Linear, ops::Padding::Border)?;
+            u = (&u + at.reshape(shape.clone())?)?;
+        }
+        Ok(u)
+    }
+
     /// The full transform `affine(x) + u(x) − x` as an ITK displacement field on `grid`.
     pub fn to_field(&self, affine: &Affine, grid: &Grid) -> Result<DisplacementField> {
         let mut data = self.sample_on(grid)?.flatten_all()?.to_vec1::<f32>()?;

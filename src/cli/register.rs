@@ -63,6 +63,10 @@ pub struct RegisterArgs {
     /// Maximum iterations per deformable level.
     #[arg(long)]
     pub iterations: Option<usize>,
+    /// Optimise a stationary velocity field and warp with its exponential (scaling and
+    /// squaring): the deformable part cannot fold.
+    #[arg(long)]
+    pub diffeomorphic: bool,
     /// Slice shown in summary.png: axial|coronal|sagittal[:INDEX].
     #[arg(long, default_value = "axial")]
     pub slice: SliceSpec,
@@ -158,6 +162,7 @@ impl RegisterArgs {
             smoothness: self.smoothness,
             diffusion: self.diffusion,
             affine_iterations: self.affine_iterations,
+            diffeomorphic: self.diffeomorphic,
             ..Default::default()
         };
         if let Some(n) = self.iterations {

@@ -60,6 +60,7 @@ pub fn demo(args: DemoArgs, quiet: bool) -> Result<()> {
         diffusion: registration::engine::RegistrationConfig::default().diffusion,
         affine_iterations: 0,
         iterations: None,
+        diffeomorphic: false,
         slice: SliceSpec { axis: pictures::Axis::Coronal, index: None },
         no_pictures: false,
         force: args.force,
