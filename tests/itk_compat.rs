@@ -4,7 +4,7 @@
 //! (made by `data-scripts/setup-venv.sh`). Without one the tests print SKIPPED, unless
 //! `OBELISK_REQUIRE_PYTHON=1` (CI), where they fail.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use nalgebra::{Matrix4, Rotation3};
@@ -12,20 +12,8 @@ use obelisk::io;
 use registration::grid::Space;
 use registration::{DisplacementField, Grid, Volume};
 
-fn python() -> Option<PathBuf> {
-    let candidate = match std::env::var_os("OBELISK_PYTHON") {
-        Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"),
-    };
-    if candidate.exists() {
-        return Some(candidate);
-    }
-    if std::env::var("OBELISK_REQUIRE_PYTHON").as_deref() == Ok("1") {
-        panic!("OBELISK_REQUIRE_PYTHON=1 but no Python at {} (run data-scripts/setup-venv.sh)", candidate.display());
-    }
-    println!("SKIPPED: no Python at {} (run data-scripts/setup-venv.sh or set OBELISK_PYTHON)", candidate.display());
-    None
-}
+mod common;
+use common::python;
 
 fn py(python: &Path, args: &[&dyn AsRef<std::ffi::OsStr>]) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/itk_check.py");
