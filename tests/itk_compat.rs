@@ -287,6 +287,13 @@ fn totalseg_outputs_read_alike_in_nibabel_and_obelisk() {
         println!("SKIPPED: no {} (run data-scripts/fetch_totalseg.sh)", root.display());
         return;
     }
+    // its dataset.json is read by the one dataset reader, with every listed file present
+    let ds = io::dataset::Dataset::load(&root.join("dataset.json")).unwrap();
+    assert_eq!((ds.labelled_training().len(), ds.registration_val.len(), ds.labels[&1].as_str()), (3, 4, "liver"));
+    ds.check_files(
+        ds.training.iter().flat_map(|s| s.files()).chain(ds.registration_val.iter().flat_map(|p| p.files())),
+    )
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     for subject in ["ct_a", "ct_b", "mr_c"] {
         let (img_path, lab_path) =
