@@ -46,6 +46,13 @@ fn synth_is_deterministic_and_writes_a_dataset() {
     let ds: serde_json::Value = serde_json::from_slice(&std::fs::read(da.join("dataset.json")).unwrap()).unwrap();
     assert_eq!(ds["numPairs"], 1);
     assert_eq!(ds["labels"]["1"], "liver");
+    // the writer's schema is the reader's: every listed file is there, pairs carry their extras
+    let parsed = io::dataset::Dataset::load(&da.join("dataset.json")).unwrap();
+    assert_eq!(parsed.tensor_image_shape, Some(vec![24, 24, 24]));
+    let pair = &parsed.registration_val[0];
+    assert_eq!(pair.truth_field.as_deref(), Some(da.join("pair_000_truth.nii.gz").as_path()));
+    assert_eq!(pair.files().len(), 5);
+    parsed.check_files(parsed.training.iter().flat_map(|s| s.files()).chain(pair.files())).unwrap();
     let img = io::read_image(&da.join("subject_000_image.nii.gz")).unwrap();
     let lab = io::read_label_map(&da.join("subject_000_labels.nii.gz")).unwrap();
     assert!(img.grid.same_as(&lab.grid, 1e-6));

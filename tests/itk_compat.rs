@@ -4,7 +4,8 @@
 //! (made by `data-scripts/setup-venv.sh`). Without one the tests print SKIPPED, unless
 //! `OBELISK_REQUIRE_PYTHON=1` (CI), where they fail.
 
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::process::Command;
 
 use nalgebra::{Matrix4, Rotation3};
@@ -12,20 +13,8 @@ use obelisk::io;
 use registration::grid::Space;
 use registration::{DisplacementField, Grid, Volume};
 
-fn python() -> Option<PathBuf> {
-    let candidate = match std::env::var_os("OBELISK_PYTHON") {
-        Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"),
-    };
-    if candidate.exists() {
-        return Some(candidate);
-    }
-    if std::env::var("OBELISK_REQUIRE_PYTHON").as_deref() == Ok("1") {
-        panic!("OBELISK_REQUIRE_PYTHON=1 but no Python at {} (run data-scripts/setup-venv.sh)", candidate.display());
-    }
-    println!("SKIPPED: no Python at {} (run data-scripts/setup-venv.sh or set OBELISK_PYTHON)", candidate.display());
-    None
-}
+mod common;
+use common::python;
 
 fn py(python: &Path, args: &[&dyn AsRef<std::ffi::OsStr>]) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/itk_check.py");
@@ -221,5 +210,114 @@ fn reads_what_nibabel_writes() {
         assert_eq!(v.data, info.data.iter().map(|&x| x as f32).collect::<Vec<_>>(), "{name}");
         let a = affine_of(&info);
         assert!((v.grid.affine() - a).abs().max() < 1e-5, "{name}: {} vs {a}", v.grid.affine());
+    }
+}
+
+/// Per-label Dice printed by `obelisk eval --json`.
+fn eval_dice(fixed_labels: &Path, warped: &Path) -> BTreeMap<u64, f64> {
+    let out = Command::new(env!("CARGO_BIN_EXE_obelisk"))
+        .args(["eval", "--json", "--fixed-labels"])
+        .arg(fixed_labels)
+        .arg("--warped-labels")
+        .arg(warped)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "obelisk eval failed: {}", String::from_utf8_lossy(&out.stderr));
+    let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    m["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| (l["label"].as_u64().unwrap(), l["dice"].as_f64().unwrap()))
+        .collect()
+}
+
+/// Acceptance of `obelisk synth`: the moving labels of a ground-truth pair, warped back with the
+/// truth field by `obelisk warp` and by SimpleITK (nearest neighbour), cover the fixed labels.
+#[test]
+fn synth_truth_field_warps_labels_back_in_obelisk_and_sitk() {
+    let Some(python) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("pair");
+    #[rustfmt::skip]
+    obelisk(&[&"synth", &"--quiet", &"--out", &data, &"--subjects", &"0", &"--pairs", &"1",
+              &"--size", &"96,88,96", &"--spacing", &"2.5,2.5,2.5", &"--max-displacement", &"12", &"--seed", &"1"]);
+    let p = |n: &str| data.join(format!("pair_000_{n}.nii.gz"));
+    let (ours, theirs) = (dir.path().join("ours.nii.gz"), dir.path().join("sitk.nii.gz"));
+    #[rustfmt::skip]
+    obelisk(&[&"warp", &"--quiet", &"--labels", &"--moving", &p("moving_labels"), &"--field", &p("truth"),
+              &"--out", &ours]);
+    py(&python, &[&"resample-labels", &p("moving_labels"), &p("fixed"), &p("truth"), &theirs]);
+    let before = eval_dice(&p("fixed_labels"), &p("moving_labels"));
+    let mean = |d: &BTreeMap<u64, f64>| d.values().sum::<f64>() / d.len() as f64;
+    for (who, warped) in [("obelisk warp", &ours), ("SimpleITK", &theirs)] {
+        let after = eval_dice(&p("fixed_labels"), warped);
+        println!("{who}: mean Dice {:.4} -> {:.4}, per label {after:?}", mean(&before), mean(&after));
+        assert_eq!(after.len(), 9, "{who}: {after:?}");
+        for (&id, &d) in &after {
+            // liver, spleen, kidneys, stomach; thin structures lose more to half-voxel boundary
+            // shifts of nearest-neighbour sampling (see registration's synth tests)
+            let bound = if id <= 5 { 0.95 } else { 0.85 };
+            assert!(d > bound, "{who}: label {id} Dice {d:.3} (before {:.3})", before[&id]);
+        }
+        assert!(mean(&after) > mean(&before) + 0.03, "{who}: {:.3} -> {:.3}", mean(&before), mean(&after));
+    }
+    // and the two resamplers agree almost everywhere (ties at exact half-voxel positions aside)
+    let (a, b) = (io::read_label_map(&ours).unwrap(), io::read_label_map(&theirs).unwrap());
+    let differ = a.data.iter().zip(&b.data).filter(|(x, y)| x != y).count();
+    assert!((differ as f64) < 1e-3 * a.data.len() as f64, "{differ} of {} voxels differ", a.data.len());
+}
+
+#[derive(serde::Deserialize)]
+struct NibSummary {
+    affine: Vec<Vec<f64>>,
+    shape: Vec<usize>,
+    sum: f64,
+    counts: BTreeMap<String, usize>,
+}
+
+/// The TotalSegmentator subjects that `data-scripts/fetch_totalseg.sh` writes read the same in
+/// nibabel and in obelisk: affine, shape, intensities, label voxel counts. Needs `data/totalseg`
+/// (skipped otherwise).
+#[test]
+fn totalseg_outputs_read_alike_in_nibabel_and_obelisk() {
+    let Some(python) = python() else { return };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/totalseg");
+    if !root.join("dataset.json").is_file() {
+        println!("SKIPPED: no {} (run data-scripts/fetch_totalseg.sh)", root.display());
+        return;
+    }
+    // its dataset.json is read by the one dataset reader, with every listed file present
+    let ds = io::dataset::Dataset::load(&root.join("dataset.json")).unwrap();
+    assert_eq!((ds.labelled_training().len(), ds.registration_val.len(), ds.labels[&1].as_str()), (3, 4, "liver"));
+    ds.check_files(
+        ds.training.iter().flat_map(|s| s.files()).chain(ds.registration_val.iter().flat_map(|p| p.files())),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for subject in ["ct_a", "ct_b", "mr_c"] {
+        let (img_path, lab_path) =
+            (root.join(format!("{subject}.nii.gz")), root.join(format!("{subject}_labels.nii.gz")));
+        let summary = |p: &Path| -> NibSummary {
+            let json = dir.path().join("summary.json");
+            py(&python, &[&"nib-summary", &p, &json]);
+            serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap()
+        };
+        let (ni, nl) = (summary(&img_path), summary(&lab_path));
+        let img = io::read_image(&img_path).unwrap();
+        let lab = io::read_labels_for(&lab_path, &img.grid, &img_path).unwrap();
+        for (what, n) in [("image", &ni), ("labels", &nl)] {
+            let a = Matrix4::from_fn(|r, c| n.affine[r][c]);
+            assert!((img.grid.affine() - a).abs().max() < 1e-4, "{subject} {what}: {} vs {a}", img.grid.affine());
+            assert_eq!(n.shape, img.grid.shape().to_vec(), "{subject} {what}");
+        }
+        let sum: f64 = img.data.iter().map(|&v| f64::from(v)).sum();
+        assert!((sum - ni.sum).abs() <= 1e-6 * ni.sum.abs().max(1.0), "{subject}: {sum} vs {}", ni.sum);
+        let mut counts = BTreeMap::new();
+        for &l in &lab.data {
+            *counts.entry(l.to_string()).or_insert(0usize) += 1;
+        }
+        assert_eq!(counts, nl.counts, "{subject}: label voxel counts");
+        assert!(nl.counts.len() > 15, "{subject}: {} labels", nl.counts.len());
     }
 }

@@ -74,3 +74,53 @@ fn synth_train_segment_register() {
     assert!(field.grid.same_as(&io::read_grid(&fixed).unwrap(), io::GRID_TOL));
     assert!(field.data.iter().all(|v| v.is_finite()));
 }
+
+/// `train` reads a dataset laid out and described as Learn2Reg publishes it (imagesTr/,
+/// labelsTr/, `{TASK}_dataset.json` with "./" paths, label names, test entries without files).
+#[test]
+fn train_reads_a_learn2reg_dataset() {
+    let dir = tempfile::tempdir().unwrap();
+    let gen = dir.path().join("gen");
+    #[rustfmt::skip]
+    ok(&["synth", "--out", s(&gen), "--subjects", "2", "--size", "24,24,24", "--spacing", "14,14,14",
+         "--seed", "2", "--quiet"]);
+    let root = dir.path().join("AbdomenCTCT");
+    for sub in ["imagesTr", "labelsTr"] {
+        std::fs::create_dir_all(root.join(sub)).unwrap();
+    }
+    for i in 0..2 {
+        let name = format!("AbdomenCTCT_{:04}_0000.nii.gz", i + 1);
+        std::fs::rename(gen.join(format!("subject_{i:03}_image.nii.gz")), root.join("imagesTr").join(&name)).unwrap();
+        std::fs::rename(gen.join(format!("subject_{i:03}_labels.nii.gz")), root.join("labelsTr").join(&name)).unwrap();
+    }
+    let names = ["background", "leber", "milz", "niere_r", "niere_l", "magen", "pankreas", "aorta", "galle", "ws"];
+    let labels: serde_json::Map<String, serde_json::Value> =
+        names.iter().enumerate().map(|(i, n)| (i.to_string(), serde_json::json!(n))).collect();
+    let entry = |i: usize| {
+        let n = format!("AbdomenCTCT_{i:04}_0000.nii.gz");
+        serde_json::json!({"image": format!("./imagesTr/{n}"), "label": format!("./labelsTr/{n}")})
+    };
+    let json = serde_json::json!({
+        "name": "AbdomenCTCT", "release": "1.1", "pairings": "unpaired",
+        "provided_data": {"0": ["image", "label"]}, "registration_direction": {"fixed": 0, "moving": 0},
+        "modality": {"0": "CT"}, "labels": labels, "tensorImageSize": {"0": "3D"},
+        "tensorImageShape": {"0": [24, 24, 24]}, "numTraining": 2, "numTest": 1,
+        "training": [entry(1), entry(2)],
+        "test": [{"image": "./imagesTs/AbdomenCTCT_0031_0000.nii.gz"}],
+        "registration_val": [{"fixed": "./imagesTr/AbdomenCTCT_0001_0000.nii.gz",
+                              "moving": "./imagesTr/AbdomenCTCT_0002_0000.nii.gz"}],
+    });
+    let ds = root.join("AbdomenCTCT_dataset.json");
+    std::fs::write(&ds, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    let model = dir.path().join("model");
+    ok(&["train", "--dataset", s(&ds), "--out", s(&model), "--iterations", "2", "--quiet"]);
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(model.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["label_names"][1], "leber");
+    assert_eq!(config["label_names"][9], "ws");
+
+    let label = root.join("labelsTr/AbdomenCTCT_0002_0000.nii.gz");
+    std::fs::remove_file(&label).unwrap();
+    let err = fails(&["train", "--dataset", s(&ds), "--out", s(&model), "--iterations", "1", "--force"]);
+    assert!(err.contains(&format!("{}: file not found (listed as training[1].label in", label.display())), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}

@@ -148,6 +148,7 @@ pub fn write_dataset(
         "tensorImageSize": {"0": "3D"},
         "modality": {"0": match cfg.modality { Modality::Ct => "CT", Modality::Mr => "MR" }},
         "labels": labels,
+        "tensorImageShape": {"0": cfg.size},
         "tensorSize": cfg.size,
         "spacing": cfg.spacing,
         "seed": cfg.seed,

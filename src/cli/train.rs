@@ -14,7 +14,7 @@ use segmentation::{Architecture, InputNorm, Model, ModelConfig, ObeliskNetConfig
 use serde::Serialize;
 
 use crate::cli::register::{check_input, prepare_out_dir};
-use crate::io::{self, atomic::check_output, atomic::write_atomic};
+use crate::io::{self, atomic::check_output, atomic::write_atomic, dataset::Dataset};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -33,8 +33,9 @@ pub enum ArchArg {
   obelisk train --dataset cohort/dataset.json --out model/ --arch unet --iterations 500 --seed 2
   obelisk train --dataset cohort/dataset.json --out cv/ --folds 4
 
-Reads training[].image / training[].label (paths relative to the JSON's folder) and the labels
-map of a Learn2Reg-style dataset.json (as written by obelisk synth). Writes model.safetensors
+Reads a dataset description in the Learn2Reg schema (e.g. AbdomenCTCT_dataset.json as
+published, or the dataset.json of obelisk synth; see docs/dataset-json.md): the training entries
+that have a label map (paths relative to the JSON's folder) and the labels map. Writes model.safetensors
 and config.json (with the label names) into --out; with --folds K also cv.json and cv.md with
 the Dice of every label in every held-out fold, then trains the saved model on all subjects.")]
 pub struct TrainArgs {
@@ -83,19 +84,6 @@ pub struct TrainJob {
     pub input_norm: InputNorm,
 }
 
-#[derive(serde::Deserialize)]
-struct DatasetEntry {
-    image: String,
-    label: String,
-}
-
-#[derive(serde::Deserialize)]
-struct Dataset {
-    #[serde(default)]
-    labels: BTreeMap<String, String>,
-    training: Vec<DatasetEntry>,
-}
-
 fn volume_tensor(v: &Volume) -> Result<Tensor> {
     let (d, h, w) = v.grid.dhw();
     Ok(Tensor::from_slice(&v.data, (1, 1, d, h, w), &Device::Cpu)?)
@@ -117,59 +105,54 @@ fn robust_norm(images: &[Volume]) -> InputNorm {
 
 impl TrainArgs {
     pub fn into_job(self) -> Result<TrainJob> {
-        check_input_json(&self.dataset)?;
         if self.iterations == 0 {
             bail!("--iterations must be at least 1");
         }
         if self.log_every == 0 {
             bail!("--log-every must be at least 1");
         }
-        let text = std::fs::read_to_string(&self.dataset)
-            .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", self.dataset.display()))?;
-        let ds: Dataset = serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{}: not a dataset description: {e}", self.dataset.display()))?;
-        if ds.training.is_empty() {
-            bail!("{}: the training list is empty", self.dataset.display());
+        let ds = Dataset::load(&self.dataset)?;
+        let json = self.dataset.display();
+        let labelled = ds.labelled_training();
+        if labelled.is_empty() {
+            bail!("{json}: no training entry has a label map (\"training\": [{{\"image\": ..., \"label\": ...}}])");
         }
         if let Some(k) = self.folds {
-            if k < 2 || k > ds.training.len() {
-                bail!("--folds must be between 2 and the number of subjects ({}), got {k}", ds.training.len());
+            if k < 2 || k > labelled.len() {
+                bail!("--folds must be between 2 and the number of labelled subjects ({}), got {k}", labelled.len());
             }
         }
-        let base = self.dataset.parent().map(Path::to_path_buf).unwrap_or_default();
-        let mut max_label = 0u32;
-        let mut names = BTreeMap::new();
-        for (k, v) in &ds.labels {
-            let id: u32 =
-                k.parse().map_err(|_| anyhow::anyhow!("{}: label id {k:?} is not a number", self.dataset.display()))?;
-            max_label = max_label.max(id);
-            names.insert(id, v.clone());
-        }
+        ds.check_files(labelled.iter().flat_map(|s| s.files()))?;
+        let max_named = ds.labels.keys().copied().max().unwrap_or(0);
+        let mut max_label = max_named;
         let mut volumes = Vec::new();
         let mut raw = Vec::new();
-        for e in &ds.training {
-            let (ip, lp) = (base.join(&e.image), base.join(&e.label));
+        for s in &labelled {
+            let (ip, lp) = (s.image.clone(), s.label.clone().expect("labelled"));
             check_input(&ip)?;
             check_input(&lp)?;
             let img = io::read_image(&ip)?;
             let lab = io::read_labels_for(&lp, &img.grid, &ip)?;
             let m = lab.data.iter().copied().max().unwrap_or(0);
-            if !ds.labels.is_empty() && m > max_label {
-                bail!("{}: label {m} is not in the labels map of {}", lp.display(), self.dataset.display());
+            if !ds.labels.is_empty() && m > max_named {
+                bail!("{}: label {m} is not in the labels map of {json}", lp.display());
             }
             max_label = max_label.max(m);
             raw.push((ip, lab));
             volumes.push(img);
         }
         if max_label == 0 {
-            bail!("{}: the label maps hold no foreground", self.dataset.display());
+            bail!("{json}: the label maps hold no foreground");
         }
         let label_names: Vec<String> = (0..=max_label)
             .map(|i| {
-                names
-                    .get(&i)
-                    .cloned()
-                    .unwrap_or_else(|| if i == 0 { "background".into() } else { format!("label_{i}") })
+                ds.labels.get(&i).cloned().unwrap_or_else(|| {
+                    if i == 0 {
+                        "background".into()
+                    } else {
+                        format!("label_{i}")
+                    }
+                })
             })
             .collect();
         let input_norm = robust_norm(&volumes);
@@ -200,13 +183,6 @@ impl TrainArgs {
             input_norm,
         })
     }
-}
-
-fn check_input_json(p: &Path) -> Result<()> {
-    if !p.is_file() {
-        bail!("{}: dataset file not found", p.display());
-    }
-    Ok(())
 }
 
 /// Per-label Dice of one cross-validation fold (mean over its held-out subjects).

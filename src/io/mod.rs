@@ -4,6 +4,7 @@
 //! every write is atomic ([`atomic::write_atomic`]).
 
 pub mod atomic;
+pub mod dataset;
 pub mod nifti;
 pub mod png;
 

@@ -2,7 +2,7 @@
 
 #![allow(dead_code)] // each test binary uses its own subset
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub fn obelisk(args: &[&str]) -> Output {
@@ -28,4 +28,22 @@ pub fn fails(args: &[&str]) -> String {
 
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
+}
+
+/// The Python with SimpleITK, numpy and nibabel for the cross-checks: `$OBELISK_PYTHON`, else
+/// `.venv/bin/python` (made by `data-scripts/setup-venv.sh`). Without one the caller skips with
+/// a printed SKIPPED, unless `OBELISK_REQUIRE_PYTHON=1` (CI), where this panics.
+pub fn python() -> Option<PathBuf> {
+    let candidate = match std::env::var_os("OBELISK_PYTHON") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"),
+    };
+    if candidate.exists() {
+        return Some(candidate);
+    }
+    if std::env::var("OBELISK_REQUIRE_PYTHON").as_deref() == Ok("1") {
+        panic!("OBELISK_REQUIRE_PYTHON=1 but no Python at {} (run data-scripts/setup-venv.sh)", candidate.display());
+    }
+    println!("SKIPPED: no Python at {} (run data-scripts/setup-venv.sh or set OBELISK_PYTHON)", candidate.display());
+    None
 }

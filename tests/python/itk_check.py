@@ -3,7 +3,9 @@
 Commands:
   make-field REF OUT SEED AMP      smooth random ITK displacement field (LPS mm) on REF's grid
   resample MOVING REF FIELD OUT    SimpleITK: Resample(moving, ref, DisplacementFieldTransform, linear, 0)
+  resample-labels MOVING REF FIELD OUT   the same with nearest-neighbour interpolation (label maps)
   nib-info PATH OUT_JSON           what nibabel reads: affine, shape, data (Fortran order), form codes
+  nib-summary PATH OUT_JSON        what nibabel reads, summarised: affine, shape, dtype, sum, voxel counts
   nib-make PATH OUT_JSON [<|>]     nibabel writes an oblique int16 image with scl_slope/inter
 """
 import json
@@ -42,13 +44,32 @@ def make_field(ref_path, out_path, seed, amp):
     sitk.WriteImage(field, out_path)
 
 
-def resample(moving_path, ref_path, field_path, out_path):
-    moving = sitk.ReadImage(moving_path, sitk.sitkFloat32)
+def resample(moving_path, ref_path, field_path, out_path, labels=False):
+    moving = sitk.ReadImage(moving_path, sitk.sitkUInt8 if labels else sitk.sitkFloat32)
     ref = sitk.ReadImage(ref_path)
     field = sitk.ReadImage(field_path, sitk.sitkVectorFloat64)
     tx = sitk.DisplacementFieldTransform(field)
-    out = sitk.Resample(moving, ref, tx, sitk.sitkLinear, 0.0)
+    out = sitk.Resample(moving, ref, tx, sitk.sitkNearestNeighbor if labels else sitk.sitkLinear, 0.0)
     sitk.WriteImage(out, out_path)
+
+
+def resample_labels(moving_path, ref_path, field_path, out_path):
+    resample(moving_path, ref_path, field_path, out_path, labels=True)
+
+
+def nib_summary(path, out_json):
+    img = nib.load(path)
+    data = np.asarray(img.dataobj)
+    values, counts = np.unique(data, return_counts=True) if data.dtype.kind in "iu" else ([], [])
+    info = {
+        "affine": img.affine.tolist(),
+        "shape": list(data.shape),
+        "dtype": str(data.dtype),
+        "sum": float(data.astype(np.float64).sum()),
+        "counts": {str(int(v)): int(c) for v, c in zip(values, counts)},
+    }
+    with open(out_json, "w") as f:
+        json.dump(info, f)
 
 
 def nib_info(path, out_json):
@@ -83,4 +104,11 @@ def nib_make(path, out_json, endianness="<"):
 
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
-    {"make-field": make_field, "resample": resample, "nib-info": nib_info, "nib-make": nib_make}[cmd](*args)
+    {
+        "make-field": make_field,
+        "resample": resample,
+        "resample-labels": resample_labels,
+        "nib-info": nib_info,
+        "nib-summary": nib_summary,
+        "nib-make": nib_make,
+    }[cmd](*args)
