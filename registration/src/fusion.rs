@@ -38,11 +38,7 @@ pub fn majority_vote(candidates: &[Labels]) -> Result<Labels> {
 /// one-channel dissimilarity map of atlas `i` ([`local_distance`]) on the candidates' grid.
 pub fn weighted_vote(candidates: &[Labels], distances: &[Volume]) -> Result<Labels> {
     if distances.len() != candidates.len() {
-        return Err(Error::Data(format!(
-            "{} label maps but {} dissimilarity maps",
-            candidates.len(),
-            distances.len()
-        )));
+        return Err(Error::Data(format!("{} label maps but {} dissimilarity maps", candidates.len(), distances.len())));
     }
     for (i, d) in distances.iter().enumerate() {
         if d.channels != 1 || !d.grid.same_as(&candidates[0].grid, GRID_TOL_MM) {
@@ -104,12 +100,7 @@ fn vote(candidates: &[Labels], distances: Option<&[Volume]>) -> Result<Labels> {
                     None => tally.push((l, w)),
                 }
             }
-            *v = tally
-                .iter()
-                .copied()
-                .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)))
-                .map(|t| t.0)
-                .unwrap_or(0);
+            *v = tally.iter().copied().max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0))).map(|t| t.0).unwrap_or(0);
         }
     });
     Labels::new(first.grid.clone(), out)
@@ -157,7 +148,8 @@ fn gaussian_smooth(data: &[f32], shape: [usize; 3], spacing: [f64; 3], sigma_mm:
             continue;
         }
         let r = (3.0 * sigma).ceil() as usize;
-        let mut kernel: Vec<f64> = (0..=2 * r).map(|t| (-((t as f64 - r as f64) / sigma).powi(2) / 2.0).exp()).collect();
+        let mut kernel: Vec<f64> =
+            (0..=2 * r).map(|t| (-((t as f64 - r as f64) / sigma).powi(2) / 2.0).exp()).collect();
         let sum: f64 = kernel.iter().sum();
         kernel.iter_mut().for_each(|w| *w /= sum);
         let op = AxisOperator::filter(len, &kernel, 1, r, Boundary::Replicate);

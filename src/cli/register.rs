@@ -11,6 +11,7 @@ use crate::features::ObeliskFeatures;
 use crate::io::{self, atomic::check_output, Format, IoError};
 use crate::pictures::SliceSpec;
 use crate::pipeline::{FeatureKind, InitKind, RegisterJob, RegisterSummary};
+use crate::progress::Progress;
 
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
@@ -241,10 +242,11 @@ pub fn report(s: &RegisterSummary, json: bool, quiet: bool) -> Result<()> {
 pub fn run(args: RegisterArgs, quiet: bool) -> Result<()> {
     let json = args.json;
     let job = args.into_job(quiet)?;
-    let summary = job.run(|stage, it, loss| {
-        if !quiet && !json && it % 20 == 0 {
-            eprintln!("{stage:<14} iteration {it:>4}  loss {loss:.5}");
-        }
-    })?;
+    let mut bars = Progress::new(quiet).registration(&job.config);
+    if !quiet && !json {
+        bars = bars.log_every(20);
+    }
+    let summary = job.run(|e| bars.event(e))?;
+    bars.finish();
     report(&summary, json, quiet)
 }

@@ -13,6 +13,7 @@ use crate::cli::synth::write_dataset;
 use crate::io::{self, atomic::check_output, IoError};
 use crate::pictures::{self, SliceSpec};
 use crate::pipeline::{save_png, FeatureKind, InitKind};
+use crate::progress::Progress;
 
 #[derive(Debug, Args)]
 #[command(after_help = "Example:
@@ -44,7 +45,7 @@ pub fn demo(args: DemoArgs, quiet: bool) -> Result<()> {
             data.display()
         );
     }
-    write_dataset(&cfg, &data, 0, 1, args.force)?;
+    write_dataset(&cfg, &data, 0, 1, args.force, &Progress::new(quiet))?;
     let reg = RegisterArgs {
         fixed: data.join("pair_000_fixed.nii.gz"),
         moving: data.join("pair_000_moving.nii.gz"),
@@ -68,7 +69,9 @@ pub fn demo(args: DemoArgs, quiet: bool) -> Result<()> {
         println!("registering moving -> fixed with MIND-SSC features");
     }
     let job = reg.into_job(quiet)?;
-    let summary = job.run(|_, _, _| {})?;
+    let mut bars = Progress::new(quiet).registration(&job.config);
+    let summary = job.run(|e| bars.event(e))?;
+    bars.finish();
     report(&summary, false, quiet)
 }
 
