@@ -43,6 +43,25 @@ pub struct RegisterArgs {
     /// Output folder (created if missing).
     #[arg(long)]
     pub out: PathBuf,
+    #[command(flatten)]
+    pub options: RegOptions,
+    /// Slice shown in summary.png: axial|coronal|sagittal[:INDEX].
+    #[arg(long, default_value = "axial")]
+    pub slice: SliceSpec,
+    /// Do not draw summary.png.
+    #[arg(long)]
+    pub no_pictures: bool,
+    /// Overwrite existing outputs (never an input).
+    #[arg(long)]
+    pub force: bool,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The registration options shared by `register` and `propagate`.
+#[derive(Debug, Clone, Args)]
+pub struct RegOptions {
     /// Features that drive the registration.
     #[arg(long, value_enum, default_value_t = FeatureKind::Mind)]
     pub features: FeatureKind,
@@ -64,18 +83,51 @@ pub struct RegisterArgs {
     /// Maximum iterations per deformable level.
     #[arg(long)]
     pub iterations: Option<usize>,
-    /// Slice shown in summary.png: axial|coronal|sagittal[:INDEX].
-    #[arg(long, default_value = "axial")]
-    pub slice: SliceSpec,
-    /// Do not draw summary.png.
-    #[arg(long)]
-    pub no_pictures: bool,
-    /// Overwrite existing outputs (never an input).
-    #[arg(long)]
-    pub force: bool,
-    /// Print the summary as JSON on stdout.
-    #[arg(long)]
-    pub json: bool,
+}
+
+impl Default for RegOptions {
+    fn default() -> Self {
+        let c = RegistrationConfig::default();
+        Self {
+            features: FeatureKind::Mind,
+            model: None,
+            init: InitKind::Search,
+            smoothness: c.smoothness,
+            diffusion: c.diffusion,
+            affine_iterations: c.affine_iterations,
+            iterations: None,
+        }
+    }
+}
+
+impl RegOptions {
+    /// Checks the numbers, loads the model of `--features obelisk` and builds the engine's
+    /// configuration.
+    pub fn validate(&self) -> Result<(Option<ObeliskFeatures>, RegistrationConfig)> {
+        for (name, v) in [("--smoothness", self.smoothness), ("--diffusion", self.diffusion)] {
+            if !(v.is_finite() && v >= 0.0) {
+                bail!("{name} must be a finite number >= 0, got {v}");
+            }
+        }
+        let model = match (self.features, &self.model) {
+            (FeatureKind::Obelisk, None) => {
+                bail!("--features obelisk needs --model DIR (a folder written by obelisk train)")
+            }
+            (FeatureKind::Obelisk, Some(dir)) => Some(ObeliskFeatures::load(dir)?),
+            (_, Some(_)) => bail!("--model is only used with --features obelisk"),
+            (_, None) => None,
+        };
+        let mut config = RegistrationConfig {
+            smoothness: self.smoothness,
+            diffusion: self.diffusion,
+            affine_iterations: self.affine_iterations,
+            ..Default::default()
+        };
+        if let Some(n) = self.iterations {
+            config.levels.iter_mut().for_each(|l| l.iterations = n);
+        }
+        Ok((model, config))
+    }
 }
 
 pub(crate) fn check_input(path: &Path) -> Result<(), IoError> {
@@ -109,19 +161,7 @@ impl RegisterArgs {
         for p in &inputs {
             check_input(p)?;
         }
-        for (name, v) in [("--smoothness", self.smoothness), ("--diffusion", self.diffusion)] {
-            if !(v.is_finite() && v >= 0.0) {
-                bail!("{name} must be a finite number >= 0, got {v}");
-            }
-        }
-        let model = match (self.features, &self.model) {
-            (FeatureKind::Obelisk, None) => {
-                bail!("--features obelisk needs --model DIR (a folder written by obelisk train)")
-            }
-            (FeatureKind::Obelisk, Some(dir)) => Some(ObeliskFeatures::load(dir)?),
-            (_, Some(_)) => bail!("--model is only used with --features obelisk"),
-            (_, None) => None,
-        };
+        let (model, config) = self.options.validate()?;
         prepare_out_dir(&self.out)?;
         let fixed = io::read_image(&self.fixed)?;
         let moving = io::read_image(&self.moving)?;
@@ -152,15 +192,6 @@ impl RegisterArgs {
             }
             None => None,
         };
-        let mut config = RegistrationConfig {
-            smoothness: self.smoothness,
-            diffusion: self.diffusion,
-            affine_iterations: self.affine_iterations,
-            ..Default::default()
-        };
-        if let Some(n) = self.iterations {
-            config.levels.iter_mut().for_each(|l| l.iterations = n);
-        }
         let job = RegisterJob {
             fixed_path: self.fixed.clone(),
             moving_path: self.moving.clone(),
@@ -171,9 +202,9 @@ impl RegisterArgs {
             truth,
             label_names: BTreeMap::new(),
             out: self.out.clone(),
-            features: self.features,
+            features: self.options.features,
             model,
-            init: self.init,
+            init: self.options.init,
             config,
             pictures: !self.no_pictures,
             slice: self.slice,

@@ -8,11 +8,11 @@ use clap::Args;
 use registration::metrics::{endpoint_error, jacobian, RegistrationMetrics};
 use registration::synth::SynthConfig;
 
-use crate::cli::register::{check_input, prepare_out_dir, report, RegisterArgs};
+use crate::cli::register::{check_input, prepare_out_dir, report, RegOptions, RegisterArgs};
 use crate::cli::synth::write_dataset;
 use crate::io::{self, atomic::check_output, IoError};
 use crate::pictures::{self, SliceSpec};
-use crate::pipeline::{save_png, FeatureKind, InitKind};
+use crate::pipeline::{save_png, InitKind};
 use crate::progress::Progress;
 
 #[derive(Debug, Args)]
@@ -53,13 +53,7 @@ pub fn demo(args: DemoArgs, quiet: bool) -> Result<()> {
         moving_labels: Some(data.join("pair_000_moving_labels.nii.gz")),
         truth: Some(data.join("pair_000_truth.nii.gz")),
         out: args.out.join("registration"),
-        features: FeatureKind::Mind,
-        model: None,
-        init: InitKind::None,
-        smoothness: registration::engine::RegistrationConfig::default().smoothness,
-        diffusion: registration::engine::RegistrationConfig::default().diffusion,
-        affine_iterations: 0,
-        iterations: None,
+        options: RegOptions { init: InitKind::None, affine_iterations: 0, ..Default::default() },
         slice: SliceSpec { axis: pictures::Axis::Coronal, index: None },
         no_pictures: false,
         force: args.force,
