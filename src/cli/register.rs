@@ -109,14 +109,7 @@ impl RegOptions {
                 bail!("{name} must be a finite number >= 0, got {v}");
             }
         }
-        let model = match (self.features, &self.model) {
-            (FeatureKind::Obelisk, None) => {
-                bail!("--features obelisk needs --model DIR (a folder written by obelisk train)")
-            }
-            (FeatureKind::Obelisk, Some(dir)) => Some(ObeliskFeatures::load(dir)?),
-            (_, Some(_)) => bail!("--model is only used with --features obelisk"),
-            (_, None) => None,
-        };
+        let model = load_model(self.features, self.model.as_deref())?;
         let mut config = RegistrationConfig {
             smoothness: self.smoothness,
             diffusion: self.diffusion,
@@ -138,6 +131,33 @@ pub(crate) fn check_input(path: &Path) -> Result<(), IoError> {
         return Err(IoError::new(path, "is a folder, not a file"));
     }
     Format::of(path)?;
+    Ok(())
+}
+
+/// The trained model behind `--features obelisk --model DIR`; `--model` is refused otherwise.
+pub(crate) fn load_model(features: FeatureKind, model: Option<&Path>) -> Result<Option<ObeliskFeatures>> {
+    Ok(match (features, model) {
+        (FeatureKind::Obelisk, None) => {
+            bail!("--features obelisk needs --model DIR (a folder written by obelisk train)")
+        }
+        (FeatureKind::Obelisk, Some(dir)) => Some(ObeliskFeatures::load(dir)?),
+        (_, Some(_)) => bail!("--model is only used with --features obelisk"),
+        (_, None) => None,
+    })
+}
+
+/// Registration needs two 2D or two 3D images.
+pub(crate) fn same_dimensionality(a: &Path, ga: &registration::Grid, b: &Path, gb: &registration::Grid) -> Result<()> {
+    let dim = |g: &registration::Grid| if g.is_2d() { 2 } else { 3 };
+    if ga.is_2d() != gb.is_2d() {
+        bail!(
+            "{} is {}D but {} is {}D: register images of the same dimensionality",
+            a.display(),
+            dim(ga),
+            b.display(),
+            dim(gb)
+        );
+    }
     Ok(())
 }
 
@@ -165,15 +185,7 @@ impl RegisterArgs {
         prepare_out_dir(&self.out)?;
         let fixed = io::read_image(&self.fixed)?;
         let moving = io::read_image(&self.moving)?;
-        if fixed.grid.is_2d() != moving.grid.is_2d() {
-            bail!(
-                "{} is {}D but {} is {}D: register images of the same dimensionality",
-                self.fixed.display(),
-                if fixed.grid.is_2d() { 2 } else { 3 },
-                self.moving.display(),
-                if moving.grid.is_2d() { 2 } else { 3 }
-            );
-        }
+        same_dimensionality(&self.fixed, &fixed.grid, &self.moving, &moving.grid)?;
         let fixed_labels =
             self.fixed_labels.as_ref().map(|p| io::read_labels_for(p, &fixed.grid, &self.fixed)).transpose()?;
         let moving_labels =
