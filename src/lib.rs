@@ -6,3 +6,4 @@ pub mod features;
 pub mod io;
 pub mod pictures;
 pub mod pipeline;
+pub mod progress;

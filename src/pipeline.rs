@@ -193,9 +193,10 @@ impl RegisterJob {
         v
     }
 
-    pub fn run(&self, mut progress: impl FnMut(&str, usize, f64)) -> Result<RegisterSummary> {
+    pub fn run(&self, mut progress: impl FnMut(RegEvent)) -> Result<RegisterSummary> {
         let mut runtime = BTreeMap::new();
         let t0 = Instant::now();
+        progress(RegEvent::Step("features"));
         let extractor = self.features.extractor(&self.fixed.grid, self.model.as_ref())?;
         let ff =
             extractor.extract(&self.fixed).with_context(|| format!("features of {}", self.fixed_path.display()))?;
@@ -203,33 +204,20 @@ impl RegisterJob {
             extractor.extract(&self.moving).with_context(|| format!("features of {}", self.moving_path.display()))?;
         runtime.insert("features".to_string(), t0.elapsed().as_secs_f64());
 
-        let t1 = Instant::now();
-        let mut init_search = None;
-        let init = match self.init {
-            InitKind::None => Affine::default(),
-            InitKind::Com => {
-                let (cf, cm) = (centre_of_mass(&self.fixed)?, centre_of_mass(&self.moving)?);
-                Affine::translation([cm[0] - cf[0], cm[1] - cf[1], cm[2] - cf[2]])
-            }
-            InitKind::Search | InitKind::Labels => {
-                let r = match (self.init, &self.fixed_labels, &self.moving_labels) {
-                    (InitKind::Labels, Some(f), Some(m)) => label_start(f, m)?,
-                    (InitKind::Labels, ..) => anyhow::bail!("--init labels needs --fixed-labels and --moving-labels"),
-                    _ => search_translation(&ff, &mf, &SearchConfig::default())
-                        .context("translation search (--init com or --init none skip it)")?,
-                };
-                let t = Affine::translation(r.translation_mm);
-                init_search = Some(r);
-                t
-            }
-        };
-        let init_t = [init.matrix[(0, 3)], init.matrix[(1, 3)], init.matrix[(2, 3)]];
-        runtime.insert("initialisation".to_string(), t1.elapsed().as_secs_f64());
-
-        let t2 = Instant::now();
-        let config = config_for_features(&self.config, &self.fixed.grid, &ff.grid);
-        let reg: Registration = register(&ff, &mf, &self.fixed.grid, &init, &config, &mut progress)?;
-        runtime.insert("optimisation".to_string(), t2.elapsed().as_secs_f64());
+        let aligned = align(
+            Pair {
+                fixed: &self.fixed,
+                moving: &self.moving,
+                fixed_features: &ff,
+                moving_features: &mf,
+                labels: self.fixed_labels.as_ref().zip(self.moving_labels.as_ref()),
+            },
+            self.init,
+            &self.config,
+            &mut progress,
+        )?;
+        runtime.extend(aligned.runtime_s);
+        let Aligned { registration: reg, init_search, init_translation_mm: init_t, config, .. } = aligned;
 
         let t3 = Instant::now();
         let warped = warp_volume(&self.moving, &reg.field, Interpolation::Linear, Padding::Extent);
@@ -245,7 +233,7 @@ impl RegisterJob {
         if let Some(e) = &eval {
             dice_before = e.mean_dice(&identity, &self.moving.grid)?;
             let start = DenseDisplacement::zeros(self.fixed.grid.clone(), &candle_core::Device::Cpu)?
-                .to_field(&init, &self.fixed.grid)?;
+                .to_field(&Affine::translation(init_t), &self.fixed.grid)?;
             dice_after_init = e.mean_dice(&start, &self.moving.grid)?;
         }
         let metrics = match &eval {
@@ -354,6 +342,84 @@ impl RegisterJob {
         io::atomic::write_atomic(&mpath, |f| std::io::Write::write_all(f, json.as_bytes()))?;
         Ok(summary)
     }
+}
+
+/// What the registration pipeline is doing, for progress displays.
+#[derive(Debug, Clone, Copy)]
+pub enum RegEvent<'a> {
+    /// A step without iterations starts ("features", "initialisation").
+    Step(&'a str),
+    /// An optimisation iteration of a stage finished.
+    Iteration { stage: &'a str, iteration: usize, loss: f64 },
+}
+
+/// An image pair and its feature maps (from the same extractor).
+#[derive(Clone, Copy)]
+pub struct Pair<'a> {
+    pub fixed: &'a Volume,
+    pub moving: &'a Volume,
+    pub fixed_features: &'a Volume,
+    pub moving_features: &'a Volume,
+    /// Fixed and moving label maps, where both are known (needed by [`InitKind::Labels`]).
+    pub labels: Option<(&'a Labels, &'a Labels)>,
+}
+
+/// The outcome of [`align`].
+pub struct Aligned {
+    pub registration: Registration,
+    pub init_search: Option<SearchResult>,
+    pub init_translation_mm: [f64; 3],
+    /// "initialisation" and "optimisation" seconds.
+    pub runtime_s: BTreeMap<String, f64>,
+    /// The configuration as run (shrink factors adapted to the feature grid).
+    pub config: RegistrationConfig,
+}
+
+/// Places the moving image (`init`) and optimises the transform on precomputed features; the
+/// field lies on the fixed image's grid.
+pub fn align(
+    pair: Pair,
+    init: InitKind,
+    config: &RegistrationConfig,
+    progress: &mut impl FnMut(RegEvent),
+) -> Result<Aligned> {
+    let mut runtime = BTreeMap::new();
+    let t1 = Instant::now();
+    progress(RegEvent::Step("initialisation"));
+    let mut init_search = None;
+    let init = match init {
+        InitKind::None => Affine::default(),
+        InitKind::Com => {
+            let (cf, cm) = (centre_of_mass(pair.fixed)?, centre_of_mass(pair.moving)?);
+            Affine::translation([cm[0] - cf[0], cm[1] - cf[1], cm[2] - cf[2]])
+        }
+        InitKind::Search | InitKind::Labels => {
+            let r = match (init, pair.labels) {
+                (InitKind::Labels, Some((f, m))) => label_start(f, m)?,
+                (InitKind::Labels, None) => anyhow::bail!("--init labels needs the label maps of both images"),
+                _ => search_translation(pair.fixed_features, pair.moving_features, &SearchConfig::default())
+                    .context("translation search (--init com or --init none skip it)")?,
+            };
+            let t = Affine::translation(r.translation_mm);
+            init_search = Some(r);
+            t
+        }
+    };
+    let init_t = [init.matrix[(0, 3)], init.matrix[(1, 3)], init.matrix[(2, 3)]];
+    runtime.insert("initialisation".to_string(), t1.elapsed().as_secs_f64());
+
+    let t2 = Instant::now();
+    let config = config_for_features(config, &pair.fixed.grid, &pair.fixed_features.grid);
+    let reg = register(
+        pair.fixed_features,
+        pair.moving_features,
+        &pair.fixed.grid,
+        &init,
+        &config,
+        |stage: &str, iteration: usize, loss: f64| progress(RegEvent::Iteration { stage, iteration, loss }),
+    )?;
+    runtime.insert("optimisation".to_string(), t2.elapsed().as_secs_f64());
+    Ok(Aligned { registration: reg, init_search, init_translation_mm: init_t, runtime_s: runtime, config })
 }
 
 /// The pyramid's shrink factors apply to the feature grid. Features that already lie on a coarser

@@ -5,6 +5,7 @@
 
 pub mod engine;
 pub mod features;
+pub mod fusion;
 pub mod grid;
 pub mod init;
 pub mod loss;

@@ -1,6 +1,8 @@
 //! Command-line front end: arguments are parsed raw by clap, then validated into a job before
 //! any work starts.
 
+pub mod features;
+pub mod propagate;
 pub mod register;
 pub mod synth;
 pub mod tools;
@@ -26,6 +28,10 @@ pub struct Cli {
 pub enum Command {
     /// Register a moving image to a fixed image (3D NIfTI or 2D PNG).
     Register(register::RegisterArgs),
+    /// Label an image by registering atlases to it and fusing their warped label maps.
+    Propagate(propagate::PropagateArgs),
+    /// Write the feature maps that drive registration (MIND-SSC, intensity, OBELISK) as NIfTI.
+    Features(features::FeaturesArgs),
     /// Apply a displacement field (ITK convention) to an image or label map.
     Warp(warp::WarpArgs),
     /// Generate synthetic abdominal phantoms and pairs with ground-truth fields.
@@ -59,6 +65,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             job.run(cli.quiet)
         }
         Command::Register(args) => register::run(args, cli.quiet),
+        Command::Propagate(args) => propagate::run(args, cli.quiet),
+        Command::Features(args) => features::run(args, cli.quiet),
         Command::Synth(args) => synth::run(args, cli.quiet),
         Command::Eval(args) => tools::eval(args, cli.quiet),
         Command::Grid(args) => tools::grid(args, cli.quiet),

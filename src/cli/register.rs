@@ -11,6 +11,7 @@ use crate::features::ObeliskFeatures;
 use crate::io::{self, atomic::check_output, Format, IoError};
 use crate::pictures::SliceSpec;
 use crate::pipeline::{FeatureKind, InitKind, RegisterJob, RegisterSummary};
+use crate::progress::Progress;
 
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
@@ -42,6 +43,25 @@ pub struct RegisterArgs {
     /// Output folder (created if missing).
     #[arg(long)]
     pub out: PathBuf,
+    #[command(flatten)]
+    pub options: RegOptions,
+    /// Slice shown in summary.png: axial|coronal|sagittal[:INDEX].
+    #[arg(long, default_value = "axial")]
+    pub slice: SliceSpec,
+    /// Do not draw summary.png.
+    #[arg(long)]
+    pub no_pictures: bool,
+    /// Overwrite existing outputs (never an input).
+    #[arg(long)]
+    pub force: bool,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The registration options shared by `register` and `propagate`.
+#[derive(Debug, Clone, Args)]
+pub struct RegOptions {
     /// Features that drive the registration.
     #[arg(long, value_enum, default_value_t = FeatureKind::Mind)]
     pub features: FeatureKind,
@@ -67,18 +87,46 @@ pub struct RegisterArgs {
     /// squaring): the deformable part cannot fold.
     #[arg(long)]
     pub diffeomorphic: bool,
-    /// Slice shown in summary.png: axial|coronal|sagittal[:INDEX].
-    #[arg(long, default_value = "axial")]
-    pub slice: SliceSpec,
-    /// Do not draw summary.png.
-    #[arg(long)]
-    pub no_pictures: bool,
-    /// Overwrite existing outputs (never an input).
-    #[arg(long)]
-    pub force: bool,
-    /// Print the summary as JSON on stdout.
-    #[arg(long)]
-    pub json: bool,
+}
+
+impl Default for RegOptions {
+    fn default() -> Self {
+        let c = RegistrationConfig::default();
+        Self {
+            features: FeatureKind::Mind,
+            model: None,
+            init: InitKind::Search,
+            smoothness: c.smoothness,
+            diffusion: c.diffusion,
+            affine_iterations: c.affine_iterations,
+            iterations: None,
+            diffeomorphic: false,
+        }
+    }
+}
+
+impl RegOptions {
+    /// Checks the numbers, loads the model of `--features obelisk` and builds the engine's
+    /// configuration.
+    pub fn validate(&self) -> Result<(Option<ObeliskFeatures>, RegistrationConfig)> {
+        for (name, v) in [("--smoothness", self.smoothness), ("--diffusion", self.diffusion)] {
+            if !(v.is_finite() && v >= 0.0) {
+                bail!("{name} must be a finite number >= 0, got {v}");
+            }
+        }
+        let model = load_model(self.features, self.model.as_deref())?;
+        let mut config = RegistrationConfig {
+            smoothness: self.smoothness,
+            diffusion: self.diffusion,
+            affine_iterations: self.affine_iterations,
+            diffeomorphic: self.diffeomorphic,
+            ..Default::default()
+        };
+        if let Some(n) = self.iterations {
+            config.levels.iter_mut().for_each(|l| l.iterations = n);
+        }
+        Ok((model, config))
+    }
 }
 
 pub(crate) fn check_input(path: &Path) -> Result<(), IoError> {
@@ -89,6 +137,33 @@ pub(crate) fn check_input(path: &Path) -> Result<(), IoError> {
         return Err(IoError::new(path, "is a folder, not a file"));
     }
     Format::of(path)?;
+    Ok(())
+}
+
+/// The trained model behind `--features obelisk --model DIR`; `--model` is refused otherwise.
+pub(crate) fn load_model(features: FeatureKind, model: Option<&Path>) -> Result<Option<ObeliskFeatures>> {
+    Ok(match (features, model) {
+        (FeatureKind::Obelisk, None) => {
+            bail!("--features obelisk needs --model DIR (a folder written by obelisk train)")
+        }
+        (FeatureKind::Obelisk, Some(dir)) => Some(ObeliskFeatures::load(dir)?),
+        (_, Some(_)) => bail!("--model is only used with --features obelisk"),
+        (_, None) => None,
+    })
+}
+
+/// Registration needs two 2D or two 3D images.
+pub(crate) fn same_dimensionality(a: &Path, ga: &registration::Grid, b: &Path, gb: &registration::Grid) -> Result<()> {
+    let dim = |g: &registration::Grid| if g.is_2d() { 2 } else { 3 };
+    if ga.is_2d() != gb.is_2d() {
+        bail!(
+            "{} is {}D but {} is {}D: register images of the same dimensionality",
+            a.display(),
+            dim(ga),
+            b.display(),
+            dim(gb)
+        );
+    }
     Ok(())
 }
 
@@ -112,34 +187,14 @@ impl RegisterArgs {
         for p in &inputs {
             check_input(p)?;
         }
-        if self.init == InitKind::Labels && (self.fixed_labels.is_none() || self.moving_labels.is_none()) {
+        if self.options.init == InitKind::Labels && (self.fixed_labels.is_none() || self.moving_labels.is_none()) {
             bail!("--init labels needs --fixed-labels and --moving-labels");
         }
-        for (name, v) in [("--smoothness", self.smoothness), ("--diffusion", self.diffusion)] {
-            if !(v.is_finite() && v >= 0.0) {
-                bail!("{name} must be a finite number >= 0, got {v}");
-            }
-        }
-        let model = match (self.features, &self.model) {
-            (FeatureKind::Obelisk, None) => {
-                bail!("--features obelisk needs --model DIR (a folder written by obelisk train)")
-            }
-            (FeatureKind::Obelisk, Some(dir)) => Some(ObeliskFeatures::load(dir)?),
-            (_, Some(_)) => bail!("--model is only used with --features obelisk"),
-            (_, None) => None,
-        };
+        let (model, config) = self.options.validate()?;
         prepare_out_dir(&self.out)?;
         let fixed = io::read_image(&self.fixed)?;
         let moving = io::read_image(&self.moving)?;
-        if fixed.grid.is_2d() != moving.grid.is_2d() {
-            bail!(
-                "{} is {}D but {} is {}D: register images of the same dimensionality",
-                self.fixed.display(),
-                if fixed.grid.is_2d() { 2 } else { 3 },
-                self.moving.display(),
-                if moving.grid.is_2d() { 2 } else { 3 }
-            );
-        }
+        same_dimensionality(&self.fixed, &fixed.grid, &self.moving, &moving.grid)?;
         let fixed_labels =
             self.fixed_labels.as_ref().map(|p| io::read_labels_for(p, &fixed.grid, &self.fixed)).transpose()?;
         let moving_labels =
@@ -158,16 +213,6 @@ impl RegisterArgs {
             }
             None => None,
         };
-        let mut config = RegistrationConfig {
-            smoothness: self.smoothness,
-            diffusion: self.diffusion,
-            affine_iterations: self.affine_iterations,
-            diffeomorphic: self.diffeomorphic,
-            ..Default::default()
-        };
-        if let Some(n) = self.iterations {
-            config.levels.iter_mut().for_each(|l| l.iterations = n);
-        }
         let job = RegisterJob {
             fixed_path: self.fixed.clone(),
             moving_path: self.moving.clone(),
@@ -178,9 +223,9 @@ impl RegisterArgs {
             truth,
             label_names: BTreeMap::new(),
             out: self.out.clone(),
-            features: self.features,
+            features: self.options.features,
             model,
-            init: self.init,
+            init: self.options.init,
             config,
             pictures: !self.no_pictures,
             slice: self.slice,
@@ -255,10 +300,11 @@ pub fn report(s: &RegisterSummary, json: bool, quiet: bool) -> Result<()> {
 pub fn run(args: RegisterArgs, quiet: bool) -> Result<()> {
     let json = args.json;
     let job = args.into_job(quiet)?;
-    let summary = job.run(|stage, it, loss| {
-        if !quiet && !json && it % 20 == 0 {
-            eprintln!("{stage:<14} iteration {it:>4}  loss {loss:.5}");
-        }
-    })?;
+    let mut bars = Progress::new(quiet).registration(&job.config);
+    if !quiet && !json {
+        bars = bars.log_every(20);
+    }
+    let summary = job.run(|e| bars.event(e))?;
+    bars.finish();
     report(&summary, json, quiet)
 }

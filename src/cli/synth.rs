@@ -9,6 +9,7 @@ use serde_json::json;
 
 use crate::cli::register::prepare_out_dir;
 use crate::io::{self, atomic::check_output};
+use crate::progress::Progress;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum ModalityArg {
@@ -101,6 +102,7 @@ pub fn write_dataset(
     subjects: usize,
     pairs: usize,
     force: bool,
+    progress: &Progress,
 ) -> Result<serde_json::Value> {
     prepare_out_dir(out)?;
     let mut planned = Vec::new();
@@ -118,11 +120,13 @@ pub fn write_dataset(
         check_output(&out.join(p), &[], force)?;
     }
     let mut training = Vec::new();
+    let bar = progress.bar((subjects + pairs) as u64, "synth", "subjects and pairs");
     for i in 0..subjects {
         let (img, lab) = synth::render(&cfg.phantom(i as u64), &cfg.grid()?);
         io::write_volume(&out.join(name("subject", i, "image")), &img)?;
         io::write_labels(&out.join(name("subject", i, "labels")), &lab)?;
         training.push(json!({"image": format!("./{}", name("subject", i, "image")), "label": format!("./{}", name("subject", i, "labels"))}));
+        bar.inc(1);
     }
     let mut reg_pairs = Vec::new();
     for i in 0..pairs {
@@ -139,7 +143,9 @@ pub fn write_dataset(
             "moving_label": format!("./{}", name("pair", i, "moving_labels")),
             "truth_field": format!("./{}", name("pair", i, "truth")),
         }));
+        bar.inc(1);
     }
+    bar.finish_and_clear();
     let labels: serde_json::Map<String, serde_json::Value> =
         LABEL_NAMES.iter().enumerate().map(|(i, n)| (i.to_string(), json!(n))).collect();
     let ds = json!({
@@ -165,7 +171,7 @@ pub fn write_dataset(
 pub fn run(args: SynthArgs, quiet: bool) -> Result<()> {
     let cfg = args.config()?;
     let t = std::time::Instant::now();
-    write_dataset(&cfg, &args.out, args.subjects, args.pairs, args.force)?;
+    write_dataset(&cfg, &args.out, args.subjects, args.pairs, args.force, &Progress::new(quiet))?;
     if !quiet {
         println!(
             "wrote {} subject(s) and {} pair(s) to {} in {:.1} s",

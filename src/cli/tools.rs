@@ -9,11 +9,12 @@ use registration::metrics::{endpoint_error, jacobian, RegistrationMetrics};
 use registration::synth::SynthConfig;
 use registration::warp::coverage;
 
-use crate::cli::register::{check_input, prepare_out_dir, report, RegisterArgs};
+use crate::cli::register::{check_input, prepare_out_dir, report, RegOptions, RegisterArgs};
 use crate::cli::synth::write_dataset;
 use crate::io::{self, atomic::check_output, IoError};
 use crate::pictures::{self, SliceSpec};
-use crate::pipeline::{save_png, FeatureKind, InitKind};
+use crate::pipeline::{save_png, InitKind};
+use crate::progress::Progress;
 
 #[derive(Debug, Args)]
 #[command(after_help = "Example:
@@ -45,7 +46,7 @@ pub fn demo(args: DemoArgs, quiet: bool) -> Result<()> {
             data.display()
         );
     }
-    write_dataset(&cfg, &data, 0, 1, args.force)?;
+    write_dataset(&cfg, &data, 0, 1, args.force, &Progress::new(quiet))?;
     let reg = RegisterArgs {
         fixed: data.join("pair_000_fixed.nii.gz"),
         moving: data.join("pair_000_moving.nii.gz"),
@@ -53,14 +54,7 @@ pub fn demo(args: DemoArgs, quiet: bool) -> Result<()> {
         moving_labels: Some(data.join("pair_000_moving_labels.nii.gz")),
         truth: Some(data.join("pair_000_truth.nii.gz")),
         out: args.out.join("registration"),
-        features: FeatureKind::Mind,
-        model: None,
-        init: InitKind::None,
-        smoothness: registration::engine::RegistrationConfig::default().smoothness,
-        diffusion: registration::engine::RegistrationConfig::default().diffusion,
-        affine_iterations: 0,
-        iterations: None,
-        diffeomorphic: false,
+        options: RegOptions { init: InitKind::None, affine_iterations: 0, ..Default::default() },
         slice: SliceSpec { axis: pictures::Axis::Coronal, index: None },
         no_pictures: false,
         force: args.force,
@@ -70,7 +64,9 @@ pub fn demo(args: DemoArgs, quiet: bool) -> Result<()> {
         println!("registering moving -> fixed with MIND-SSC features");
     }
     let job = reg.into_job(quiet)?;
-    let summary = job.run(|_, _, _| {})?;
+    let mut bars = Progress::new(quiet).registration(&job.config);
+    let summary = job.run(|e| bars.event(e))?;
+    bars.finish();
     report(&summary, false, quiet)
 }
 

@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use crate::cli::register::{check_input, prepare_out_dir};
 use crate::io::{self, atomic::check_output, atomic::write_atomic, dataset::Dataset};
+use crate::progress::Progress;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -256,11 +257,19 @@ impl TrainJob {
         let data: Vec<(Tensor, Tensor)> =
             subset.iter().map(|&i| (self.subjects[i].image.clone(), self.subjects[i].labels.clone())).collect();
         let every = self.log_every;
+        let bars = Progress::new(quiet);
+        let prefix = if label.is_empty() { "training" } else { label.trim_end() };
+        let bar = bars.bar(self.iterations as u64, prefix, "it");
         segmentation::train(&model, &data, self.train_config(), &mut |p| {
-            if !quiet && (p.iteration % every == 0 || p.iteration == p.total) {
+            if bars.visible() {
+                bar.set_length(p.total as u64);
+                bar.set_position(p.iteration as u64);
+                bar.set_message(format!("loss {:.4}", p.loss));
+            } else if !quiet && (p.iteration % every == 0 || p.iteration == p.total) {
                 eprintln!("{label}iteration {:>5}/{}  loss {:.4}  lr {:.5}", p.iteration, p.total, p.loss, p.lr);
             }
         })?;
+        bar.finish_and_clear();
         Ok(model)
     }
 

@@ -599,9 +599,20 @@ fn spatial_dims(g: &Grid) -> Vec<usize> {
 
 /// Writes an image as float32 (`.nii` or `.nii.gz` by extension); several channels go to `dim[4]`.
 pub fn write_volume(path: &Path, v: &Volume) -> Result<(), IoError> {
+    write_float(path, v, 3)
+}
+
+/// Writes feature maps as float32 with the channels in `dim[5]` (`X, Y, Z, 1, C`: NIfTI keeps
+/// `dim[4]` for time and `dim[5]` for the components of a voxel); one channel gives a plain image.
+pub fn write_channels(path: &Path, v: &Volume) -> Result<(), IoError> {
+    write_float(path, v, 4)
+}
+
+/// Float32 data, channels (if more than one) in `dim[channel_dim + 1]`.
+fn write_float(path: &Path, v: &Volume, channel_dim: usize) -> Result<(), IoError> {
     let mut dims = spatial_dims(&v.grid);
     if v.channels > 1 {
-        dims.resize(3, 1);
+        dims.resize(channel_dim, 1);
         dims.push(v.channels);
     }
     let bytes: Vec<u8> = v.data.iter().flat_map(|x| x.to_le_bytes()).collect();
