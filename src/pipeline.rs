@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use registration::engine::{register, Registration, RegistrationConfig};
 use registration::features::{FeatureExtractor, IntensityFeatures, MindConfig, MindSsc};
-use registration::init::{search_translation, SearchConfig, SearchResult};
+use registration::init::{search_translation, SearchConfig, SearchResult, SearchScore};
 use registration::metrics::{dice_per_label_masked, jacobian, RegistrationMetrics};
 use registration::transform::{grid_points_lps, Affine, DenseDisplacement};
 use registration::warp::{coverage, warp_labels, warp_volume};
@@ -169,7 +169,8 @@ impl Evaluation {
 fn label_start(fixed: &Labels, moving: &Labels) -> Result<SearchResult> {
     let shared = fixed.shared_ids(moving);
     anyhow::ensure!(!shared.is_empty(), "--init labels: the two label maps share no label id");
-    Ok(search_translation(&fixed.one_hot(&shared), &moving.one_hot(&shared), &SearchConfig::default())?)
+    let cfg = SearchConfig { score: SearchScore::Dice, ..Default::default() };
+    Ok(search_translation(&fixed.one_hot(&shared), &moving.one_hot(&shared), &cfg)?)
 }
 
 impl RegisterJob {

@@ -55,6 +55,19 @@ pub struct SearchConfig {
     /// Downsampling keeps at least this many voxels along every axis (fewer only where the image
     /// has fewer); default 4.
     pub min_slices: usize,
+    /// How a translation is scored over the overlap; default [`SearchScore::L1`].
+    pub score: SearchScore,
+}
+
+/// The score [`search_translation`] minimises over the overlap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SearchScore {
+    /// Mean absolute feature difference: for image features.
+    L1,
+    /// One minus the soft Dice `2 Σ f·m / Σ (f + m)`: for one-hot label maps, where L1 would
+    /// reward matching background with background.
+    Dice,
 }
 
 impl Default for SearchConfig {
@@ -67,6 +80,7 @@ impl Default for SearchConfig {
             fine_candidates: 2,
             min_overlap: 0.5,
             min_slices: 4,
+            score: SearchScore::L1,
         }
     }
 }
@@ -148,10 +162,11 @@ struct Level {
     /// Volume one fixed point stands for, over the smaller image's volume.
     point_fraction: f64,
     min_overlap: f64,
+    score: SearchScore,
 }
 
 impl Level {
-    fn new(fixed: Maps, moving: Maps, smaller_volume: f64, min_overlap: f64) -> Self {
+    fn new(fixed: Maps, moving: Maps, smaller_volume: f64, min_overlap: f64, score: SearchScore) -> Self {
         let m = moving.grid.matrix(Space::Lps, Space::Voxel) * fixed.grid.matrix(Space::Voxel, Space::Lps);
         let [nx, ny, nz] = fixed.grid.shape();
         let points = (0..nz * ny * nx)
@@ -169,6 +184,7 @@ impl Level {
             lin,
             point_fraction,
             min_overlap,
+            score,
         }
     }
 
@@ -180,7 +196,7 @@ impl Level {
         let c = self.channels;
         let lim = [nx, ny, nz].map(|n| n as f64 - 0.5);
         let mut warped = vec![0.0f32; c];
-        let (mut sum, mut count) = (0.0f64, 0usize);
+        let (mut sum, mut inter, mut count) = (0.0f64, 0.0f64, 0usize);
         for (v, p) in self.points.iter().enumerate() {
             let q = [p[0] + off[0], p[1] + off[1], p[2] + off[2]];
             // inside the moving image's physical extent (half a voxel beyond the outer centres)
@@ -189,15 +205,24 @@ impl Level {
             }
             trilinear(&self.moving_vm, [nx, ny, nz], c, q, &mut warped);
             let f = &self.fixed_vm[v * c..(v + 1) * c];
-            let s: f32 = f.iter().zip(&warped).map(|(a, b)| (a - b).abs()).sum();
-            sum += s as f64;
+            match self.score {
+                SearchScore::L1 => sum += f.iter().zip(&warped).map(|(a, b)| (a - b).abs()).sum::<f32>() as f64,
+                SearchScore::Dice => {
+                    inter += f.iter().zip(&warped).map(|(a, b)| a * b).sum::<f32>() as f64;
+                    sum += f.iter().chain(&warped).sum::<f32>() as f64;
+                }
+            }
             count += 1;
         }
         let overlap = (count as f64 * self.point_fraction).min(1.0);
         if count == 0 || overlap < self.min_overlap {
             return (f64::INFINITY, overlap);
         }
-        (sum / (count * c) as f64, overlap)
+        match self.score {
+            SearchScore::L1 => (sum / (count * c) as f64, overlap),
+            // nothing to overlap scores as badly as no overlap of what is there
+            SearchScore::Dice => (if sum > 0.0 { 1.0 - 2.0 * inter / sum } else { 1.0 }, overlap),
+        }
     }
 }
 
@@ -269,6 +294,7 @@ pub fn search_translation(fixed_feat: &Volume, moving_feat: &Volume, cfg: &Searc
         downsample(moving_feat, cfg.coarse_mm, min_slices)?,
         smaller,
         cfg.min_overlap,
+        cfg.score,
     );
     let min_sp = |g: &Grid| g.spacing().into_iter().fold(f64::INFINITY, f64::min);
     let step = cfg.step_voxels * min_sp(&coarse.fixed_grid).max(min_sp(&coarse.moving_grid));
@@ -344,6 +370,7 @@ pub fn search_translation(fixed_feat: &Volume, moving_feat: &Volume, cfg: &Searc
         downsample(moving_feat, cfg.fine_mm, min_slices)?,
         smaller,
         cfg.min_overlap,
+        cfg.score,
     );
     // stop at half a fine voxel: the optimiser that follows resolves the rest
     let smallest = 0.5 * min_sp(&fine.fixed_grid).min(min_sp(&fine.moving_grid));
@@ -421,6 +448,11 @@ mod tests {
     /// A 10-slice slab of the subject at a random height whose header is shifted by
     /// `shift_lps`, with noise independent of the whole subject's (rendered on its own grid).
     fn slab(cfg: &SynthConfig, seed: u64, shift_lps: [f64; 3]) -> Volume {
+        slab_with_labels(cfg, seed, shift_lps).0
+    }
+
+    /// [`slab`] and its label map (on the same moved grid).
+    fn slab_with_labels(cfg: &SynthConfig, seed: u64, shift_lps: [f64; 3]) -> (Volume, crate::Labels) {
         let grid = cfg.grid().unwrap();
         let phantom = cfg.phantom(0);
         let z0 = 5 + (SplitMix64::new(seed).next_u64() % 30) as usize;
@@ -429,9 +461,9 @@ mod tests {
             let origin = [o[0] + shift_ras[0], o[1] + shift_ras[1], o[2] + z0 as f64 * SPACING + shift_ras[2]];
             Grid::from_spacing([48, 48, 10], [SPACING; 3], origin).unwrap()
         };
-        let (slab, _) = synth::render(&phantom, &at([0.0; 3]));
+        let (slab, labels) = synth::render(&phantom, &at([0.0; 3]));
         let moved = at([-shift_lps[0], -shift_lps[1], shift_lps[2]]);
-        Volume::new(moved, 1, slab.data).unwrap()
+        (Volume::new(moved.clone(), 1, slab.data).unwrap(), crate::Labels::new(moved, labels.data).unwrap())
     }
 
     fn mind(v: &Volume) -> Volume {
@@ -465,6 +497,22 @@ mod tests {
             assert_near(r.translation_mm, shift, "slab moving");
             assert!(r.overlap_fraction > 0.9, "{r:?}");
         }
+    }
+
+    /// Label maps scored by soft Dice: the slab's structures are found in the whole subject,
+    /// also with the whole subject as the fixed image, where most of the overlap is background in
+    /// both maps (which L1 would reward wherever the slab lands outside the organs).
+    #[test]
+    fn dice_score_places_a_slab_of_labels() {
+        let shift = [150.0, 0.0, -300.0];
+        let (cfg, _) = subject();
+        let (_, whole) = synth::render(&cfg.phantom(0), &cfg.grid().unwrap());
+        let (_, slab_labels) = slab_with_labels(&cfg, 3, shift);
+        let ids = whole.shared_ids(&slab_labels);
+        let search = SearchConfig { score: SearchScore::Dice, ..Default::default() };
+        let r = search_translation(&whole.one_hot(&ids), &slab_labels.one_hot(&ids), &search).unwrap();
+        assert_near(r.translation_mm, shift, "labels, slab moving");
+        assert!(r.score < 0.2, "{r:?}");
     }
 
     #[test]
