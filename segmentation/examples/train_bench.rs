@@ -9,7 +9,8 @@
 //!   included), then the process's peak resident memory.
 //! - `infer` (N = 144): full-volume inference (normalise, forward, argmax) of an N³ image with
 //!   OBELISK-Net, the MIDL comparison U-Net (14 convs, 8–128 channels) and the hybrid
-//!   OBELISK-Net, each the best of 3 runs, then the peak resident memory.
+//!   OBELISK-Net, each the best of `--runs` (3) runs, then the peak resident memory; `--only
+//!   obelisk|u-net|hybrid` times one of them.
 
 use std::time::Instant;
 
@@ -103,7 +104,7 @@ fn memory(n: usize) -> segmentation::Result<()> {
     Ok(())
 }
 
-fn infer(n: usize) -> segmentation::Result<()> {
+fn infer(n: usize, runs: usize, only: Option<&str>) -> segmentation::Result<()> {
     let (img, _) = sphere_problem(n, 0, &Device::Cpu)?;
     let nets = [
         ("OBELISK-Net", Architecture::ObeliskNet(ObeliskNetConfig::default())),
@@ -111,9 +112,12 @@ fn infer(n: usize) -> segmentation::Result<()> {
         ("hybrid OBELISK-Net", Architecture::Hybrid(HybridNetConfig::default())),
     ];
     for (name, arch) in nets {
+        if only.is_some_and(|o| !name.to_lowercase().starts_with(o)) {
+            continue;
+        }
         let m = model(arch)?;
         let mut best = f64::MAX;
-        for _ in 0..3 {
+        for _ in 0..runs.max(1) {
             let t0 = Instant::now();
             let labels = evaluate(&m, &img)?;
             best = best.min(t0.elapsed().as_secs_f64());
@@ -132,14 +136,19 @@ fn infer(n: usize) -> segmentation::Result<()> {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mode = args.first().map(String::as_str).unwrap_or("step");
-    let size = match args.iter().position(|a| a == "--size") {
-        Some(i) => Some(args.get(i + 1).ok_or("--size needs a value")?.parse::<usize>()?),
-        None => None,
+    let opt = |name: &str| -> Result<Option<&String>, String> {
+        match args.iter().position(|a| a == name) {
+            Some(i) => args.get(i + 1).map(Some).ok_or(format!("{name} needs a value")),
+            None => Ok(None),
+        }
     };
+    let size = opt("--size")?.map(|v| v.parse::<usize>()).transpose()?;
+    let runs = opt("--runs")?.map(|v| v.parse::<usize>()).transpose()?.unwrap_or(3);
+    let only = opt("--only")?.map(String::as_str);
     match mode {
         "step" => step(size.unwrap_or(64))?,
         "memory" => memory(size.unwrap_or(144))?,
-        "infer" => infer(size.unwrap_or(144))?,
+        "infer" => infer(size.unwrap_or(144), runs, only)?,
         other => return Err(format!("unknown mode {other:?} (step, memory, infer)").into()),
     }
     Ok(())
