@@ -219,10 +219,10 @@ impl RegisterJob {
         progress(RegEvent::Step("features"));
         let extractor = self.features.extractor(&self.fixed.grid, self.model.as_ref())?;
         let ff = extractor
-            .extract(&at_resolution_of(&self.fixed, &self.moving.grid)?)
+            .extract(at_resolution_of(&self.fixed, &self.moving.grid)?.as_ref())
             .with_context(|| format!("features of {}", self.fixed_path.display()))?;
         let mf = extractor
-            .extract(&at_resolution_of(&self.moving, &self.fixed.grid)?)
+            .extract(at_resolution_of(&self.moving, &self.fixed.grid)?.as_ref())
             .with_context(|| format!("features of {}", self.moving_path.display()))?;
         runtime.insert("features".to_string(), t0.elapsed().as_secs_f64());
 

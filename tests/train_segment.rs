@@ -124,3 +124,33 @@ fn train_reads_a_learn2reg_dataset() {
     assert!(err.contains(&format!("{}: file not found (listed as training[1].label in", label.display())), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+/// `--arch hybrid`: trains on whole volumes, its config round-trips through segment, and its
+/// half-resolution decoder features drive registration.
+#[test]
+fn hybrid_train_segment_register() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let model = dir.path().join("hybrid");
+    #[rustfmt::skip]
+    ok(&["synth", "--out", s(&data), "--subjects", "2", "--pairs", "1", "--size", "24,24,24",
+         "--spacing", "12,12,12", "--seed", "3", "--quiet"]);
+    #[rustfmt::skip]
+    ok(&["train", "--dataset", s(&data.join("dataset.json")), "--out", s(&model), "--arch", "hybrid",
+         "--iterations", "3", "--quiet"]);
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(model.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["architecture"]["name"], "hybrid", "{config}");
+    assert_eq!(config["features"]["stride"], 2, "{config}");
+    let image = data.join("subject_000_image.nii.gz");
+    let seg = dir.path().join("seg.nii.gz");
+    ok(&["segment", "--model", s(&model), "--image", s(&image), "--out", s(&seg), "--quiet"]);
+    let labels = io::read_label_map(&seg).unwrap();
+    assert!(labels.grid.same_as(&io::read_grid(&image).unwrap(), io::GRID_TOL));
+    let reg = dir.path().join("reg");
+    let (fixed, moving) = (data.join("pair_000_fixed.nii.gz"), data.join("pair_000_moving.nii.gz"));
+    #[rustfmt::skip]
+    ok(&["register", "--fixed", s(&fixed), "--moving", s(&moving), "--out", s(&reg), "--features", "obelisk",
+         "--model", s(&model), "--no-pictures", "--iterations", "10", "--quiet"]);
+    let field = io::read_field(&reg.join("field.nii.gz")).unwrap();
+    assert!(field.data.iter().all(|v| v.is_finite()));
+}

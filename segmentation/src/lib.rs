@@ -10,7 +10,7 @@ pub mod ops;
 pub mod train;
 
 pub use model::{Architecture, FeatureExtractor, FeatureSpec, InputNorm, Model, ModelConfig, Network};
-pub use net::{ObeliskFeatureLayer, ObeliskNet, ObeliskNetConfig, UNet3d, UNetConfig};
+pub use net::{HybridNet, HybridNetConfig, ObeliskFeatureLayer, ObeliskNet, ObeliskNetConfig, UNet3d, UNetConfig};
 pub use nn::{Conv3d, Conv3dConfig};
 pub use obelisk::{ObeliskConfig, ObeliskLayer};
 pub use ops::conv3d;

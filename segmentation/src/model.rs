@@ -8,7 +8,7 @@ use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
-use crate::net::{ObeliskNet, ObeliskNetConfig, UNet3d, UNetConfig};
+use crate::net::{HybridNet, HybridNetConfig, ObeliskNet, ObeliskNetConfig, UNet3d, UNetConfig};
 use crate::nn::{count_parameters, seeded_var_builder};
 use crate::ops::{grid_sample, Interpolation, Padding};
 use crate::{Error, Result};
@@ -22,6 +22,7 @@ pub const CONFIG_FILE: &str = "config.json";
 pub enum Architecture {
     ObeliskNet(ObeliskNetConfig),
     Unet(UNetConfig),
+    Hybrid(HybridNetConfig),
 }
 
 /// Input normalisation `x · scale + offset` applied to raw intensities (`HU / 500`: scale 0.002,
@@ -75,6 +76,9 @@ impl ModelConfig {
                 c.num_classes,
                 FeatureSpec { layer: "decoder0".into(), channels: c.channels.first().copied().unwrap_or(0), stride: 1 },
             ),
+            Architecture::Hybrid(c) => {
+                (c.num_classes, FeatureSpec { layer: "decoder_half".into(), channels: c.decoder[1], stride: 2 })
+            }
         };
         Self { architecture, input_norm, num_classes, label_names, features }
     }
@@ -105,6 +109,7 @@ pub enum Network {
     // boxed: the OBELISK-Net holds many more layers than the U-Net
     Obelisk(Box<ObeliskNet>),
     UNet(UNet3d),
+    Hybrid(Box<HybridNet>),
 }
 
 /// A network with its variables and config.
@@ -130,6 +135,7 @@ impl Model {
         let net = match &config.architecture {
             Architecture::ObeliskNet(c) => Network::Obelisk(Box::new(ObeliskNet::new(vb, c.clone())?)),
             Architecture::Unet(c) => Network::UNet(UNet3d::new(vb, c.clone())?),
+            Architecture::Hybrid(c) => Network::Hybrid(Box::new(HybridNet::new(vb, c.clone())?)),
         };
         Ok(Self { config, varmap, net, device: device.clone() })
     }
@@ -153,6 +159,7 @@ impl Model {
         Ok(match &self.net {
             Network::Obelisk(n) => n.forward_t(x, train)?,
             Network::UNet(n) => n.forward_t(x, train)?,
+            Network::Hybrid(n) => n.forward_t(x, train)?,
         })
     }
 
@@ -161,6 +168,7 @@ impl Model {
         Ok(match &self.net {
             Network::Obelisk(n) => n.features(x)?,
             Network::UNet(n) => n.features(x)?,
+            Network::Hybrid(n) => n.features(x)?,
         })
     }
 
@@ -169,6 +177,7 @@ impl Model {
         Ok(match &self.net {
             Network::Obelisk(n) => n.features_at_points(x, points)?,
             Network::UNet(n) => n.features_at_points(x, points)?,
+            Network::Hybrid(n) => n.features_at_points(x, points)?,
         })
     }
 
@@ -262,12 +271,13 @@ impl FeatureExtractor {
     }
 
     /// The per-volume work of [`Self::features_at_points`], done once: for OBELISK-Net the
-    /// normalised, smoothed input; for the U-Net its full-resolution feature map.
+    /// normalised, smoothed input; for the U-Net and the hybrid their feature map.
     pub fn prepare(&self, volume: &Tensor) -> Result<Tensor> {
         let x = self.model.normalise(volume)?.detach();
         Ok(match &self.model.net {
             Network::Obelisk(n) => n.smooth(&x)?,
             Network::UNet(n) => n.features(&x)?.detach(),
+            Network::Hybrid(n) => n.features(&x)?.detach(),
         })
     }
 
@@ -277,13 +287,13 @@ impl FeatureExtractor {
         let p = points.to_dtype(DType::F32)?;
         Ok(match &self.model.net {
             Network::Obelisk(n) => n.features_at_points_smoothed(prepared, &p)?,
-            Network::UNet(_) => grid_sample(prepared, &p, Interpolation::Linear, Padding::Border)?,
+            Network::UNet(_) | Network::Hybrid(_) => grid_sample(prepared, &p, Interpolation::Linear, Padding::Border)?,
         })
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use candle_core::{Device, Tensor};
 
     use super::*;
@@ -302,6 +312,22 @@ mod tests {
         ModelConfig::new(Architecture::ObeliskNet(c), InputNorm::default(), vec!["bg".into(), "a".into(), "b".into()])
     }
 
+    pub(crate) fn small_hybrid() -> HybridNetConfig {
+        HybridNetConfig {
+            encoder: [2, 4, 4],
+            kernels1: 4,
+            kernels2: 8,
+            hidden: 8,
+            groups: 2,
+            growth: 4,
+            dense_layers: 2,
+            branch_out: 4,
+            decoder: [4, 4],
+            num_classes: 2,
+            ..Default::default()
+        }
+    }
+
     fn volume() -> Tensor {
         let mut r = Rng::new(9);
         let v: Vec<f32> = (0..8 * 9 * 10).map(|_| (r.uniform() * 1000.0 - 500.0) as f32).collect();
@@ -318,6 +344,7 @@ mod tests {
                 InputNorm { scale: 1.0 / 1024.0, offset: 1.0 },
                 vec![],
             ),
+            ModelConfig::new(Architecture::Hybrid(small_hybrid()), InputNorm::default(), vec![]),
         ] {
             let m = Model::new(cfg, 7, &Device::Cpu).unwrap();
             // change running statistics so that they must round-trip too

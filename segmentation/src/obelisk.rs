@@ -11,6 +11,8 @@ use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::nn::{Conv3d, Conv3dConfig};
+use crate::ops::kernel_sample;
+#[cfg(test)]
 use crate::ops::{grid_sample, Interpolation, Padding};
 
 /// Options of [`ObeliskLayer`].
@@ -97,28 +99,11 @@ impl ObeliskLayer {
     /// training-time augmentation.
     pub fn sample(&self, x: &Tensor, points: &Tensor, affine: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let (b, c, _, _, _) = x.dims5()?;
-        let (pb, p, _) = points.dims3()?;
+        let pb = points.dim(0)?;
         if pb != b || c != self.cfg.in_channels {
             candle_core::bail!("obelisk: input {:?} / points {:?} do not match the layer", x.dims(), points.dims())
         }
-        let offsets = self.offsets.to_dtype(x.dtype())?;
-        let s = offsets.dim(0)?;
-        let off = match affine {
-            // (B·P·3, 3) × (3, S): every point's own warped kernel
-            Some(a) => a
-                .to_dtype(x.dtype())?
-                .reshape((b * p * 3, 3))?
-                .matmul(&offsets.t()?)?
-                .reshape((b, p, 3, s))?
-                .transpose(2, 3)?,
-            None => offsets.reshape((1, 1, s, 3))?,
-        };
-        let pts = points.to_dtype(x.dtype())?.unsqueeze(2)?.broadcast_add(&off)?.reshape((b, p * s, 3))?;
-        let v = grid_sample(x, &pts, Interpolation::Linear, Padding::Zeros)?.reshape((b, c, p, s))?;
-        let k = self.cfg.kernels;
-        let v = if self.cfg.binary { (v.narrow(3, 0, k)? - v.narrow(3, k, k)?)? } else { v };
-        // channel index c·K + k, as the reference layout (the groups of the conv depend on it)
-        v.transpose(2, 3)?.contiguous()?.reshape((b, c * k, p))
+        kernel_sample(x, points, &self.offsets, affine, self.cfg.binary)
     }
 
     /// Layer output at arbitrary points: `(B, P, 3)` → `(B, out_channels, P)`.

@@ -1,7 +1,9 @@
 //! Training and evaluation on in-memory tensors (no file I/O).
 //!
 //! OBELISK-Net trains on points at random continuous coordinates across images (labels by nearest
-//! neighbour) with per-point affine warps of its kernel; the U-Net on random patches. Both use
+//! neighbour) with per-point affine warps of its kernel; the U-Net on random patches; the hybrid
+//! OBELISK-Net on whole volumes (its offsets are in units of the volume's extent, so a patch
+//! would change what they mean). All use
 //! class-weighted cross-entropy over the hardest fraction of points/voxels (OHEM) and Adam with
 //! exponential learning-rate decay.
 
@@ -93,6 +95,8 @@ enum BatchKind {
     Points(Vec<(usize, Tensor, Option<Tensor>)>),
     /// `(B, 1, d, h, w)` patches.
     Patches(Tensor),
+    /// Whole images by index.
+    Volumes(Vec<usize>),
 }
 
 impl Batch {
@@ -177,7 +181,7 @@ impl<'a> Trainer<'a> {
             let x = model.normalise(img)?;
             let input = match &model.net {
                 Network::Obelisk(n) => n.smooth(&x)?,
-                Network::UNet(_) => x,
+                Network::UNet(_) | Network::Hybrid(_) => x,
             };
             let labels: Vec<u32> = lab.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
             prepared.push(Prepared { input: input.detach(), labels, dims: [d, h, w] });
@@ -255,6 +259,12 @@ impl<'a> Trainer<'a> {
                 }
                 BatchKind::Patches(Tensor::cat(&xs, 0)?)
             }
+            Network::Hybrid(_) => {
+                for &i in &picks {
+                    labels.extend_from_slice(&self.data[i].labels);
+                }
+                BatchKind::Volumes(picks)
+            }
         };
         Ok(Batch { kind, labels })
     }
@@ -271,10 +281,24 @@ impl<'a> Trainer<'a> {
                 let y = net.head_t(&Tensor::cat(&hs, 2)?, true)?;
                 y.squeeze(0)?.t()?
             }
-            (Network::UNet(net), BatchKind::Patches(x)) => {
-                let y = candle_core::ModuleT::forward_t(net, x, true)?;
-                let (b, c, d, h, w) = y.dims5()?;
-                y.reshape((b, c, d * h * w))?.transpose(1, 2)?.reshape((b * d * h * w, c))?
+            (Network::UNet(net), BatchKind::Patches(x)) => voxel_rows(&candle_core::ModuleT::forward_t(net, x, true)?)?,
+            (Network::Hybrid(net), BatchKind::Volumes(picks)) => {
+                let dims = self.data[picks[0]].dims;
+                if picks.iter().all(|&i| self.data[i].dims == dims) {
+                    let xs: Vec<&Tensor> = picks.iter().map(|&i| &self.data[i].input).collect();
+                    voxel_rows(&candle_core::ModuleT::forward_t(net.as_ref(), &Tensor::cat(&xs, 0)?, true)?)?
+                } else {
+                    // images of different sizes: one forward pass (and batch-norm batch) each
+                    let mut rows = Vec::with_capacity(picks.len());
+                    for &i in picks {
+                        rows.push(voxel_rows(&candle_core::ModuleT::forward_t(
+                            net.as_ref(),
+                            &self.data[i].input,
+                            true,
+                        )?)?);
+                    }
+                    Tensor::cat(&rows, 0)?
+                }
             }
             _ => return Err(Error::Model("batch drawn for another network".into())),
         };
@@ -313,6 +337,12 @@ impl<'a> Trainer<'a> {
         }
         Ok(epoch_losses)
     }
+}
+
+/// Logits `(B, C, D, H, W)` → one row per voxel `(B·D·H·W, C)`, in label order.
+fn voxel_rows(y: &Tensor) -> Result<Tensor> {
+    let (b, c, d, h, w) = y.dims5()?;
+    Ok(y.reshape((b, c, d * h * w))?.transpose(1, 2)?.reshape((b * d * h * w, c))?)
 }
 
 /// Trains `model` in place; see [`Trainer::run`].
@@ -464,6 +494,16 @@ mod tests {
         let before = t.step_on(&b).unwrap();
         let after = t.loss(&b).unwrap().to_scalar::<f32>().unwrap() as f64;
         assert!(after < before, "U-Net: {before} → {after}");
+
+        let h = crate::model::tests::small_hybrid();
+        let m = Model::new(ModelConfig::new(Architecture::Hybrid(h), InputNorm::default(), vec![]), 1, &Device::Cpu)
+            .unwrap();
+        let mut t = Trainer::new(&m, &data(), TrainConfig { lr: 0.01, ..cfg() }).unwrap();
+        let b = t.sample_batch().unwrap();
+        assert_eq!(b.len(), 2 * 16 * 16 * 16, "whole volumes");
+        let before = t.step_on(&b).unwrap();
+        let after = t.loss(&b).unwrap().to_scalar::<f32>().unwrap() as f64;
+        assert!(after < before, "hybrid: {before} → {after}");
     }
 
     #[test]

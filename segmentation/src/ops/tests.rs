@@ -383,3 +383,49 @@ fn aligned_resize_agrees_with_grid_sampling() {
     let d = (y.flatten_from(2).unwrap() - s).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
     assert!(d < 1e-12, "{d}");
 }
+
+/// The kernel sampler against its definition built from `grid_sample` and tensor ops (the
+/// OBELISK layer's former implementation), values and all three gradients by finite differences.
+#[test]
+fn kernel_sample_matches_grid_sample_composition_and_gradients() {
+    let (b, c, p, s) = (2, 2, 3, 6);
+    let x = volume(b, c, 4, 5, 6);
+    let pts = points(b, p, 1.0, 11);
+    let off = t(rand_vec(s * 3, 12).into_iter().map(|v| 0.4 * v).collect(), &[s, 3]);
+    let aff = t(
+        rand_vec(b * p * 9, 13)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| if i % 9 % 4 == 0 { 1.0 } else { 0.0 } + 0.2 * v)
+            .collect(),
+        &[b, p, 3, 3],
+    );
+    let reference = |x: &Tensor, pts: &Tensor, off: &Tensor, aff: Option<&Tensor>, binary: bool| {
+        let o = match aff {
+            Some(a) => {
+                a.reshape((b * p * 3, 3)).unwrap().matmul(&off.t().unwrap()).unwrap().reshape((b, p, 3, s)).unwrap()
+            }
+            None => off.t().unwrap().reshape((1, 1, 3, s)).unwrap().broadcast_as((b, p, 3, s)).unwrap(),
+        };
+        let q = pts.unsqueeze(2).unwrap().broadcast_add(&o.transpose(2, 3).unwrap()).unwrap();
+        let v = grid_sample(x, &q.reshape((b, p * s, 3)).unwrap(), Interpolation::Linear, Padding::Zeros).unwrap();
+        let v = v.reshape((b, c, p, s)).unwrap();
+        let k = if binary { s / 2 } else { s };
+        let v = if binary { (v.narrow(3, 0, k).unwrap() - v.narrow(3, k, k).unwrap()).unwrap() } else { v };
+        v.transpose(2, 3).unwrap().contiguous().unwrap().reshape((b, c * k, p)).unwrap()
+    };
+    for binary in [true, false] {
+        for a in [None, Some(&aff)] {
+            let got = kernel_sample(&x, &pts, &off, a, binary).unwrap();
+            let want = reference(&x, &pts, &off, a, binary);
+            assert_eq!(got.dims(), want.dims());
+            let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            assert!(diff < 1e-12, "binary {binary}, affine {}: {diff}", a.is_some());
+            check_grad(&x, &|v| kernel_sample(v, &pts, &off, a, binary).unwrap(), 1e-6);
+            check_grad(&pts, &|v| kernel_sample(&x, v, &off, a, binary).unwrap(), 1e-6);
+            check_grad(&off, &|v| kernel_sample(&x, &pts, v, a, binary).unwrap(), 1e-6);
+        }
+    }
+    assert!(kernel_sample(&x, &pts, &t(rand_vec(9, 1), &[3, 3]), None, true).is_err(), "odd S for binary");
+    assert!(kernel_sample(&x, &points(1, p, 1.0, 2), &off, None, true).is_err(), "batch mismatch");
+}

@@ -1,0 +1,299 @@
+//! The OBELISK layer's sampling as one differentiable op: the input sampled at `p + A_p·o_s` for
+//! every point `p` and offset `o_s` (optionally with a per-point kernel warp `A_p`), the binary
+//! difference taken, laid out as `(B, C·K, P)`.
+//!
+//! Built from candle tensor ops the same thing materialises `(B, P·S, 3)` coordinates and their
+//! gradient several times (broadcast add, transpose, matmul, and a zero-filled accumulator plus an
+//! add per node in candle's backprop); here the coordinates exist once per call and their gradient
+//! is reduced straight to the offsets and the points. The trilinear sampling itself is
+//! [`super::sample`]'s.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use num_traits::Float;
+use rayon::prelude::*;
+
+use super::sample::{backward_input, backward_points, forward, Dims, Interpolation, Padding};
+use super::{bail, slice_of};
+
+/// The op: `input (B, C, D, H, W)`, `points (B, P, 3)`, `offsets (S, 3)` → `(B, C·K, P)` with
+/// `K = S/2` (binary: channel `c·K + k` is `x_c(p + A o_k) − x_c(p + A o_{K+k})`) or `K = S`.
+#[derive(Debug, Clone)]
+struct KernelSample {
+    binary: bool,
+    /// `(B, P, 3, 3)` per-point kernel warps, not differentiated (an augmentation).
+    affine: Option<Tensor>,
+}
+
+/// Sizes of one call.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    b: usize,
+    c: usize,
+    dims: Dims,
+    p: usize,
+    s: usize,
+    k: usize,
+}
+
+impl KernelSample {
+    fn geometry(&self, li: &Layout, lp: &Layout, lo: &Layout) -> candle_core::Result<Geometry> {
+        let (b, c, d, h, w) = match *li.dims() {
+            [b, c, d, h, w] => (b, c, d, h, w),
+            ref s => bail(format!("kernel sample: input must be (B, C, D, H, W), got {s:?}"))?,
+        };
+        let p = match *lp.dims() {
+            [pb, p, 3] if pb == b => p,
+            ref s => bail(format!("kernel sample: points must be ({b}, P, 3), got {s:?}"))?,
+        };
+        let s = match *lo.dims() {
+            [s, 3] if s > 0 && (!self.binary || s % 2 == 0) => s,
+            ref s => bail(format!("kernel sample: offsets must be (S, 3) with S even if binary, got {s:?}"))?,
+        };
+        if d * h * w == 0 {
+            bail("kernel sample: empty input volume")?;
+        }
+        if let Some(a) = &self.affine {
+            if a.dims() != [b, p, 3, 3] {
+                bail(format!("kernel sample: affines must be ({b}, {p}, 3, 3), got {:?}", a.dims()))?;
+            }
+        }
+        Ok(Geometry { b, c, dims: Dims { d, h, w }, p, s, k: if self.binary { s / 2 } else { s } })
+    }
+
+    fn affine_values<T: Float>(&self) -> candle_core::Result<Option<Vec<T>>> {
+        match &self.affine {
+            None => Ok(None),
+            Some(a) => {
+                let v: Vec<f64> = a.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+                Ok(Some(v.into_iter().map(|x| T::from(x).unwrap_or(T::zero())).collect()))
+            }
+        }
+    }
+}
+
+/// All sampling coordinates, `(B, P, S, 3)` flattened: `points[b, p] + A[b, p] · offsets[s]`.
+fn coordinates<T: Float + Send + Sync>(g: Geometry, points: &[T], offsets: &[T], affine: Option<&[T]>) -> Vec<T> {
+    let mut out = vec![T::zero(); g.b * g.p * g.s * 3];
+    out.par_chunks_mut(g.s * 3).enumerate().for_each(|(bp, row)| {
+        let pt = &points[3 * bp..3 * bp + 3];
+        let a = affine.map(|a| &a[9 * bp..9 * bp + 9]);
+        for (o, dst) in offsets.chunks_exact(3).zip(row.chunks_exact_mut(3)) {
+            for r in 0..3 {
+                let warped = match a {
+                    Some(a) => a[3 * r] * o[0] + a[3 * r + 1] * o[1] + a[3 * r + 2] * o[2],
+                    None => o[r],
+                };
+                dst[r] = pt[r] + warped;
+            }
+        }
+    });
+    out
+}
+
+/// Samples `(B, C, P·S)` → the layer layout `(B, C·K, P)` (binary difference taken).
+fn to_layer_layout<T: Float + Send + Sync>(g: Geometry, binary: bool, v: &[T]) -> Vec<T> {
+    let mut out = vec![T::zero(); g.b * g.c * g.k * g.p];
+    out.par_chunks_mut(g.k * g.p).enumerate().for_each(|(bc, o)| {
+        let src = &v[bc * g.p * g.s..(bc + 1) * g.p * g.s];
+        for (p, row) in src.chunks_exact(g.s).enumerate() {
+            for k in 0..g.k {
+                o[k * g.p + p] = if binary { row[k] - row[g.k + k] } else { row[k] };
+            }
+        }
+    });
+    out
+}
+
+/// The layer-layout gradient `(B, C·K, P)` → per-sample gradient `(B, C, P·S)`.
+fn to_sample_layout<T: Float + Send + Sync>(g: Geometry, binary: bool, grad: &[T]) -> Vec<T> {
+    let mut out = vec![T::zero(); g.b * g.c * g.p * g.s];
+    out.par_chunks_mut(g.p * g.s).enumerate().for_each(|(bc, o)| {
+        let src = &grad[bc * g.k * g.p..(bc + 1) * g.k * g.p];
+        for (p, row) in o.chunks_exact_mut(g.s).enumerate() {
+            for k in 0..g.k {
+                let v = src[k * g.p + p];
+                row[k] = v;
+                if binary {
+                    row[g.k + k] = -v;
+                }
+            }
+        }
+    });
+    out
+}
+
+impl CustomOp3 for KernelSample {
+    fn name(&self) -> &'static str {
+        "obelisk-kernel-sample"
+    }
+
+    fn cpu_fwd(
+        &self,
+        si: &CpuStorage,
+        li: &Layout,
+        sp: &CpuStorage,
+        lp: &Layout,
+        so: &CpuStorage,
+        lo: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.geometry(li, lp, lo)?;
+        macro_rules! run {
+            ($x:expr, $p:expr, $o:expr) => {{
+                let aff = self.affine_values()?;
+                let coords = coordinates(g, slice_of($p, lp)?, slice_of($o, lo)?, aff.as_deref());
+                let v = forward(slice_of($x, li)?, &coords, g.b, g.c, g.dims, Interpolation::Linear, Padding::Zeros);
+                to_layer_layout(g, self.binary, &v)
+            }};
+        }
+        let st = match (si, sp, so) {
+            (CpuStorage::F32(x), CpuStorage::F32(p), CpuStorage::F32(o)) => CpuStorage::F32(run!(x, p, o)),
+            (CpuStorage::F64(x), CpuStorage::F64(p), CpuStorage::F64(o)) => CpuStorage::F64(run!(x, p, o)),
+            _ => bail("kernel sample: input, points and offsets must all be f32 or all f64")?,
+        };
+        Ok((st, Shape::from((g.b, g.c * g.k, g.p))))
+    }
+
+    fn bwd(
+        &self,
+        input: &Tensor,
+        points: &Tensor,
+        offsets: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let gi = if input.track_op() {
+            let op = KernelSampleGrad { op: self.clone(), grad: grad.clone(), wrt_input: true };
+            Some(input.apply_op3_no_bwd(points, offsets, &op)?)
+        } else {
+            None
+        };
+        let (gp, go) = if points.track_op() || offsets.track_op() {
+            let op = KernelSampleGrad { op: self.clone(), grad, wrt_input: false };
+            let packed = input.apply_op3_no_bwd(points, offsets, &op)?;
+            let n = points.elem_count();
+            let gp = packed.narrow(0, 0, n)?.reshape(points.shape())?;
+            let go = packed.narrow(0, n, offsets.elem_count())?.reshape(offsets.shape())?;
+            (points.track_op().then_some(gp), offsets.track_op().then_some(go))
+        } else {
+            (None, None)
+        };
+        Ok((gi, gp, go))
+    }
+}
+
+/// Backward of [`KernelSample`] on `(input, points, offsets)`: the input gradient, or the points
+/// and offsets gradients packed into one vector (points first).
+struct KernelSampleGrad {
+    op: KernelSample,
+    grad: Tensor,
+    wrt_input: bool,
+}
+
+/// Reduces coordinate gradients `(B, P, S, 3)` to the points `(B, P, 3)` (sum over the kernel)
+/// and the offsets `(S, 3)` (`Σ_{b,p} A_bpᵀ · g`); every sum runs in a fixed order.
+fn reduce_coordinate_grads<T: Float + Send + Sync>(g: Geometry, cg: &[T], affine: Option<&[T]>) -> Vec<T> {
+    let np = g.b * g.p;
+    let mut out = vec![T::zero(); np * 3 + g.s * 3];
+    let (gp, go) = out.split_at_mut(np * 3);
+    gp.par_chunks_mut(3).enumerate().for_each(|(bp, acc)| {
+        for c in cg[bp * g.s * 3..(bp + 1) * g.s * 3].chunks_exact(3) {
+            for a in 0..3 {
+                acc[a] = acc[a] + c[a];
+            }
+        }
+    });
+    go.par_chunks_mut(3).enumerate().for_each(|(s, acc)| {
+        for bp in 0..np {
+            let c = &cg[(bp * g.s + s) * 3..(bp * g.s + s) * 3 + 3];
+            match affine {
+                // d(A o)/d o = Aᵀ
+                Some(a) => {
+                    let a = &a[9 * bp..9 * bp + 9];
+                    for col in 0..3 {
+                        acc[col] = acc[col] + a[col] * c[0] + a[3 + col] * c[1] + a[6 + col] * c[2];
+                    }
+                }
+                None => {
+                    for r in 0..3 {
+                        acc[r] = acc[r] + c[r];
+                    }
+                }
+            }
+        }
+    });
+    out
+}
+
+impl CustomOp3 for KernelSampleGrad {
+    fn name(&self) -> &'static str {
+        "obelisk-kernel-sample-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        si: &CpuStorage,
+        li: &Layout,
+        sp: &CpuStorage,
+        lp: &Layout,
+        so: &CpuStorage,
+        lo: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.op.geometry(li, lp, lo)?;
+        let binary = self.op.binary;
+        let (lin, pad) = (Interpolation::Linear, Padding::Zeros);
+        let (gs, gl) = self.grad.storage_and_layout();
+        macro_rules! run {
+            ($x:expr, $p:expr, $o:expr, $variant:ident) => {{
+                let aff = self.op.affine_values()?;
+                let coords = coordinates(g, slice_of($p, lp)?, slice_of($o, lo)?, aff.as_deref());
+                let grad = match &*gs {
+                    candle_core::Storage::Cpu(CpuStorage::$variant(v)) => to_sample_layout(g, binary, slice_of(v, gl)?),
+                    _ => bail("kernel sample backward: gradient of another dtype or device")?,
+                };
+                if self.wrt_input {
+                    backward_input(&coords, &grad, g.b, g.c, g.dims, lin, pad)
+                } else {
+                    let cg = backward_points(slice_of($x, li)?, &coords, &grad, g.b, g.c, g.dims, lin, pad);
+                    reduce_coordinate_grads(g, &cg, aff.as_deref())
+                }
+            }};
+        }
+        let (st, n) = match (si, sp, so) {
+            (CpuStorage::F32(x), CpuStorage::F32(p), CpuStorage::F32(o)) => {
+                let v = run!(x, p, o, F32);
+                let n = v.len();
+                (CpuStorage::F32(v), n)
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(p), CpuStorage::F64(o)) => {
+                let v = run!(x, p, o, F64);
+                let n = v.len();
+                (CpuStorage::F64(v), n)
+            }
+            _ => bail("kernel sample backward: mixed dtypes")?,
+        };
+        let shape = if self.wrt_input { li.shape().clone() } else { Shape::from(n) };
+        Ok((st, shape))
+    }
+}
+
+/// OBELISK kernel sampling: `input (B, C, D, H, W)` at `points (B, P, 3) + A·offsets (S, 3)`
+/// (normalised, `align_corners = true`, zero padding) → `(B, C·K, P)`, channel `c·K + k`;
+/// `binary` takes `K = S/2` differences `o_k − o_{K+k}`. `affine (B, P, 3, 3)` warps each point's
+/// kernel. Differentiable in the input, the points and the offsets.
+pub fn kernel_sample(
+    input: &Tensor,
+    points: &Tensor,
+    offsets: &Tensor,
+    affine: Option<&Tensor>,
+    binary: bool,
+) -> candle_core::Result<Tensor> {
+    let dt = input.dtype();
+    if !matches!(dt, DType::F32 | DType::F64) {
+        bail("kernel sample supports f32 and f64")?;
+    }
+    let affine = affine.map(|a| a.to_dtype(dt)?.contiguous()).transpose()?;
+    let points = points.to_dtype(dt)?.contiguous()?;
+    let offsets = offsets.to_dtype(dt)?.contiguous()?;
+    input.contiguous()?.apply_op3(&points, &offsets, KernelSample { binary, affine })
+}
