@@ -88,6 +88,27 @@ pub(crate) fn check_input(path: &Path) -> Result<(), IoError> {
     Ok(())
 }
 
+/// Fraction of the fixed image's voxels (on a lattice of at most ~16³ samples) that lie inside
+/// the moving image's field of view, both placed by their headers.
+pub(crate) fn overlap_fraction(fixed: &registration::Grid, moving: &registration::Grid) -> f64 {
+    use registration::Space;
+    let shape = fixed.shape();
+    let step = shape.map(|n| n.div_ceil(16).max(1));
+    let m = moving.shape();
+    let (mut inside, mut total) = (0usize, 0usize);
+    for k in (0..shape[2]).step_by(step[2]) {
+        for j in (0..shape[1]).step_by(step[1]) {
+            for i in (0..shape[0]).step_by(step[0]) {
+                let w = fixed.map([i as f64, j as f64, k as f64], Space::Voxel, Space::Ras);
+                let v = moving.map(w, Space::Ras, Space::Voxel);
+                inside += (0..3).all(|a| v[a] >= -0.5 && v[a] <= m[a] as f64 - 0.5) as usize;
+                total += 1;
+            }
+        }
+    }
+    inside as f64 / total as f64
+}
+
 /// Creates `dir` if needed and checks that new files can be made there.
 pub(crate) fn prepare_out_dir(dir: &Path) -> Result<()> {
     if dir.exists() && !dir.is_dir() {
@@ -131,6 +152,16 @@ impl RegisterArgs {
                 if fixed.grid.is_2d() { 2 } else { 3 },
                 self.moving.display(),
                 if moving.grid.is_2d() { 2 } else { 3 }
+            );
+        }
+        if self.init == InitKind::None && overlap_fraction(&fixed.grid, &moving.grid) == 0.0 {
+            bail!(
+                "{} does not overlap {} in world coordinates ({} vs {}); with --init none the headers must \
+                 place them together (--init search finds the offset)",
+                self.moving.display(),
+                self.fixed.display(),
+                io::describe_grid(&moving.grid),
+                io::describe_grid(&fixed.grid)
             );
         }
         let fixed_labels =
