@@ -126,36 +126,26 @@ impl TrainArgs {
         }
         let text = std::fs::read_to_string(&self.dataset)
             .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", self.dataset.display()))?;
-        let ds: Dataset = serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{}: not a dataset description: {e}", self.dataset.display()))?;
-        if ds.training.is_empty() {
-            bail!("{}: the training list is empty", self.dataset.display());
-        }
+        let ds = parse_dataset(&self.dataset, &text)?;
         if let Some(k) = self.folds {
-            if k < 2 || k > ds.training.len() {
-                bail!("--folds must be between 2 and the number of subjects ({}), got {k}", ds.training.len());
+            if k < 2 || k > ds.entries.len() {
+                bail!("--folds must be between 2 and the number of subjects ({}), got {k}", ds.entries.len());
             }
         }
-        let base = self.dataset.parent().map(Path::to_path_buf).unwrap_or_default();
-        let mut max_label = 0u32;
-        let mut names = BTreeMap::new();
-        for (k, v) in &ds.labels {
-            let id: u32 =
-                k.parse().map_err(|_| anyhow::anyhow!("{}: label id {k:?} is not a number", self.dataset.display()))?;
-            max_label = max_label.max(id);
-            names.insert(id, v.clone());
-        }
+        let (names, mut max_label) = (ds.names, ds.max_label);
         let mut volumes = Vec::new();
         let mut raw = Vec::new();
-        for e in &ds.training {
-            let (ip, lp) = (base.join(&e.image), base.join(&e.label));
+        for (ip, lp) in ds.entries {
             check_input(&ip)?;
             check_input(&lp)?;
             let img = io::read_image(&ip)?;
             let lab = io::read_labels_for(&lp, &img.grid, &ip)?;
             let m = lab.data.iter().copied().max().unwrap_or(0);
-            if !ds.labels.is_empty() && m > max_label {
+            if !names.is_empty() && m > max_label {
                 bail!("{}: label {m} is not in the labels map of {}", lp.display(), self.dataset.display());
+            }
+            if m > MAX_LABEL {
+                bail!("{}: label {m} is larger than {MAX_LABEL}, the most a model can be trained for", lp.display());
             }
             max_label = max_label.max(m);
             raw.push((ip, lab));
@@ -200,6 +190,48 @@ impl TrainArgs {
             input_norm,
         })
     }
+}
+
+/// The largest label id a model can be trained for: one output channel per id up to it.
+pub const MAX_LABEL: u32 = 1000;
+
+/// What training needs from a dataset.json.
+#[derive(Debug)]
+pub struct DatasetFile {
+    /// (image, label map) pairs, resolved against the JSON's folder.
+    pub entries: Vec<(PathBuf, PathBuf)>,
+    /// Label names by id, from the `labels` map.
+    pub names: BTreeMap<u32, String>,
+    /// The largest id of the `labels` map (0 without one).
+    pub max_label: u32,
+}
+
+/// Parses a Learn2Reg-style dataset description; `path` names it in messages and anchors its
+/// relative paths.
+pub fn parse_dataset(path: &Path, text: &str) -> Result<DatasetFile> {
+    let ds: Dataset =
+        serde_json::from_str(text).map_err(|e| anyhow::anyhow!("{}: not a dataset description: {e}", path.display()))?;
+    if ds.training.is_empty() {
+        bail!("{}: the training list is empty", path.display());
+    }
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut names = BTreeMap::new();
+    for (k, v) in ds.labels {
+        let id: u32 = k.parse().map_err(|_| anyhow::anyhow!("{}: label id {k:?} is not a number", path.display()))?;
+        if id > MAX_LABEL {
+            bail!("{}: label id {id} is larger than {MAX_LABEL}", path.display());
+        }
+        names.insert(id, v);
+    }
+    let mut entries = Vec::with_capacity(ds.training.len());
+    for (i, e) in ds.training.into_iter().enumerate() {
+        if e.image.is_empty() || e.label.is_empty() {
+            bail!("{}: training entry {i} has an empty path", path.display());
+        }
+        entries.push((base.join(e.image), base.join(e.label)));
+    }
+    let max_label = names.keys().next_back().copied().unwrap_or(0);
+    Ok(DatasetFile { entries, names, max_label })
 }
 
 fn check_input_json(p: &Path) -> Result<()> {
