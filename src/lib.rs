@@ -4,5 +4,6 @@
 pub mod cli;
 pub mod features;
 pub mod io;
+pub mod memory;
 pub mod pictures;
 pub mod pipeline;

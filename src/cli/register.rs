@@ -75,6 +75,10 @@ pub struct RegisterArgs {
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Refuse to start when the estimated peak memory exceeds this (e.g. 8G, 512M); default:
+    /// 75% of the machine's physical memory.
+    #[arg(long, value_name = "SIZE", value_parser = crate::memory::parse_size)]
+    pub max_memory: Option<u64>,
 }
 
 pub(crate) fn check_input(path: &Path) -> Result<(), IoError> {
@@ -120,6 +124,30 @@ pub(crate) fn prepare_out_dir(dir: &Path) -> Result<()> {
 }
 
 impl RegisterArgs {
+    /// Estimates the job's peak memory from the headers alone and refuses it when over the limit.
+    fn check_memory(&self, model: Option<&ObeliskFeatures>) -> Result<()> {
+        let (fg, mg) = (io::read_grid(&self.fixed)?, io::read_grid(&self.moving)?);
+        let extractor = self.features.extractor(&fg, model)?;
+        let (stride, extra) = match model {
+            // the weights, plus the activations of one inference chunk of points
+            Some(m) => (m.stride(), 4 * m.num_parameters() as u64 + (256 << 20)),
+            None => (1, 0),
+        };
+        let need = crate::memory::register_estimate(&fg, &mg, extractor.channels(), stride, extra);
+        crate::memory::Limit::new(self.max_memory).check(
+            need,
+            &format!(
+                "registering {} ({:?} voxels) to {} ({:?} voxels) with {} features",
+                self.moving.display(),
+                mg.shape(),
+                self.fixed.display(),
+                fg.shape(),
+                extractor.name()
+            ),
+            "downsample the images (half the resolution needs about 1/8 of the memory)",
+        )
+    }
+
     /// Validates everything and reads the inputs; no output is written.
     pub fn into_job(self, quiet: bool) -> Result<RegisterJob> {
         let mut inputs: Vec<&Path> = vec![&self.fixed, &self.moving];
@@ -142,6 +170,7 @@ impl RegisterArgs {
             (_, Some(_)) => bail!("--model is only used with --features obelisk"),
             (_, None) => None,
         };
+        self.check_memory(model.as_ref())?;
         prepare_out_dir(&self.out)?;
         let fixed = io::read_image(&self.fixed)?;
         let moving = io::read_image(&self.moving)?;

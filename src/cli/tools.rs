@@ -63,6 +63,7 @@ pub fn demo(args: DemoArgs, quiet: bool) -> Result<()> {
         no_pictures: false,
         force: args.force,
         json: false,
+        max_memory: None,
     };
     if !quiet {
         println!("registering moving -> fixed with MIND-SSC features");

@@ -209,8 +209,8 @@ pub struct DatasetFile {
 /// Parses a Learn2Reg-style dataset description; `path` names it in messages and anchors its
 /// relative paths.
 pub fn parse_dataset(path: &Path, text: &str) -> Result<DatasetFile> {
-    let ds: Dataset =
-        serde_json::from_str(text).map_err(|e| anyhow::anyhow!("{}: not a dataset description: {e}", path.display()))?;
+    let ds: Dataset = serde_json::from_str(text)
+        .map_err(|e| anyhow::anyhow!("{}: not a dataset description: {e}", path.display()))?;
     if ds.training.is_empty() {
         bail!("{}: the training list is empty", path.display());
     }
