@@ -273,8 +273,8 @@ impl Model {
         let io = |e: std::io::Error| Error::Model(format!("{}: {e}", dir.display()));
         std::fs::create_dir_all(dir).map_err(io)?;
         let json = serde_json::to_string_pretty(&self.config).map_err(|e| Error::Model(e.to_string()))?;
-        std::fs::write(dir.join(CONFIG_FILE), json).map_err(io)?;
-        std::fs::write(dir.join(WEIGHTS_FILE), self.weights_to_bytes()?).map_err(io)?;
+        write_renamed(&dir.join(WEIGHTS_FILE), &self.weights_to_bytes()?).map_err(io)?;
+        write_renamed(&dir.join(CONFIG_FILE), json.as_bytes()).map_err(io)?;
         Ok(())
     }
 
@@ -340,6 +340,25 @@ impl Model {
         }
         drop(data);
         Ok(model)
+    }
+}
+
+/// Writes `path` under a hidden temporary name in the same folder, then renames it into place, so
+/// that a crash never leaves a partial file under the final name.
+fn write_renamed(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".obelisk-{name}.{}.tmp", std::process::id()));
+    let res = std::fs::File::create(&tmp).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.sync_all()
+    });
+    match res.and_then(|_| std::fs::rename(&tmp, path)) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
     }
 }
 
