@@ -111,8 +111,8 @@ const BASE: u64 = 64 << 20;
 /// Per image voxel: the image (f32) and its feature maps, counted twice because extraction holds
 /// its inputs and outputs at once (MIND: the patch distances beside the descriptor). Per fixed
 /// voxel on top: the dense field in f32 and f64, the warped image and labels, the Jacobian map
-/// and the encoder's output buffers, 64 bytes in all. Measured peaks stay below this (see
-/// README: 128³ pair, 470 MiB measured, 560 MiB estimated).
+/// and the encoder's output buffers, 64 bytes in all. Measured peaks stay below this (README:
+/// 128³ pair 482 MiB measured, 592 MiB estimated; 256³ pair 3.5 GiB measured, 4.2 GiB estimated).
 pub fn register_estimate(fixed: &Grid, moving: &Grid, channels: usize, stride: usize, extra: u64) -> u64 {
     let per_image = 4 + (2 * 4 * channels as u64).div_ceil((stride.max(1) as u64).pow(3));
     let (nf, nm) = (fixed.num_voxels() as u64, moving.num_voxels() as u64);
