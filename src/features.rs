@@ -31,6 +31,11 @@ impl ObeliskFeatures {
         &self.dir
     }
 
+    /// Weights of the network.
+    pub fn num_parameters(&self) -> usize {
+        self.inner.model().num_parameters()
+    }
+
     /// Voxel stride of the feature maps relative to the image.
     pub fn stride(&self) -> usize {
         self.inner.spec().stride

@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod features;
 pub mod io;
+pub mod memory;
 pub mod pictures;
 pub mod pipeline;
 pub mod progress;

@@ -15,6 +15,9 @@ use crate::{Error, Result};
 
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const CONFIG_FILE: &str = "config.json";
+/// Models in this project hold well under a million weights; a config implying more than this
+/// is corrupt or hostile, and refused before anything is allocated (2^27 f32 = 512 MiB).
+pub const MAX_PARAMETERS: u64 = 1 << 27;
 
 /// Network architecture with its sizes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -83,8 +86,116 @@ impl ModelConfig {
         Self { architecture, input_norm, num_classes, label_names, features }
     }
 
-    /// Rejects configs whose recorded fields disagree with the architecture.
+    /// An upper bound on the number of weights, or `None` when it overflows: a config file is
+    /// untrusted input, and building its network allocates them all.
+    pub fn parameter_bound(&self) -> Option<u64> {
+        let m = |a: usize, b: usize| (a as u64).checked_mul(b as u64);
+        let sum = |v: &[Option<u64>]| v.iter().try_fold(0u64, |acc, x| acc.checked_add((*x)?));
+        match &self.architecture {
+            Architecture::ObeliskNet(c) => {
+                let dense = c.dense_channels_checked()?;
+                let layers: Vec<Option<u64>> =
+                    (0..c.dense_layers).map(|i| m(c.mid.checked_add(i.checked_mul(c.growth)?)?, c.growth)).collect();
+                sum(&[
+                    m(c.kernels, 6),
+                    m(c.in_channels.checked_mul(c.kernels)?, c.hidden),
+                    m(c.hidden, c.mid),
+                    sum(&layers),
+                    m(dense, c.num_classes.checked_add(4)?),
+                    m(c.hidden.checked_add(c.mid)?, 4),
+                ])
+            }
+            Architecture::Unet(c) => {
+                let mut parts = vec![m(*c.channels.first()?, c.num_classes.checked_add(1)?)];
+                let mut prev = c.in_channels;
+                for (i, &ch) in c.channels.iter().enumerate() {
+                    parts.push(m(27, prev).and_then(|x| x.checked_mul(ch as u64)));
+                    parts.push(m(27, ch).and_then(|x| x.checked_mul(ch as u64)));
+                    if let Some(&next) = c.channels.get(i + 1) {
+                        parts.push(m(27, ch.checked_add(next)?).and_then(|x| x.checked_mul(ch as u64)));
+                    }
+                    parts.push(m(ch, 12));
+                    prev = ch;
+                }
+                sum(&parts)
+            }
+            Architecture::Hybrid(c) => {
+                // a loose bound (every layer as wide as the widest): it only guards allocation
+                let widest = [c.in_channels, c.hidden, c.branch_out, c.num_classes]
+                    .into_iter()
+                    .chain(c.encoder)
+                    .chain(c.decoder)
+                    .try_fold(c.dense_layers.checked_mul(c.growth)?.checked_add(c.hidden)?, |a, b| Some(a.max(b)))?;
+                let kernels = c.kernels1.checked_add(c.kernels2)?;
+                sum(&[
+                    m(27 * 16, widest).and_then(|x| x.checked_mul(widest as u64)),
+                    m(kernels, widest.checked_mul(widest)?.checked_add(6)?),
+                    m(c.dense_layers.checked_add(2)?, widest).and_then(|x| x.checked_mul(widest as u64)),
+                ])
+            }
+        }
+    }
+
+    /// Rejects configs whose recorded fields disagree with the architecture, and sizes that
+    /// cannot build a network (zero channels, indivisible groups, more than [`MAX_PARAMETERS`]).
     pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Model(m));
+        match &self.architecture {
+            Architecture::ObeliskNet(c) => {
+                let sizes = [
+                    ("in_channels", c.in_channels),
+                    ("num_classes", c.num_classes),
+                    ("kernels", c.kernels),
+                    ("groups", c.groups),
+                    ("hidden", c.hidden),
+                    ("mid", c.mid),
+                    ("grid_divisor", c.grid_divisor),
+                ];
+                if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
+                    return bad(format!("{name} must be at least 1"));
+                }
+                if c.dense_layers > 0 && c.growth == 0 {
+                    return bad("growth must be at least 1".into());
+                }
+                let cin = c.in_channels.saturating_mul(c.kernels);
+                if !cin.is_multiple_of(c.groups) || !c.hidden.is_multiple_of(c.groups) {
+                    return bad(format!("{} groups do not divide {cin} inputs and {} outputs", c.groups, c.hidden));
+                }
+                if c.pool_kernel.iter().any(|&k| k == 0 || k % 2 == 0 || k > 63) {
+                    return bad(format!("pool_kernel {:?} must hold odd sizes 1..63", c.pool_kernel));
+                }
+                if c.grid_divisor > 64 {
+                    return bad(format!("grid_divisor {} is larger than 64", c.grid_divisor));
+                }
+                if !(c.offset_std.is_finite() && c.offset_std >= 0.0) {
+                    return bad(format!("offset_std {} must be finite and >= 0", c.offset_std));
+                }
+            }
+            Architecture::Hybrid(c) => {
+                let sizes = [c.in_channels, c.num_classes, c.kernels1, c.kernels2, c.hidden, c.groups, c.branch_out];
+                if sizes.into_iter().chain(c.encoder).chain(c.decoder).any(|v| v == 0) {
+                    return bad("every channel, kernel and group count must be at least 1".into());
+                }
+                if !(c.offset_std.is_finite() && c.offset_std >= 0.0 && c.leak.is_finite()) {
+                    return bad(format!("offset_std {} and leak {} must be finite", c.offset_std, c.leak));
+                }
+            }
+            Architecture::Unet(c) => {
+                if c.in_channels == 0 || c.num_classes == 0 || c.channels.is_empty() || c.channels.contains(&0) {
+                    return bad("in_channels, num_classes and every level's channels must be at least 1".into());
+                }
+                if c.channels.len() > 16 {
+                    return bad(format!("{} levels; at most 16", c.channels.len()));
+                }
+            }
+        }
+        match self.parameter_bound() {
+            Some(n) if n <= MAX_PARAMETERS => {}
+            _ => return bad(format!("the architecture's sizes imply more than {MAX_PARAMETERS} weights")),
+        }
+        if !(self.input_norm.scale.is_finite() && self.input_norm.offset.is_finite()) {
+            return bad("input_norm must hold finite numbers".into());
+        }
         let want = ModelConfig::new(self.architecture.clone(), self.input_norm, self.label_names.clone());
         if want.num_classes != self.num_classes || want.features != self.features {
             return Err(Error::Model(format!(
@@ -194,41 +305,92 @@ impl Model {
         let io = |e: std::io::Error| Error::Model(format!("{}: {e}", dir.display()));
         std::fs::create_dir_all(dir).map_err(io)?;
         let json = serde_json::to_string_pretty(&self.config).map_err(|e| Error::Model(e.to_string()))?;
-        std::fs::write(dir.join(CONFIG_FILE), json).map_err(io)?;
-        std::fs::write(dir.join(WEIGHTS_FILE), self.weights_to_bytes()?).map_err(io)?;
+        write_renamed(&dir.join(WEIGHTS_FILE), &self.weights_to_bytes()?).map_err(io)?;
+        write_renamed(&dir.join(CONFIG_FILE), json.as_bytes()).map_err(io)?;
         Ok(())
     }
 
-    /// Loads a model folder written by [`Model::save`].
+    /// Loads a model folder written by [`Model::save`]; every error names the file at fault.
     pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let dir = dir.as_ref();
-        let read =
-            |f: &str| std::fs::read(dir.join(f)).map_err(|e| Error::Model(format!("{}: {e}", dir.join(f).display())));
-        let cfg = String::from_utf8(read(CONFIG_FILE)?).map_err(|e| Error::Model(format!("{CONFIG_FILE}: {e}")))?;
-        Self::load_from_bytes(&cfg, &read(WEIGHTS_FILE)?, device)
+        let (cfg_path, weights_path) = (dir.join(CONFIG_FILE), dir.join(WEIGHTS_FILE));
+        let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+        let cfg = read(&cfg_path)
+            .and_then(|b| String::from_utf8(b).map_err(|e| format!("{}: {e}", cfg_path.display())))
+            .map_err(Error::Model)?;
+        let weights = read(&weights_path).map_err(Error::Model)?;
+        Self::load_named(&cfg, &weights, &cfg_path.display().to_string(), &weights_path.display().to_string(), device)
     }
 
     /// Loads from a `config.json` string and safetensors bytes (e.g. `include_bytes!`). Every
     /// variable must be present with the right shape; extra tensors are an error too.
     pub fn load_from_bytes(config_json: &str, safetensors: &[u8], device: &Device) -> Result<Self> {
-        let config: ModelConfig =
-            serde_json::from_str(config_json).map_err(|e| Error::Model(format!("{CONFIG_FILE}: {e}")))?;
-        let model = Model::new(config, 0, device)?;
+        Self::load_named(config_json, safetensors, CONFIG_FILE, WEIGHTS_FILE, device)
+    }
+
+    /// Parses and checks a `config.json` string (sizes included) without building the network.
+    pub fn parse_config(config_json: &str) -> Result<ModelConfig> {
+        let config: ModelConfig = serde_json::from_str(config_json).map_err(|e| Error::Model(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// [`Model::load_from_bytes`] with the names the messages give the two files.
+    fn load_named(
+        config_json: &str,
+        safetensors: &[u8],
+        cfg_name: &str,
+        w_name: &str,
+        device: &Device,
+    ) -> Result<Self> {
+        let msg = |e: Error| match e {
+            Error::Model(m) => m,
+            e => e.to_string(),
+        };
+        let config = Self::parse_config(config_json).map_err(|e| Error::Model(format!("{cfg_name}: {}", msg(e))))?;
+        let model = Model::new(config, 0, device).map_err(|e| Error::Model(format!("{cfg_name}: {}", msg(e))))?;
         let tensors = candle_core::safetensors::load_buffer(safetensors, device)
-            .map_err(|e| Error::Model(format!("{WEIGHTS_FILE}: {e}")))?;
+            .map_err(|e| Error::Model(format!("{w_name}: {e}")))?;
         let data = model.varmap.data().lock().unwrap();
         for (name, var) in data.iter() {
-            let t = tensors.get(name).ok_or_else(|| Error::Model(format!("{WEIGHTS_FILE}: missing tensor {name}")))?;
+            let t = tensors.get(name).ok_or_else(|| {
+                Error::Model(format!("{w_name}: missing tensor {name} (do the weights belong to {cfg_name}?)"))
+            })?;
             if t.shape() != var.shape() {
-                return Err(Error::Model(format!("{name}: shape {:?}, expected {:?}", t.dims(), var.dims())));
+                return Err(Error::Model(format!(
+                    "{w_name}: tensor {name} has shape {:?}, but {cfg_name} implies {:?}",
+                    t.dims(),
+                    var.dims()
+                )));
             }
             var.set(&t.to_dtype(var.dtype())?)?;
         }
         if let Some(extra) = tensors.keys().find(|k| !data.contains_key(*k)) {
-            return Err(Error::Model(format!("{WEIGHTS_FILE}: unexpected tensor {extra}")));
+            return Err(Error::Model(format!(
+                "{w_name}: unexpected tensor {extra} (do the weights belong to {cfg_name}?)"
+            )));
         }
         drop(data);
         Ok(model)
+    }
+}
+
+/// Writes `path` under a hidden temporary name in the same folder, then renames it into place, so
+/// that a crash never leaves a partial file under the final name.
+fn write_renamed(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".obelisk-{name}.{}.tmp", std::process::id()));
+    let res = std::fs::File::create(&tmp).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.sync_all()
+    });
+    match res.and_then(|_| std::fs::rename(&tmp, path)) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
     }
 }
 

@@ -64,6 +64,11 @@ impl ObeliskNetConfig {
         self.mid + self.dense_layers * self.growth
     }
 
+    /// [`Self::dense_channels`], or `None` on overflow (sizes from an untrusted config file).
+    pub fn dense_channels_checked(&self) -> Option<usize> {
+        self.mid.checked_add(self.dense_layers.checked_mul(self.growth)?)
+    }
+
     pub fn feature_channels(&self) -> usize {
         match self.feature_layer {
             ObeliskFeatureLayer::Mid => self.mid,

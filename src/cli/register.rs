@@ -57,6 +57,10 @@ pub struct RegisterArgs {
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Refuse to start when the estimated peak memory exceeds this (e.g. 8G, 512M); default:
+    /// 75% of the machine's physical memory.
+    #[arg(long, value_name = "SIZE", value_parser = crate::memory::parse_size)]
+    pub max_memory: Option<u64>,
 }
 
 /// The registration options shared by `register` and `propagate`.
@@ -167,6 +171,27 @@ pub(crate) fn same_dimensionality(a: &Path, ga: &registration::Grid, b: &Path, g
     Ok(())
 }
 
+/// Fraction of the fixed image's voxels (on a lattice of at most ~16³ samples) that lie inside
+/// the moving image's field of view, both placed by their headers.
+pub(crate) fn overlap_fraction(fixed: &registration::Grid, moving: &registration::Grid) -> f64 {
+    use registration::Space;
+    let shape = fixed.shape();
+    let step = shape.map(|n| n.div_ceil(16).max(1));
+    let m = moving.shape();
+    let (mut inside, mut total) = (0usize, 0usize);
+    for k in (0..shape[2]).step_by(step[2]) {
+        for j in (0..shape[1]).step_by(step[1]) {
+            for i in (0..shape[0]).step_by(step[0]) {
+                let w = fixed.map([i as f64, j as f64, k as f64], Space::Voxel, Space::Ras);
+                let v = moving.map(w, Space::Ras, Space::Voxel);
+                inside += (0..3).all(|a| v[a] >= -0.5 && v[a] <= m[a] as f64 - 0.5) as usize;
+                total += 1;
+            }
+        }
+    }
+    inside as f64 / total as f64
+}
+
 /// Creates `dir` if needed and checks that new files can be made there.
 pub(crate) fn prepare_out_dir(dir: &Path) -> Result<()> {
     if dir.exists() && !dir.is_dir() {
@@ -178,6 +203,30 @@ pub(crate) fn prepare_out_dir(dir: &Path) -> Result<()> {
 }
 
 impl RegisterArgs {
+    /// Estimates the job's peak memory from the headers alone and refuses it when over the limit.
+    fn check_memory(&self, model: Option<&ObeliskFeatures>) -> Result<()> {
+        let (fg, mg) = (io::read_grid(&self.fixed)?, io::read_grid(&self.moving)?);
+        let extractor = self.options.features.extractor(&fg, model)?;
+        let (stride, extra) = match model {
+            // the weights, plus the activations of one inference chunk of points
+            Some(m) => (m.stride(), 4 * m.num_parameters() as u64 + (256 << 20)),
+            None => (1, 0),
+        };
+        let need = crate::memory::register_estimate(&fg, &mg, extractor.channels(), stride, extra);
+        crate::memory::Limit::new(self.max_memory).check(
+            need,
+            &format!(
+                "registering {} ({:?} voxels) to {} ({:?} voxels) with {} features",
+                self.moving.display(),
+                mg.shape(),
+                self.fixed.display(),
+                fg.shape(),
+                extractor.name()
+            ),
+            "downsample the images (half the resolution needs about 1/8 of the memory)",
+        )
+    }
+
     /// Validates everything and reads the inputs; no output is written.
     pub fn into_job(self, quiet: bool) -> Result<RegisterJob> {
         let mut inputs: Vec<&Path> = vec![&self.fixed, &self.moving];
@@ -191,10 +240,21 @@ impl RegisterArgs {
             bail!("--init labels needs --fixed-labels and --moving-labels");
         }
         let (model, config) = self.options.validate()?;
+        self.check_memory(model.as_ref())?;
         prepare_out_dir(&self.out)?;
         let fixed = io::read_image(&self.fixed)?;
         let moving = io::read_image(&self.moving)?;
         same_dimensionality(&self.fixed, &fixed.grid, &self.moving, &moving.grid)?;
+        if self.options.init == InitKind::None && overlap_fraction(&fixed.grid, &moving.grid) == 0.0 {
+            bail!(
+                "{} does not overlap {} in world coordinates ({} vs {}); with --init none the headers must \
+                 place them together (--init search finds the offset)",
+                self.moving.display(),
+                self.fixed.display(),
+                io::describe_grid(&moving.grid),
+                io::describe_grid(&fixed.grid)
+            );
+        }
         let fixed_labels =
             self.fixed_labels.as_ref().map(|p| io::read_labels_for(p, &fixed.grid, &self.fixed)).transpose()?;
         let moving_labels =

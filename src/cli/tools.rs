@@ -59,6 +59,7 @@ pub fn demo(args: DemoArgs, quiet: bool) -> Result<()> {
         no_pictures: false,
         force: args.force,
         json: false,
+        max_memory: None,
     };
     if !quiet {
         println!("registering moving -> fixed with MIND-SSC features");
@@ -119,7 +120,22 @@ pub fn eval(args: EvalArgs, quiet: bool) -> Result<()> {
     let fixed = io::read_label_map(&args.fixed_labels)?;
     let warped = io::read_labels_for(&args.warped_labels, &fixed.grid, &args.fixed_labels)?;
     let field = match &args.field {
-        Some(p) => io::read_field(p)?,
+        Some(p) => {
+            let f = io::read_field(p)?;
+            if !f.grid.same_as(&fixed.grid, io::GRID_TOL) {
+                return Err(IoError::new(
+                    p,
+                    format!(
+                        "field grid ({}) differs from the grid of {} ({})",
+                        io::describe_grid(&f.grid),
+                        args.fixed_labels.display(),
+                        io::describe_grid(&fixed.grid)
+                    ),
+                )
+                .into());
+            }
+            f
+        }
         None => registration::DisplacementField::zeros(fixed.grid.clone()),
     };
     let (fixed, warped, mask) = match &args.moving_labels {

@@ -131,6 +131,9 @@ impl TrainArgs {
         }
         ds.check_files(labelled.iter().flat_map(|s| s.files()))?;
         let max_named = ds.labels.keys().copied().max().unwrap_or(0);
+        if max_named > MAX_LABEL {
+            bail!("{json}: label id {max_named} is larger than {MAX_LABEL}, the most a model can be trained for");
+        }
         let mut max_label = max_named;
         let mut volumes = Vec::new();
         let mut raw = Vec::new();
@@ -143,6 +146,9 @@ impl TrainArgs {
             let m = lab.data.iter().copied().max().unwrap_or(0);
             if !ds.labels.is_empty() && m > max_named {
                 bail!("{}: label {m} is not in the labels map of {json}", lp.display());
+            }
+            if m > MAX_LABEL {
+                bail!("{}: label {m} is larger than {MAX_LABEL}, the most a model can be trained for", lp.display());
             }
             max_label = max_label.max(m);
             raw.push((ip, lab));
@@ -191,6 +197,9 @@ impl TrainArgs {
         })
     }
 }
+
+/// The largest label id a model can be trained for: one output channel per id up to it.
+pub const MAX_LABEL: u32 = 1000;
 
 /// Per-label Dice of one cross-validation fold (mean over its held-out subjects).
 #[derive(Debug, Serialize)]

@@ -76,7 +76,8 @@ impl WarpJob {
     pub fn run(&self, quiet: bool) -> anyhow::Result<()> {
         let field = io::read_field(&self.field)?;
         if let Some(r) = &self.reference {
-            let grid = io::read_grid(r)?;
+            // read in full, not just the header: a truncated or corrupt reference is an error too
+            let grid = io::read_image(r)?.grid;
             if !grid.same_as(&field.grid, GRID_TOL) {
                 return Err(IoError::new(
                     r,

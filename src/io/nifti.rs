@@ -152,16 +152,30 @@ fn read_error(path: &Path, e: std::io::Error, what: &str) -> IoError {
     IoError::new(path, msg)
 }
 
-fn open(path: &Path) -> Result<(Box<dyn Read>, Option<u64>), IoError> {
-    let f = File::open(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => IoError::new(path, "file not found"),
-        _ => IoError::new(path, format!("cannot open: {e}")),
-    })?;
-    let len = f.metadata().ok().map(|m| m.len());
+/// Where a reader's bytes come from: the file at its path, or bytes already in memory (then the
+/// path only names them in messages, and its extension still says whether they are gzipped).
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    File,
+    Bytes(&'a [u8]),
+}
+
+fn open<'a>(path: &Path, src: Source<'a>) -> Result<(Box<dyn Read + 'a>, Option<u64>), IoError> {
+    let (reader, len): (Box<dyn Read + 'a>, u64) = match src {
+        Source::File => {
+            let f = File::open(path).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => IoError::new(path, "file not found"),
+                _ => IoError::new(path, format!("cannot open: {e}")),
+            })?;
+            let len = f.metadata().map(|m| m.len()).map_err(|e| IoError::new(path, format!("cannot open: {e}")))?;
+            (Box::new(BufReader::new(f)), len)
+        }
+        Source::Bytes(b) => (Box::new(b), b.len() as u64),
+    };
     if is_gz(path) {
-        Ok((Box::new(MultiGzDecoder::new(BufReader::new(f))), None))
+        Ok((Box::new(MultiGzDecoder::new(BufReader::new(reader))), None))
     } else {
-        Ok((Box::new(BufReader::new(f)), len))
+        Ok((reader, Some(len)))
     }
 }
 
@@ -298,7 +312,7 @@ fn quaternion_matrix(b: f64, c: f64, d: f64) -> Matrix3<f64> {
 
 /// Reads only the header's grid (validated as for reading the data).
 pub fn read_grid(path: &Path) -> Result<Grid, IoError> {
-    let (mut reader, file_len) = open(path)?;
+    let (mut reader, file_len) = open(path, Source::File)?;
     let mut hb = [0u8; HEADER_LEN];
     reader.read_exact(&mut hb).map_err(|e| read_error(path, e, "header"))?;
     Ok(parse_header(path, &hb, file_len)?.grid)
@@ -309,10 +323,11 @@ pub fn read_grid(path: &Path) -> Result<Grid, IoError> {
 /// than a compressed file holds costs no more memory than the file does.
 fn read_with<T>(
     path: &Path,
+    src: Source,
     check: impl FnOnce(&Header) -> Result<(), String>,
     mut convert: impl FnMut(f64) -> Result<T, String>,
 ) -> Result<(Header, Vec<T>), IoError> {
-    let (mut reader, file_len) = open(path)?;
+    let (mut reader, file_len) = open(path, src)?;
     let mut hb = [0u8; HEADER_LEN];
     reader.read_exact(&mut hb).map_err(|e| read_error(path, e, "header"))?;
     let h = parse_header(path, &hb, file_len)?;
@@ -372,8 +387,13 @@ fn describe_dims(h: &Header) -> String {
 /// Reads an image; higher dimensions (`dim[4]`, `dim[5]`) become channels only when
 /// `allow_channels`, and must be 1 otherwise. Does not check for NaN/Inf.
 pub fn read_volume_unchecked(path: &Path, allow_channels: bool) -> Result<Volume, IoError> {
+    volume_from(path, Source::File, allow_channels)
+}
+
+fn volume_from(path: &Path, src: Source, allow_channels: bool) -> Result<Volume, IoError> {
     let (h, data) = read_with(
         path,
+        src,
         |h| {
             let extra: usize = h.dims[3..].iter().product();
             if extra > 1 && !allow_channels {
@@ -407,8 +427,13 @@ fn checked(path: &Path, v: Volume) -> Result<Volume, IoError> {
 
 /// Reads a label map: integer values ≥ 0 (a float file must hold whole numbers).
 pub fn read_labels(path: &Path) -> Result<Labels, IoError> {
+    labels_from(path, Source::File)
+}
+
+fn labels_from(path: &Path, src: Source) -> Result<Labels, IoError> {
     let (h, data) = read_with(
         path,
+        src,
         |h| {
             if h.dims[3..].iter().product::<usize>() > 1 {
                 return Err(format!("label map has dimensions {}; expected a 3D or 2D image", describe_dims(h)));
@@ -435,8 +460,13 @@ pub fn read_labels(path: &Path) -> Result<Labels, IoError> {
 /// Reads a displacement field in the ITK convention: dim `[5, X, Y, Z, 1, 3]` (or
 /// `[5, X, Y, 1, 1, 2]` for 2D, whose z component becomes 0), components in LPS mm.
 pub fn read_field(path: &Path) -> Result<DisplacementField, IoError> {
+    field_from(path, Source::File)
+}
+
+fn field_from(path: &Path, src: Source) -> Result<DisplacementField, IoError> {
     let (h, data) = read_with(
         path,
+        src,
         |h| {
             if !h.datatype.is_float() {
                 return Err(format!("displacement field has datatype {:?}; expected float32 or float64", h.datatype));
@@ -458,6 +488,25 @@ pub fn read_field(path: &Path) -> Result<DisplacementField, IoError> {
     // the component is the slowest dimension on disk, so the data are already channel-major
     data.resize(3 * n, 0.0);
     DisplacementField::new(h.grid, data).map_err(|e| IoError::new(path, e.to_string()))
+}
+
+/// The readers on bytes in memory, for the fuzz targets: `name` stands for the file in
+/// messages and, by its extension, says whether the bytes are gzipped.
+#[doc(hidden)]
+pub mod from_bytes {
+    use super::*;
+
+    pub fn read_volume(name: &Path, bytes: &[u8]) -> Result<Volume, IoError> {
+        checked(name, volume_from(name, Source::Bytes(bytes), true)?)
+    }
+
+    pub fn read_labels(name: &Path, bytes: &[u8]) -> Result<Labels, IoError> {
+        labels_from(name, Source::Bytes(bytes))
+    }
+
+    pub fn read_field(name: &Path, bytes: &[u8]) -> Result<DisplacementField, IoError> {
+        field_from(name, Source::Bytes(bytes))
+    }
 }
 
 /// What to put in the header besides geometry.
