@@ -652,10 +652,12 @@ def main():
     ap.add_argument("--model-iterations", type=int, default=200)
     ap.add_argument("--benchmarks", help="also write this BENCHMARKS.md (and its plot next to it, under docs/)")
     ap.add_argument("--segmentation", action="store_true", help="also run the segmentation table")
+    ap.add_argument("--no-segmentation", action="store_true", help="overrides --segmentation (bench.sh sets it)")
     ap.add_argument("--seg-subjects", type=int, default=4)
     ap.add_argument("--seg-folds", type=int, default=2)
     ap.add_argument("--seg-iterations", type=int, default=200)
     args = ap.parse_args()
+    args.segmentation = args.segmentation and not args.no_segmentation
     args.synth_size = [int(v) for v in args.synth_size.split(",")]
     args.synth_spacing = [float(v) for v in args.synth_spacing.split(",")]
     if args.smoke:
