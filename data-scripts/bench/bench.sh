@@ -10,6 +10,9 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 
+# recorded in BENCHMARKS.md as the exact command
+command="bash data-scripts/bench/bench.sh $*"
+if [[ -n "${OBELISK_BIN:-}" ]]; then command="OBELISK_BIN=$OBELISK_BIN $command"; fi
 smoke=0
 for a in "$@"; do [[ "$a" == "--smoke" ]] && smoke=1; done
 
@@ -23,4 +26,4 @@ if [[ $smoke == 0 ]]; then
     [[ -f "$root/data/totalseg/dataset.json" ]] || bash "$root/data-scripts/fetch_totalseg.sh"
     extra=(--benchmarks "$root/BENCHMARKS.md" --segmentation)
 fi
-exec "$here/.venv/bin/python" "$here/run_bench.py" --obelisk "$OBELISK_BIN" "${extra[@]}" "$@"
+BENCH_COMMAND="$command" exec "$here/.venv/bin/python" "$here/run_bench.py" --obelisk "$OBELISK_BIN" "${extra[@]}" "$@"

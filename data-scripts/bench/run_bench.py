@@ -550,6 +550,11 @@ def benchmarks_md(results, png_rel):
                  "`data-scripts/fetch_totalseg.sh` (CT A abdomen-pelvis 3 mm; CT B upper-abdomen slab of 20 slices; "
                  "MR C). Their label maps are TotalSegmentator predictions, not manual annotations, and the three "
                  "subjects lie in unrelated scanner coordinates, so every tool needs its global stage.")
+    else:
+        L.append("- Real pairs: **not run** in this run (`--no-real`); the TotalSegmentator pairs have no numbers "
+                 "here yet.")
+    if not results.get("segmentation"):
+        L.append("- Segmentation table: **not run** in this run (`--no-segmentation`).")
     fm = results.get("feature_model")
     if fm:
         L.append(f"- Feature model: `obelisk train` (OBELISK-Net, {fm['iterations']} iterations) on "
@@ -632,6 +637,29 @@ def python_versions():
     return v
 
 
+def report(results, out, benchmarks):
+    """Writes results.md, results.png and (with a path) BENCHMARKS.md from the results."""
+    (out / "results.md").write_text(markdown(results) + seg_markdown(results))
+    note = plot(results, out / "results.png")
+    if note and note not in results["notes"]:
+        results["notes"].append(note)
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    if benchmarks:
+        md_path = Path(benchmarks).resolve()
+        png_rel = None
+        if not note:
+            png = md_path.parent / "docs" / "benchmark.png"
+            png.parent.mkdir(exist_ok=True)
+            png.write_bytes((out / "results.png").read_bytes())
+            png_rel = "docs/benchmark.png"
+        tmp = md_path.with_suffix(".md.part")
+        tmp.write_text(benchmarks_md(results, png_rel))
+        os.replace(tmp, md_path)
+        log(f"wrote {md_path}")
+    print(markdown(results) + seg_markdown(results))
+    log(f"wrote {out / 'results.json'}, {out / 'results.md'}" + ("" if note else f", {out / 'results.png'}"))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--obelisk", default=str(ROOT / "target/release/obelisk"), help="the obelisk binary")
@@ -651,6 +679,8 @@ def main():
     ap.add_argument("--model-subjects", type=int, default=4, help="synthetic subjects for the feature model")
     ap.add_argument("--model-iterations", type=int, default=200)
     ap.add_argument("--benchmarks", help="also write this BENCHMARKS.md (and its plot next to it, under docs/)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite results.md, results.png and --benchmarks from OUT/results.json without running")
     ap.add_argument("--segmentation", action="store_true", help="also run the segmentation table")
     ap.add_argument("--no-segmentation", action="store_true", help="overrides --segmentation (bench.sh sets it)")
     ap.add_argument("--seg-subjects", type=int, default=4)
@@ -680,6 +710,10 @@ def main():
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
 
+    if args.report_only:
+        results = json.loads((out / "results.json").read_text())
+        report(results, out, args.benchmarks)
+        return
     notes = []
     import importlib.util
 
@@ -704,7 +738,8 @@ def main():
         log(f"feature model: {model_info}")
     rows = bench_registration(args, ob, out, pairs, tools, model, model_info)
     results = {
-        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        # bench.sh passes the command a person typed; run_bench.py's own argv otherwise
+        "command": os.environ.get("BENCH_COMMAND") or " ".join(shlex.quote(a) for a in sys.argv),
         "machine": machine,
         "obelisk": ob.version(),
         "python_packages": python_versions(),
@@ -721,26 +756,7 @@ def main():
     results["machine"]["load_average_end"] = Path("/proc/loadavg").read_text().split()[:3]
     results["elapsed_s"] = time.time() - started
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    (out / "results.md").write_text(markdown(results) + seg_markdown(results))
-    note = plot(results, out / "results.png")
-    if note:
-        results["notes"].append(note)
-        (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    if args.benchmarks:
-        md_path = Path(args.benchmarks).resolve()
-        png_rel = None
-        if not note:
-            png = md_path.parent / "docs" / "benchmark.png"
-            png.parent.mkdir(exist_ok=True)
-            png.write_bytes((out / "results.png").read_bytes())
-            png_rel = "docs/benchmark.png"
-        tmp = md_path.with_suffix(".md.part")
-        tmp.write_text(benchmarks_md(results, png_rel))
-        os.replace(tmp, md_path)
-        log(f"wrote {md_path}")
-    print(markdown(results) + seg_markdown(results))
-    log(f"wrote {out / 'results.json'}, {out / 'results.md'}" + ("" if note else f", {out / 'results.png'}"))
-
+    report(results, out, args.benchmarks)
 
 if __name__ == "__main__":
     main()
