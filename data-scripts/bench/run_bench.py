@@ -74,11 +74,12 @@ def run_measured(cmd, env=None, timeout=None, cwd=None):
     return out, err, wall
 
 
-def timed(cmd, workdir, env=None, timeout=None):
+def timed(cmd, workdir, env=None, timeout=None, cwd=None):
     """Runs cmd under GNU time, which reports the peak RSS of that one process (the child rusage
     of this script would be the maximum over all tools); returns (stdout, wall s, peak RSS MB)."""
     rss_file = Path(workdir) / "peak_rss_kb.txt"
-    out, _, wall = run_measured(["/usr/bin/time", "-f", "%M", "-o", str(rss_file)] + cmd, env=env, timeout=timeout)
+    out, _, wall = run_measured(["/usr/bin/time", "-f", "%M", "-o", str(rss_file)] + cmd, env=env, timeout=timeout,
+                                cwd=cwd)
     rss_mb = int(rss_file.read_text().split()[-1]) / 1024.0
     return out, wall, rss_mb
 
@@ -204,7 +205,8 @@ def run_tool(tool, pair, workdir, ob, model, threads, timeout):
         return field, wall, summary["runtime_s"].get("total"), rss, {}
     cmd = [sys.executable, str(HERE / "peers.py"), tool, "--fixed", str(pair["fixed"]), "--moving",
            str(pair["moving"]), "--out", str(field), "--threads", str(threads)]
-    out, wall, rss = timed(cmd, workdir, env=env, timeout=timeout)
+    # transformix leaves deformationField.nii in the working folder: keep it in the run's folder
+    out, wall, rss = timed(cmd, workdir, env=env, timeout=timeout, cwd=workdir)
     info = json.loads(out.strip().splitlines()[-1])
     return field, wall, info["register_s"], rss, info["versions"]
 
@@ -730,7 +732,7 @@ def main():
     pairs = synthetic_pairs(ob, out, args.synth_pairs, args.synth_size, args.synth_spacing, args.synth_max_disp,
                             args.seed)
     if not args.no_real:
-        pairs += real_pairs(Path(args.real_data))
+        pairs += real_pairs(Path(args.real_data).resolve())
     model, model_info = None, None
     if "obelisk-obelisk" in tools:
         model, model_info = train_feature_model(ob, out, args.synth_size, args.synth_spacing, args.model_subjects,
