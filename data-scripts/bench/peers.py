@@ -1,0 +1,244 @@
+#!/usr/bin/env python3
+"""Runs one peer registration tool on one pair and writes its result as an ITK displacement field.
+
+    python peers.py TOOL --fixed F.nii.gz --moving M.nii.gz --out field.nii.gz [--threads 2]
+
+TOOL: ants-syn | elastix-bspline | sitk-demons | sitk-bspline | convexadam.
+
+The field is written in the ITK convention (on the fixed grid, LPS millimetres,
+warped(x) = moving(x + u(x))), so `obelisk warp` and `obelisk eval` treat every tool alike.
+Prints one JSON line on stdout: {"tool", "register_s", "versions"}. `register_s` is the time of
+the registration call alone; the caller measures the wall time and peak RSS of this process.
+
+Each tool runs in its own process (started by run_bench.py), so the thread settings below are in
+place before any library starts its thread pool and one tool's memory does not count for another.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+TOOLS = ["ants-syn", "elastix-bspline", "sitk-demons", "sitk-bspline", "convexadam"]
+
+
+def set_threads(n):
+    # must happen before numpy/ITK/torch are imported: their pools read these once
+    for var in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
+        os.environ[var] = str(n)
+    # busy-waiting OpenMP workers slow torch down badly on a shared machine
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("ANTS_RANDOM_SEED", "1")
+
+
+def to_itk_field(transform, fixed, sitk):
+    """Samples a SimpleITK transform on the fixed grid as a displacement field (ITK convention)."""
+    conv = sitk.TransformToDisplacementFieldFilter()
+    conv.SetReferenceImage(fixed)
+    conv.SetOutputPixelType(sitk.sitkVectorFloat64)
+    return sitk.Cast(conv.Execute(transform), sitk.sitkVectorFloat32)
+
+
+def affine_init(fixed, moving, sitk, threads):
+    """The usual SimpleITK recipe for tools without a global stage of their own: centre the
+    geometries, then a multi-resolution affine registration with Mattes mutual information."""
+    init = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
+                                             sitk.CenteredTransformInitializerFilter.GEOMETRY)
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetNumberOfThreads(threads)
+    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentage(0.1, seed=1)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=200)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel([4, 2, 1])
+    reg.SetSmoothingSigmasPerLevel([2, 1, 0])
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+    reg.SetInitialTransform(init, inPlace=False)
+    return reg.Execute(fixed, moving)
+
+
+def on_fixed_grid(fixed, moving, transform, sitk):
+    return sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+
+
+def run_ants(fixed_path, moving_path, threads):
+    import ants
+    import SimpleITK as sitk
+
+    f, m = ants.image_read(fixed_path), ants.image_read(moving_path)
+    t = time.perf_counter()
+    # SyN = affine (from a centre-of-mass start) + symmetric normalisation, ANTsPy's defaults
+    r = ants.registration(fixed=f, moving=m, type_of_transform="SyN", random_seed=1)
+    seconds = time.perf_counter() - t
+    warp, affine = r["fwdtransforms"]
+    fixed = sitk.ReadImage(fixed_path, sitk.sitkFloat32)
+    # ANTs applies [Warp, Affine] to a point as Affine(Warp(x)); ITK's composite applies the
+    # transform added last first, so the list goes in reversed
+    comp = sitk.CompositeTransform(3)
+    comp.AddTransform(sitk.ReadTransform(affine))
+    comp.AddTransform(sitk.DisplacementFieldTransform(sitk.ReadImage(warp, sitk.sitkVectorFloat64)))
+    return to_itk_field(comp, fixed, sitk), seconds, {"antspyx": ants.__version__}
+
+
+def run_elastix(fixed_path, moving_path, threads):
+    import itk
+    import numpy as np
+    import SimpleITK as sitk
+
+    f = itk.imread(fixed_path, itk.F)
+    m = itk.imread(moving_path, itk.F)
+    po = itk.ParameterObject.New()
+    affine = po.GetDefaultParameterMap("affine")
+    affine["AutomaticTransformInitialization"] = ["true"]
+    affine["AutomaticTransformInitializationMethod"] = ["GeometricalCenter"]
+    po.AddParameterMap(affine)
+    po.AddParameterMap(po.GetDefaultParameterMap("bspline"))
+    t = time.perf_counter()
+    # threads come from ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS: number_of_threads > 1 on the
+    # default B-spline map crashed itk-elastix here
+    _, params = itk.elastix_registration_method(f, m, parameter_object=po, log_to_console=False)
+    field = itk.transformix_deformation_field(m, params)
+    seconds = time.perf_counter() - t
+    arr = np.asarray(itk.array_from_image(field), dtype=np.float32)  # (z, y, x, 3), LPS mm
+    fixed = sitk.ReadImage(fixed_path, sitk.sitkFloat32)
+    out = sitk.GetImageFromArray(arr, isVector=True)
+    out.CopyInformation(fixed)
+    from importlib.metadata import version
+
+    return out, seconds, {"itk-elastix": version("itk-elastix")}
+
+
+def run_sitk_demons(fixed_path, moving_path, threads):
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    fixed = sitk.ReadImage(fixed_path, sitk.sitkFloat32)
+    moving = sitk.ReadImage(moving_path, sitk.sitkFloat32)
+    t = time.perf_counter()
+    init = affine_init(fixed, moving, sitk, threads)
+    moved = on_fixed_grid(fixed, moving, init, sitk)
+    moved = sitk.HistogramMatching(moved, fixed, numberOfHistogramLevels=256, numberOfMatchPoints=7,
+                                   thresholdAtMeanIntensity=True)
+    demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+    demons.SetStandardDeviations(1.5)
+    demons.SetSmoothDisplacementField(True)
+    # coarse to fine: each level starts from the previous field, resampled
+    field = None
+    for shrink, iters in ((4, 40), (2, 30), (1, 20)):
+        fs = sitk.Shrink(fixed, [shrink] * 3) if shrink > 1 else fixed
+        ms = sitk.Shrink(moved, [shrink] * 3) if shrink > 1 else moved
+        if field is not None:
+            field = sitk.Resample(field, fs, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
+        demons.SetNumberOfIterations(iters)
+        field = demons.Execute(fs, ms) if field is None else demons.Execute(fs, ms, field)
+    seconds = time.perf_counter() - t
+    comp = sitk.CompositeTransform(3)
+    comp.AddTransform(init)
+    comp.AddTransform(sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64)))
+    return to_itk_field(comp, fixed, sitk), seconds, {"SimpleITK": sitk.Version_VersionString()}
+
+
+def run_sitk_bspline(fixed_path, moving_path, threads):
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    fixed = sitk.ReadImage(fixed_path, sitk.sitkFloat32)
+    moving = sitk.ReadImage(moving_path, sitk.sitkFloat32)
+    t = time.perf_counter()
+    init = affine_init(fixed, moving, sitk, threads)
+    # control points about every 40 mm
+    extent = [n * s for n, s in zip(fixed.GetSize(), fixed.GetSpacing())]
+    mesh = [max(1, int(round(e / 40.0))) for e in extent]
+    bspline = sitk.BSplineTransformInitializer(fixed, mesh, order=3)
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetNumberOfThreads(threads)
+    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentage(0.1, seed=1)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=100,
+                             maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=1000,
+                             costFunctionConvergenceFactor=1e7)
+    reg.SetShrinkFactorsPerLevel([4, 2, 1])
+    reg.SetSmoothingSigmasPerLevel([2, 1, 0])
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+    reg.SetMovingInitialTransform(init)
+    reg.SetInitialTransform(bspline, inPlace=True)
+    reg.Execute(fixed, moving)
+    seconds = time.perf_counter() - t
+    # the moving initial transform acts after the optimised one: x -> init(bspline(x))
+    comp = sitk.CompositeTransform(3)
+    comp.AddTransform(init)
+    comp.AddTransform(bspline)
+    return to_itk_field(comp, fixed, sitk), seconds, {"SimpleITK": sitk.Version_VersionString()}
+
+
+def run_convexadam(fixed_path, moving_path, threads):
+    import numpy as np
+    import SimpleITK as sitk
+    import torch
+    from importlib.metadata import version
+
+    torch.set_num_threads(threads)
+    from convexAdam.convex_adam_MIND import convex_adam_pt
+
+    fixed = sitk.ReadImage(fixed_path, sitk.sitkFloat32)
+    moving = sitk.ReadImage(moving_path, sitk.sitkFloat32)
+    t = time.perf_counter()
+    # convexAdam needs both images on one grid: the same affine start as the SimpleITK tools
+    init = affine_init(fixed, moving, sitk, threads)
+    moved = on_fixed_grid(fixed, moving, init, sitk)
+    # convexAdam indexes arrays like nibabel (i, j, k); SimpleITK arrays are (k, j, i)
+    f_arr = np.ascontiguousarray(sitk.GetArrayFromImage(fixed).transpose(2, 1, 0))
+    m_arr = np.ascontiguousarray(sitk.GetArrayFromImage(moved).transpose(2, 1, 0))
+    disp = convex_adam_pt(f_arr, m_arr, device=torch.device("cpu"), dtype=torch.float32)
+    seconds = time.perf_counter() - t
+    # voxel units along (i, j, k) -> LPS mm: ITK direction matrix times spacing
+    d = np.array(fixed.GetDirection()).reshape(3, 3) @ np.diag(fixed.GetSpacing())
+    mm = disp.astype(np.float64) @ d.T  # (i, j, k, 3)
+    field = sitk.GetImageFromArray(mm.transpose(2, 1, 0, 3), isVector=True)
+    field.CopyInformation(fixed)
+    comp = sitk.CompositeTransform(3)
+    comp.AddTransform(init)
+    comp.AddTransform(sitk.DisplacementFieldTransform(field))
+    return to_itk_field(comp, fixed, sitk), seconds, {"convexAdam": version("convexAdam"), "torch": torch.__version__}
+
+
+RUNNERS = {
+    "ants-syn": run_ants,
+    "elastix-bspline": run_elastix,
+    "sitk-demons": run_sitk_demons,
+    "sitk-bspline": run_sitk_bspline,
+    "convexadam": run_convexadam,
+}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("tool", choices=TOOLS)
+    ap.add_argument("--fixed", required=True)
+    ap.add_argument("--moving", required=True)
+    ap.add_argument("--out", required=True, help="displacement field to write (.nii.gz)")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    set_threads(a.threads)
+    for p in (a.fixed, a.moving):
+        if not os.path.isfile(p):
+            sys.exit(f"{p}: file not found")
+    if os.path.exists(a.out):
+        sys.exit(f"{a.out}: exists; refusing to overwrite")
+    field, seconds, versions = RUNNERS[a.tool](a.fixed, a.moving, a.threads)
+    import SimpleITK as sitk
+
+    tmp = a.out + ".part.nii.gz"
+    sitk.WriteImage(field, tmp)
+    os.replace(tmp, a.out)
+    print(json.dumps({"tool": a.tool, "register_s": seconds, "versions": versions}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,764 @@
+#!/usr/bin/env python3
+"""Side-by-side registration (and segmentation) benchmark of obelisk against its peers.
+
+Usually started by bench.sh, which makes the virtual environment and builds the binary. Every
+tool runs as its own process with 2 threads; its result is converted to an ITK displacement
+field on the fixed grid, and every field goes through the same evaluation: `obelisk warp` of the
+moving label map, then `obelisk eval` (Dice per organ, HD95, SDlogJ, folding, endpoint error
+where a true field exists). Outputs in --out: results.json, results.md, results.png.
+
+--smoke: one tiny synthetic pair, obelisk (mind, intensity) and SimpleITK demons only; needs
+just SimpleITK, numpy and nibabel (data-scripts/setup-venv.sh).
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+OURS = ["obelisk-obelisk", "obelisk-mind", "obelisk-intensity"]
+PEERS = ["ants-syn", "elastix-bspline", "sitk-demons", "sitk-bspline", "convexadam"]
+# Python module each peer needs; a missing one skips that peer with a note
+PEER_MODULES = {
+    "ants-syn": "ants",
+    "elastix-bspline": "itk",
+    "sitk-demons": "SimpleITK",
+    "sitk-bspline": "SimpleITK",
+    "convexadam": "convexAdam",
+}
+# the real pairs of data/totalseg/dataset.json that the benchmark uses: fixed <- moving
+REAL_PAIRS = [("ct_a", "ct_b"), ("ct_b", "ct_a"), ("ct_a", "mr_c")]
+SEG_ARCHS = ["obelisk", "hybrid", "unet"]
+# ablation -> the `obelisk train` flag that switches it on; skipped while the binary lacks it
+SEG_ABLATIONS = {
+    "no augmentation": "--no-augmentation",
+    "no OHEM": "--no-ohem",
+    "single-offset kernel": "--single-offset",
+}
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Failed(Exception):
+    pass
+
+
+def run_measured(cmd, env=None, timeout=None, cwd=None):
+    """Runs cmd; returns (stdout, stderr, wall seconds). Raises Failed."""
+    t = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd, text=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        raise Failed(f"timed out after {timeout} s")
+    wall = time.perf_counter() - t
+    if p.returncode != 0:
+        last = (err.strip().splitlines() or ["(no message)"])[-1]
+        raise Failed(f"exit {p.returncode}: {last}")
+    return out, err, wall
+
+
+def timed(cmd, workdir, env=None, timeout=None, cwd=None):
+    """Runs cmd under GNU time, which reports the peak RSS of that one process (the child rusage
+    of this script would be the maximum over all tools); returns (stdout, wall s, peak RSS MB)."""
+    rss_file = Path(workdir) / "peak_rss_kb.txt"
+    out, _, wall = run_measured(["/usr/bin/time", "-f", "%M", "-o", str(rss_file)] + cmd, env=env, timeout=timeout,
+                                cwd=cwd)
+    rss_mb = int(rss_file.read_text().split()[-1]) / 1024.0
+    return out, wall, rss_mb
+
+
+class Obelisk:
+    def __init__(self, binary, threads):
+        self.binary = str(binary)
+        self.threads = threads
+
+    def cmd(self, *args):
+        return [self.binary, "--threads", str(self.threads), "--quiet", *map(str, args)]
+
+    def run(self, *args):
+        out, _, _ = run_measured(self.cmd(*args))
+        return out
+
+    def help(self, sub):
+        return subprocess.run([self.binary, sub, "--help"], capture_output=True, text=True).stdout
+
+    def version(self):
+        return subprocess.run([self.binary, "--version"], capture_output=True, text=True).stdout.strip()
+
+
+def env_threads(n):
+    env = dict(os.environ)
+    for var in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                "OPENBLAS_NUM_THREADS", "RAYON_NUM_THREADS"):
+        env[var] = str(n)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def load_names(dataset_json):
+    d = json.loads(Path(dataset_json).read_text())
+    return {int(k): v for k, v in d.get("labels", {}).items()}
+
+
+def synthetic_pairs(ob, out, n, size, spacing, max_disp, seed):
+    d = out / "data" / "synthetic"
+    if not (d / "dataset.json").exists():
+        ob.run("synth", "--out", d, "--subjects", 0, "--pairs", n, "--seed", seed, "--max-displacement", max_disp,
+               "--size", ",".join(map(str, size)), "--spacing", ",".join(map(str, spacing)))
+    ds = json.loads((d / "dataset.json").read_text())
+    names = load_names(d / "dataset.json")
+    pairs = []
+    for i, p in enumerate(ds["registration_val"][:n]):
+        pairs.append({
+            "name": f"synth_{i:03d}", "set": "synthetic", "names": names,
+            "fixed": d / p["fixed"], "moving": d / p["moving"],
+            "fixed_labels": d / p["fixed_label"], "moving_labels": d / p["moving_label"],
+            "truth": d / p["truth_field"],
+        })
+    return pairs
+
+
+def real_pairs(data_dir):
+    ds_path = data_dir / "dataset.json"
+    if not ds_path.exists():
+        raise Failed(f"{ds_path}: not found (run data-scripts/fetch_totalseg.sh)")
+    ds = json.loads(ds_path.read_text())
+    names = load_names(ds_path)
+    by_key = {(Path(p["fixed"]).name, Path(p["moving"]).name): p for p in ds["registration_val"]}
+    pairs = []
+    for f, m in REAL_PAIRS:
+        p = by_key.get((f + ".nii.gz", m + ".nii.gz"))
+        if p is None:
+            raise Failed(f"{ds_path}: no registration pair {f} <- {m}")
+        pairs.append({
+            "name": f"{f}<-{m}", "set": "real", "names": names,
+            "fixed": data_dir / p["fixed"], "moving": data_dir / p["moving"],
+            "fixed_labels": data_dir / p["fixed_label"], "moving_labels": data_dir / p["moving_label"],
+            "truth": None,
+        })
+    return pairs
+
+
+def train_feature_model(ob, out, size, spacing, subjects, iterations, seed):
+    """A small OBELISK-Net trained on a synthetic cohort, for `register --features obelisk`."""
+    cohort = out / "data" / "cohort"
+    model = out / "model"
+    if not (cohort / "dataset.json").exists():
+        ob.run("synth", "--out", cohort, "--subjects", subjects, "--seed", seed,
+               "--size", ",".join(map(str, size)), "--spacing", ",".join(map(str, spacing)))
+    info = {"subjects": subjects, "iterations": iterations, "size": size, "spacing": spacing}
+    if not (model / "model.safetensors").exists():
+        model.mkdir(parents=True, exist_ok=True)
+        _, wall, rss = timed(ob.cmd("train", "--dataset", cohort / "dataset.json", "--out", model,
+                                    "--iterations", iterations, "--seed", 0), model, env=env_threads(ob.threads))
+        info.update(train_s=wall, train_peak_rss_mb=rss)
+        (model / "bench_train.json").write_text(json.dumps(info))
+    else:
+        info = json.loads((model / "bench_train.json").read_text())
+    return model, info
+
+
+# ---------------------------------------------------------------------------------------------
+# running the tools
+
+
+def run_tool(tool, pair, workdir, ob, model, threads, timeout):
+    """One registration; returns (field path, wall s, register s, peak RSS MB, versions)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    field = workdir / "field.nii.gz"
+    for stale in (field, workdir / "reg" / "field.nii.gz"):
+        if stale.exists():
+            stale.unlink()
+    env = env_threads(threads)
+    if tool.startswith("obelisk-"):
+        feats = tool.split("-", 1)[1]
+        args = ["register", "--fixed", pair["fixed"], "--moving", pair["moving"], "--out", workdir / "reg",
+                "--features", feats, "--no-pictures", "--json", "--force"]
+        if feats == "obelisk":
+            args += ["--model", model]
+        # --quiet would silence --json: call the binary without it
+        cmd = [ob.binary, "--threads", str(threads), *map(str, args)]
+        out, wall, rss = timed(cmd, workdir, env=env, timeout=timeout)
+        summary = json.loads(out)
+        os.replace(workdir / "reg" / "field.nii.gz", field)
+        return field, wall, summary["runtime_s"].get("total"), rss, {}
+    cmd = [sys.executable, str(HERE / "peers.py"), tool, "--fixed", str(pair["fixed"]), "--moving",
+           str(pair["moving"]), "--out", str(field), "--threads", str(threads)]
+    # transformix leaves deformationField.nii in the working folder: keep it in the run's folder
+    out, wall, rss = timed(cmd, workdir, env=env, timeout=timeout, cwd=workdir)
+    info = json.loads(out.strip().splitlines()[-1])
+    return field, wall, info["register_s"], rss, info["versions"]
+
+
+def write_like(ref_img, data, path, dtype):
+    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), ref_img.affine, ref_img.header)
+    img.set_data_dtype(dtype)
+    nib.save(img, str(path))
+
+
+def zero_field(fixed_path, path):
+    """The identity as an ITK displacement field on the fixed grid (written by SimpleITK, like
+    the peers' fields)."""
+    import SimpleITK as sitk
+
+    fixed = sitk.ReadImage(str(fixed_path), sitk.sitkFloat32)
+    size = fixed.GetSize()
+    f = sitk.GetImageFromArray(np.zeros((size[2], size[1], size[0], 3), np.float32), isVector=True)
+    f.CopyInformation(fixed)
+    sitk.WriteImage(f, str(path))
+
+
+def evaluate(pair, field, workdir, ob):
+    """Warps the moving labels with `field`, restricts both label maps to the fixed voxels that
+    the moving image covers after warping, and runs `obelisk eval`."""
+    ones = workdir.parent.parent / "moving_ones.nii.gz"
+    if not ones.exists():
+        m = nib.load(str(pair["moving"]))
+        write_like(m, np.ones(m.shape[:3], np.float32), ones, np.float32)
+    warped = workdir / "warped_labels.nii.gz"
+    cover = workdir / "coverage.nii.gz"
+    ob.run("warp", "--moving", pair["moving_labels"], "--field", field, "--labels", "--out", warped,
+           "--reference", pair["fixed"], "--force")
+    ob.run("warp", "--moving", ones, "--field", field, "--out", cover, "--force")
+    mask = np.asarray(nib.load(str(cover)).dataobj) > 0.5
+    fl_img = nib.load(str(pair["fixed_labels"]))
+    fl = np.asarray(fl_img.dataobj).astype(np.uint8)
+    wl = np.asarray(nib.load(str(warped)).dataobj).astype(np.uint8)
+    fl_m, wl_m = workdir / "fixed_labels_in_overlap.nii.gz", workdir / "warped_labels_in_overlap.nii.gz"
+    write_like(fl_img, np.where(mask, fl, 0), fl_m, np.uint8)
+    write_like(fl_img, np.where(mask, wl, 0), wl_m, np.uint8)
+    args = ["eval", "--fixed-labels", fl_m, "--warped-labels", wl_m, "--field", field, "--json"]
+    if pair["truth"] is not None:
+        args += ["--truth", pair["truth"]]
+    cmd = [ob.binary, "--threads", str(ob.threads), *map(str, args)]
+    out, _, _ = run_measured(cmd)
+    m = json.loads(out)
+    # organs present in both subjects' label maps (anywhere); those absent from both maps inside
+    # the overlap are not reported by eval and stay out of the mean
+    moving_ids = set(np.unique(np.asarray(nib.load(str(pair["moving_labels"])).dataobj)).astype(int))
+    both = (set(np.unique(fl).astype(int)) & moving_ids) - {0}
+    per = {l["label"]: l for l in m["labels"] if l["label"] in both}
+    dice = {pair["names"].get(k, str(k)): v["dice"] for k, v in sorted(per.items())}
+    hd = [v["hd95_mm"] for v in per.values() if v["hd95_mm"] is not None]
+    epe = m.get("endpoint_error")
+    return {
+        "dice": dice,
+        "mean_dice": float(np.mean(list(dice.values()))) if dice else None,
+        "mean_hd95_mm": float(np.mean(hd)) if hd else None,
+        "sd_log_j": m["sd_log_j"],
+        "folding_percent": 100.0 * m["folding_fraction"],
+        "epe_mean_mm": epe["mean_mm"] if epe else None,
+        "epe_p95_mm": epe["p95_mm"] if epe else None,
+        "overlap_percent": 100.0 * float(mask.mean()),
+    }
+
+
+def bench_registration(args, ob, out, pairs, tools, model, model_info):
+    rows = []
+    for pair in pairs:
+        pdir = out / "runs" / pair["name"].replace("<-", "_from_")
+        refs = [("identity", None)] + ([("truth", pair["truth"])] if pair["truth"] is not None else [])
+        for name, field in refs:
+            wd = pdir / name
+            wd.mkdir(parents=True, exist_ok=True)
+            if field is None:
+                field = wd / "field.nii.gz"
+                if not field.exists():
+                    zero_field(pair["fixed"], field)
+            row = {"pair": pair["name"], "set": pair["set"], "tool": name, "status": "reference"}
+            row.update(evaluate(pair, field, wd, ob))
+            rows.append(row)
+            log(f"{pair['name']:<14} {name:<18} Dice {fmt(row['mean_dice'])}")
+        for tool in tools:
+            row = {"pair": pair["name"], "set": pair["set"], "tool": tool}
+            walls, regs, rsss = [], [], []
+            try:
+                for r in range(args.repeats):
+                    wd = pdir / tool / f"run{r}"
+                    field, wall, reg, rss, versions = run_tool(tool, pair, wd, ob, model, args.threads, args.timeout)
+                    walls.append(wall)
+                    regs.append(reg)
+                    rsss.append(rss)
+                    if r == 0:
+                        row["versions"] = versions
+                        row.update(evaluate(pair, field, wd, ob))
+                row.update(status="ok", wall_s=statistics.median(walls), wall_s_all=walls,
+                           register_s=statistics.median(r for r in regs if r is not None) if any(
+                               r is not None for r in regs) else None,
+                           peak_rss_mb=max(rsss))
+                log(f"{pair['name']:<14} {tool:<18} Dice {fmt(row['mean_dice'])}  wall {row['wall_s']:.1f} s  "
+                    f"RSS {row['peak_rss_mb']:.0f} MB")
+            except (Failed, json.JSONDecodeError, KeyError, OSError) as e:
+                row.update(status="failed", error=str(e))
+                log(f"{pair['name']:<14} {tool:<18} FAILED: {e}")
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# segmentation table
+
+
+def safetensors_params(path):
+    """Number of parameters in a .safetensors file (header: 8-byte length, then JSON)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    total = 0
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        # batch-norm running statistics are buffers, not trained parameters
+        if k.endswith("running_mean") or k.endswith("running_var"):
+            continue
+        total += int(np.prod(v["shape"])) if v["shape"] else 1
+    return total
+
+
+def bench_segmentation(args, ob, out):
+    help_text = ob.help("train")
+    # clap lists the choices as "[possible values: a, b]" or as an indented list under --arch
+    arch_help = help_text.split("--arch", 1)[-1].split("\n  -", 1)[0].split("\n      --", 1)[0]
+    archs = set(re.findall(r"[a-z][a-z0-9-]*", arch_help))
+    cohort = out / "data" / "seg_cohort"
+    if not (cohort / "dataset.json").exists():
+        ob.run("synth", "--out", cohort, "--subjects", args.seg_subjects, "--seed", args.seed + 100,
+               "--size", ",".join(map(str, args.synth_size)), "--spacing", ",".join(map(str, args.synth_spacing)))
+    variants = []
+    for arch in SEG_ARCHS:
+        variants.append((arch, arch, []))
+    for ab, flag in SEG_ABLATIONS.items():
+        variants.append((f"obelisk, {ab}", "obelisk", [flag]))
+    rows, notes = [], []
+    test_image = cohort / "subject_000_image.nii.gz"
+    for name, arch, flags in variants:
+        row = {"variant": name, "arch": arch, "flags": flags}
+        missing = [f for f in flags if f not in help_text]
+        if arch not in archs:
+            missing.append(f"--arch {arch}")
+        if missing:
+            row.update(status="skipped", note=f"`obelisk train` has no {', '.join(missing)}")
+            notes.append(f"{name}: skipped, `obelisk train --help` lists no {', '.join(missing)}")
+            rows.append(row)
+            log(f"segmentation {name}: skipped ({', '.join(missing)} not supported)")
+            continue
+        wd = out / "seg" / name.replace(", ", "_").replace(" ", "-")
+        wd.mkdir(parents=True, exist_ok=True)
+        try:
+            cmd = ob.cmd("train", "--dataset", cohort / "dataset.json", "--out", wd, "--arch", arch, "--folds",
+                         args.seg_folds, "--iterations", args.seg_iterations, "--seed", 0, "--force", *flags)
+            _, wall, rss = timed(cmd, wd, env=env_threads(args.threads), timeout=args.timeout)
+            cv = json.loads((wd / "cv.json").read_text())
+            seg_out = wd / "inference.nii.gz"
+            _, inf_wall, inf_rss = timed(ob.cmd("segment", "--model", wd, "--image", test_image, "--out", seg_out,
+                                                "--force"), wd, env=env_threads(args.threads))
+            row.update(status="ok", dice=cv["mean"], mean_dice=cv["mean_dice"],
+                       params=safetensors_params(wd / "model.safetensors"),
+                       fold_s=[f["seconds"] for f in cv["folds"]], train_total_s=wall, train_peak_rss_mb=rss,
+                       inference_s=inf_wall, inference_peak_rss_mb=inf_rss)
+            log(f"segmentation {name}: mean Dice {fmt(row['mean_dice'])}, {row['params']} parameters")
+        except (Failed, OSError, KeyError, json.JSONDecodeError) as e:
+            row.update(status="failed", error=str(e))
+            log(f"segmentation {name}: FAILED {e}")
+        rows.append(row)
+    return {"rows": rows, "notes": notes, "subjects": args.seg_subjects, "folds": args.seg_folds,
+            "iterations": args.seg_iterations, "inference_image": str(test_image.relative_to(out))}
+
+
+# ---------------------------------------------------------------------------------------------
+# reporting
+
+
+def fmt(v, p=3):
+    return "–" if v is None else f"{v:.{p}f}"
+
+
+def summarise(rows):
+    """Mean over the pairs of a set, per tool (failed runs count as failures, not zeros)."""
+    out = {}
+    for row in rows:
+        key = (row["set"], row["tool"])
+        out.setdefault(key, []).append(row)
+    summary = []
+    for (s, tool), rs in out.items():
+        ok = [r for r in rs if r["status"] in ("ok", "reference")]
+
+        def mean(k):
+            v = [r[k] for r in ok if r.get(k) is not None]
+            return float(np.mean(v)) if v else None
+
+        summary.append({"set": s, "tool": tool, "pairs": len(rs), "ok": len(ok),
+                        **{k: mean(k) for k in ("mean_dice", "mean_hd95_mm", "sd_log_j", "folding_percent",
+                                                "epe_mean_mm", "wall_s", "register_s", "peak_rss_mb",
+                                                "overlap_percent")}})
+    return summary
+
+
+def markdown(results):
+    L = []
+    reg = results["registration"]
+    for s in ("synthetic", "real"):
+        sm = [r for r in reg["summary"] if r["set"] == s]
+        if not sm:
+            continue
+        L.append(f"### {s.capitalize()} pairs: mean over {sm[0]['pairs']} pair(s)\n")
+        L.append("| tool | pairs ok | Dice | HD95 mm | SDlogJ | folding % | EPE mm | overlap % | wall s | "
+                 "register s | peak RSS MB |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in sorted(sm, key=lambda r: (r["tool"] not in ("identity", "truth"), -(r["mean_dice"] or 0))):
+            L.append(f"| {r['tool']} | {r['ok']}/{r['pairs']} | {fmt(r['mean_dice'])} | {fmt(r['mean_hd95_mm'], 1)} | "
+                     f"{fmt(r['sd_log_j'])} | {fmt(r['folding_percent'], 2)} | {fmt(r['epe_mean_mm'], 2)} | "
+                     f"{fmt(r['overlap_percent'], 1)} | {fmt(r['wall_s'], 1)} | {fmt(r['register_s'], 1)} | "
+                     f"{fmt(r['peak_rss_mb'], 0)} |")
+        L.append("")
+    L.append("### Every pair\n")
+    L.append("| pair | tool | Dice | HD95 mm | SDlogJ | folding % | EPE mm | overlap % | wall s | peak RSS MB |")
+    L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in reg["rows"]:
+        if r["status"] == "failed":
+            L.append(f"| {r['pair']} | {r['tool']} | failed: {r['error'][:80]} | | | | | | | |")
+            continue
+        L.append(f"| {r['pair']} | {r['tool']} | {fmt(r['mean_dice'])} | {fmt(r['mean_hd95_mm'], 1)} | "
+                 f"{fmt(r['sd_log_j'])} | {fmt(r['folding_percent'], 2)} | {fmt(r['epe_mean_mm'], 2)} | "
+                 f"{fmt(r['overlap_percent'], 1)} | {fmt(r.get('wall_s'), 1)} | {fmt(r.get('peak_rss_mb'), 0)} |")
+    L.append("")
+    for pair in dict.fromkeys(r["pair"] for r in reg["rows"]):
+        rs = [r for r in reg["rows"] if r["pair"] == pair and r["status"] != "failed"]
+        organs = list(dict.fromkeys(o for r in rs for o in r["dice"]))
+        if not organs:
+            continue
+        L.append(f"#### Dice per structure, {pair}\n")
+        L.append("| tool | " + " | ".join(organs) + " |")
+        L.append("|---|" + "---:|" * len(organs))
+        for r in rs:
+            L.append(f"| {r['tool']} | " + " | ".join(fmt(r["dice"].get(o), 2) for o in organs) + " |")
+        L.append("")
+    return "\n".join(L) + "\n"
+
+
+def features_markdown(results):
+    """Item 3 of the benchmark: the same engine driven by three kinds of features."""
+    L = ["| features | set | Dice | HD95 mm | SDlogJ | EPE mm | register s |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in results["registration"]["summary"]:
+        if r["tool"].startswith("obelisk-"):
+            L.append(f"| {r['tool'].split('-', 1)[1]} | {r['set']} | {fmt(r['mean_dice'])} | "
+                     f"{fmt(r['mean_hd95_mm'], 1)} | {fmt(r['sd_log_j'])} | {fmt(r['epe_mean_mm'], 2)} | "
+                     f"{fmt(r['register_s'], 1)} |")
+    return "\n".join(L) + "\n" if len(L) > 2 else ""
+
+
+def seg_markdown(results):
+    L = []
+    seg = results.get("segmentation")
+    if seg:
+        L.append(f"### Segmentation: {seg['folds']}-fold CV on {seg['subjects']} synthetic subjects, "
+                 f"{seg['iterations']} iterations\n")
+        ok = [r for r in seg["rows"] if r["status"] == "ok"]
+        organs = list(dict.fromkeys(o for r in ok for o in r["dice"]))
+        L.append("| variant | " + " | ".join(organs) + " | mean Dice | parameters | training s (all folds + final) | "
+                 "training peak RSS MB | inference s | inference peak RSS MB |")
+        L.append("|---|" + "---:|" * (len(organs) + 6))
+        for r in seg["rows"]:
+            if r["status"] != "ok":
+                L.append(f"| {r['variant']} | {r['status']}: {r.get('note') or r.get('error')} |")
+                continue
+            L.append(f"| {r['variant']} | " + " | ".join(fmt(r["dice"].get(o), 3) for o in organs) +
+                     f" | {fmt(r['mean_dice'])} | {r['params']:,} | {r['train_total_s']:.1f} | "
+                     f"{r['train_peak_rss_mb']:.0f} | {r['inference_s']:.2f} | {r['inference_peak_rss_mb']:.0f} |")
+        L.append("")
+    return "\n".join(L) + "\n"
+
+
+METHOD = """\
+Every tool registers the moving image to the fixed image as its own process with 2 threads
+(`obelisk --threads 2`; ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS, OMP_NUM_THREADS, RAYON_NUM_THREADS=2;
+`torch.set_num_threads(2)`), starting from the files on disk. Its result is converted to an ITK
+displacement field on the fixed grid (LPS mm, warped(x) = moving(x + u(x))) and evaluated by the
+same code for all: `obelisk warp --labels` of the moving label map (nearest neighbour), then
+`obelisk eval` (Dice, HD95, SDlogJ and folding of the field, endpoint error against the true field
+of synthetic pairs). Dice and HD95 are restricted to the fixed voxels that the warped moving image
+covers (`overlap %`; computed here with nibabel by warping an all-ones moving image with
+`obelisk warp`, since `obelisk eval` has no mask option), over the structures present in both
+label maps. SDlogJ and folding are over the whole fixed grid.
+
+- **wall s**: the whole process (start-up, reading, registration, writing the field), median of
+  the repeats; **register s**: the registration call alone as the tool reports it (for obelisk
+  `runtime_s.total`), median; **peak RSS**: GNU time's maximum resident set of the process, the
+  largest over the repeats.
+- **obelisk-obelisk / -mind / -intensity**: `obelisk register --features obelisk|mind|intensity`
+  with its defaults (translation search, affine, two deformable levels); the OBELISK features
+  come from a small OBELISK-Net trained by `obelisk train` on a synthetic cohort inside the
+  benchmark (settings under "feature model").
+- **ants-syn**: `ants.registration(type_of_transform="SyN")` (affine from a centre-of-mass start,
+  then SyN with ANTsPy's defaults); the `[Warp, Affine]` pair is composed into one field.
+- **elastix-bspline**: itk-elastix default `affine` map (with geometric-centre initialisation)
+  followed by the default `bspline` map; the field from `transformix_deformation_field`.
+- **sitk-demons**, **sitk-bspline**, **convexadam**: these have no global stage of their own, so
+  each starts with the same SimpleITK affine registration (geometric centring, Mattes MI, 3
+  levels), counted in their time. Then: fast symmetric-forces demons after histogram matching
+  (3 levels, 40/30/20 iterations, sigma 1.5 voxels); a cubic B-spline (control points about 40 mm
+  apart, Mattes MI, L-BFGS-B, 3 levels); `convex_adam_pt` with its defaults (MIND-SSC, CPU,
+  float32) on the affinely resampled moving image, its voxel field converted to LPS mm.
+- **identity** (zero field) and **truth** (the generator's field, synthetic pairs only) go
+  through the same evaluation: the truth row is the ceiling that nearest-neighbour label
+  resampling allows.
+"""
+
+
+def benchmarks_md(results, png_rel):
+    m = results["machine"]
+    pk = results["python_packages"]
+    L = ["# Benchmarks", "",
+         "Generated by `bash data-scripts/bench/bench.sh` (see `data-scripts/bench/README.md`); every number below "
+         "was measured by that run. Do not edit by hand: rerun it.", "",
+         "## Set-up", "",
+         f"- Machine: {m.get('cpu', '?')}, {m.get('cores')} cores, {m.get('memory_gib')} GiB; {m.get('platform')}.",
+         f"- Load average (1, 5, 15 min) at the start {' '.join(m.get('load_average_start', []))}, at the end "
+         f"{' '.join(m.get('load_average_end', []))}: the machine was shared with other jobs, so wall times "
+         "carry that noise (all tools ran under the same conditions, one after another).",
+         f"- obelisk: `{results['obelisk']}` (release build), threads: {results['threads']}, repeats per run: "
+         f"{results['repeats']}.",
+         "- Python packages: " + ", ".join(f"{k} {v}" for k, v in pk.items()) + f" (Python {m.get('python')}).",
+         f"- Command: `{results['command']}` (total {results['elapsed_s'] / 60:.0f} min).",
+         f"- Synthetic pairs: `obelisk synth --pairs {results['synthetic']['pairs']} --size "
+         f"{','.join(map(str, results['synthetic']['size']))} --spacing "
+         f"{','.join(map(str, results['synthetic']['spacing']))} --max-displacement "
+         f"{results['synthetic']['max_displacement_mm']:g} --seed {results['synthetic']['seed']}` "
+         "(9 structures, known deformation).",
+         ]
+    if any(r["set"] == "real" for r in results["registration"]["rows"]):
+        L.append("- Real pairs: the TotalSegmentator 2.18.0 example subjects converted by "
+                 "`data-scripts/fetch_totalseg.sh` (CT A abdomen-pelvis 3 mm; CT B upper-abdomen slab of 20 slices; "
+                 "MR C). Their label maps are TotalSegmentator predictions, not manual annotations, and the three "
+                 "subjects lie in unrelated scanner coordinates, so every tool needs its global stage.")
+    else:
+        L.append("- Real pairs: **not run** in this run (`--no-real`); the TotalSegmentator pairs have no numbers "
+                 "here yet.")
+    if not results.get("segmentation"):
+        L.append("- Segmentation table: **not run** in this run (`--no-segmentation`).")
+    fm = results.get("feature_model")
+    if fm:
+        L.append(f"- Feature model: `obelisk train` (OBELISK-Net, {fm['iterations']} iterations) on "
+                 f"{fm['subjects']} synthetic subjects of the same size: {fm['train_s']:.0f} s, "
+                 f"{fm['train_peak_rss_mb']:.0f} MB peak RSS (not part of the registration times).")
+    for n in results["notes"]:
+        L.append(f"- Note: {n}")
+    L += ["", "## Method", "", METHOD, "## Registration", ""]
+    if png_rel:
+        L += [f"![Dice and wall time per tool]({png_rel})", ""]
+    L.append(markdown(results))
+    feats = features_markdown(results)
+    if feats:
+        L += ["## Features for registration", "",
+              "The same `obelisk register` pipeline with learned OBELISK features, MIND-SSC and raw intensity "
+              "(rows obelisk-* above, mean over the pairs of each set):", "", feats]
+    seg = seg_markdown(results)
+    if seg.strip():
+        L += ["## Segmentation", "", seg]
+    return "\n".join(L)
+
+
+def plot(results, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot"
+    summ = [r for r in results["registration"]["summary"]]
+    sets = [s for s in ("synthetic", "real") if any(r["set"] == s for r in summ)]
+    fig, axes = plt.subplots(len(sets), 2, figsize=(12, 3.6 * len(sets)), squeeze=False)
+    for i, s in enumerate(sets):
+        rs = [r for r in summ if r["set"] == s]
+        rs.sort(key=lambda r: (r["tool"] not in ("identity", "truth"), r["tool"]))
+        names = [r["tool"] for r in rs]
+        colors = ["#888888" if n in ("identity", "truth") else "#1f77b4" if n.startswith("obelisk") else "#ff7f0e"
+                  for n in names]
+        axes[i][0].barh(names, [r["mean_dice"] or 0 for r in rs], color=colors)
+        axes[i][0].set_xlabel("mean Dice")
+        axes[i][0].set_title(f"{s} pairs: Dice (same evaluation for all)")
+        axes[i][0].set_xlim(0, 1)
+        timed_rs = [r for r in rs if r["wall_s"] is not None]
+        axes[i][1].barh([r["tool"] for r in timed_rs], [r["wall_s"] for r in timed_rs],
+                        color=[c for r, c in zip(rs, colors) if r["wall_s"] is not None])
+        axes[i][1].set_xlabel("wall time s (2 threads)")
+        axes[i][1].set_title(f"{s} pairs: wall time")
+        for ax in axes[i]:
+            ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return None
+
+
+def machine_info():
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cores": os.cpu_count()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
+        info["memory_gib"] = round(int(mem) / 2**20, 1)
+        info["load_average_start"] = Path("/proc/loadavg").read_text().split()[:3]
+    except OSError:
+        pass
+    return info
+
+
+def python_versions():
+    from importlib.metadata import PackageNotFoundError, version
+
+    v = {}
+    for pkg in ("SimpleITK", "numpy", "nibabel", "antspyx", "itk-elastix", "convexAdam", "torch", "matplotlib"):
+        try:
+            v[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return v
+
+
+def report(results, out, benchmarks):
+    """Writes results.md, results.png and (with a path) BENCHMARKS.md from the results."""
+    (out / "results.md").write_text(markdown(results) + seg_markdown(results))
+    note = plot(results, out / "results.png")
+    if note and note not in results["notes"]:
+        results["notes"].append(note)
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    if benchmarks:
+        md_path = Path(benchmarks).resolve()
+        png_rel = None
+        if not note:
+            png = md_path.parent / "docs" / "benchmark.png"
+            png.parent.mkdir(exist_ok=True)
+            png.write_bytes((out / "results.png").read_bytes())
+            png_rel = "docs/benchmark.png"
+        tmp = md_path.with_suffix(".md.part")
+        tmp.write_text(benchmarks_md(results, png_rel))
+        os.replace(tmp, md_path)
+        log(f"wrote {md_path}")
+    print(markdown(results) + seg_markdown(results))
+    log(f"wrote {out / 'results.json'}, {out / 'results.md'}" + ("" if note else f", {out / 'results.png'}"))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--obelisk", default=str(ROOT / "target/release/obelisk"), help="the obelisk binary")
+    ap.add_argument("--out", default=str(HERE / "out"), help="working and output folder")
+    ap.add_argument("--smoke", action="store_true", help="one tiny synthetic pair, obelisk + SimpleITK only")
+    ap.add_argument("--tools", help="comma-separated subset of " + ",".join(OURS + PEERS))
+    ap.add_argument("--repeats", type=int, default=3, help="runs per tool and pair; the wall time is their median")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds before one run counts as failed")
+    ap.add_argument("--synth-pairs", type=int, default=2)
+    ap.add_argument("--synth-size", default="80,80,80")
+    ap.add_argument("--synth-spacing", default="4.2,4.2,4.2")
+    ap.add_argument("--synth-max-disp", type=float, default=10.0, help="largest true displacement (mm)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--no-real", action="store_true", help="skip the TotalSegmentator pairs")
+    ap.add_argument("--real-data", default=str(ROOT / "data/totalseg"))
+    ap.add_argument("--model-subjects", type=int, default=4, help="synthetic subjects for the feature model")
+    ap.add_argument("--model-iterations", type=int, default=200)
+    ap.add_argument("--benchmarks", help="also write this BENCHMARKS.md (and its plot next to it, under docs/)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite results.md, results.png and --benchmarks from OUT/results.json without running")
+    ap.add_argument("--segmentation", action="store_true", help="also run the segmentation table")
+    ap.add_argument("--no-segmentation", action="store_true", help="overrides --segmentation (bench.sh sets it)")
+    ap.add_argument("--seg-subjects", type=int, default=4)
+    ap.add_argument("--seg-folds", type=int, default=2)
+    ap.add_argument("--seg-iterations", type=int, default=200)
+    args = ap.parse_args()
+    args.segmentation = args.segmentation and not args.no_segmentation
+    args.synth_size = [int(v) for v in args.synth_size.split(",")]
+    args.synth_spacing = [float(v) for v in args.synth_spacing.split(",")]
+    if args.smoke:
+        # coarse but with a clear deformation, so that registration visibly beats the identity
+        args.synth_pairs, args.synth_size, args.synth_spacing = 1, [40, 40, 40], [7.0, 7.0, 7.0]
+        args.synth_max_disp, args.repeats, args.no_real, args.segmentation = 20.0, 1, True, False
+        default_tools = ["obelisk-mind", "obelisk-intensity", "sitk-demons"]
+    else:
+        default_tools = OURS + PEERS
+    tools = args.tools.split(",") if args.tools else default_tools
+    unknown = [t for t in tools if t not in OURS + PEERS]
+    if unknown:
+        sys.exit(f"--tools: unknown tool(s) {', '.join(unknown)}; choose from {', '.join(OURS + PEERS)}")
+    if args.repeats < 1:
+        sys.exit("--repeats must be at least 1")
+    binary = Path(args.obelisk)
+    if not binary.is_file():
+        sys.exit(f"{binary}: obelisk binary not found (cargo build --release, or pass --obelisk)")
+    ob = Obelisk(binary.resolve(), args.threads)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    if args.report_only:
+        results = json.loads((out / "results.json").read_text())
+        report(results, out, args.benchmarks)
+        return
+    notes = []
+    import importlib.util
+
+    for t in list(tools):
+        mod = PEER_MODULES.get(t)
+        if mod and importlib.util.find_spec(mod) is None:
+            tools.remove(t)
+            notes.append(f"{t}: skipped, Python module `{mod}` is not installed (data-scripts/bench/setup.sh)")
+    for n in notes:
+        log(n)
+
+    started = time.time()
+    machine = machine_info()
+    pairs = synthetic_pairs(ob, out, args.synth_pairs, args.synth_size, args.synth_spacing, args.synth_max_disp,
+                            args.seed)
+    if not args.no_real:
+        pairs += real_pairs(Path(args.real_data).resolve())
+    model, model_info = None, None
+    if "obelisk-obelisk" in tools:
+        model, model_info = train_feature_model(ob, out, args.synth_size, args.synth_spacing, args.model_subjects,
+                                                args.model_iterations, args.seed + 50)
+        log(f"feature model: {model_info}")
+    rows = bench_registration(args, ob, out, pairs, tools, model, model_info)
+    results = {
+        # bench.sh passes the command a person typed; run_bench.py's own argv otherwise
+        "command": os.environ.get("BENCH_COMMAND") or " ".join(shlex.quote(a) for a in sys.argv),
+        "machine": machine,
+        "obelisk": ob.version(),
+        "python_packages": python_versions(),
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "synthetic": {"pairs": args.synth_pairs, "size": args.synth_size, "spacing": args.synth_spacing,
+                      "max_displacement_mm": args.synth_max_disp, "seed": args.seed},
+        "feature_model": model_info,
+        "notes": notes,
+        "registration": {"rows": rows, "summary": summarise(rows)},
+    }
+    if args.segmentation:
+        results["segmentation"] = bench_segmentation(args, ob, out)
+    results["machine"]["load_average_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    results["elapsed_s"] = time.time() - started
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    report(results, out, args.benchmarks)
+
+if __name__ == "__main__":
+    main()
