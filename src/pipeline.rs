@@ -130,25 +130,6 @@ fn centre_of_mass(v: &Volume) -> Result<[f64; 3]> {
     Ok([acc[0] / acc[3], acc[1] / acc[3], acc[2] / acc[3]])
 }
 
-/// `v`, area-downsampled along the axes where its voxels are at least twice as fine as those of
-/// `reference`, to about the reference spacing (never coarser). Feature extractors measure in
-/// voxels (MIND's patch offsets, OBELISK's kernel), so a 1 mm slab and a 3 mm atlas would
-/// otherwise be described at different physical scales and their features would not match.
-pub fn at_resolution_of<'a>(v: &'a Volume, reference: &registration::Grid) -> Result<std::borrow::Cow<'a, Volume>> {
-    let (sp, rsp, sh) = (v.grid.spacing(), reference.spacing(), v.grid.shape());
-    let factor = [0, 1, 2].map(|a| ((rsp[a] / sp[a]).floor() as usize).clamp(1, sh[a].max(1)));
-    if v.grid.is_2d() != reference.is_2d() || factor == [1, 1, 1] {
-        return Ok(std::borrow::Cow::Borrowed(v));
-    }
-    let shape = [0, 1, 2].map(|a| sh[a].div_ceil(factor[a]));
-    let (d, h, w) = v.grid.dhw();
-    let t = candle_core::Tensor::from_vec(v.data.clone(), (1, v.channels, d, h, w), &candle_core::Device::Cpu)?;
-    let grid = v.grid.resized(shape);
-    let (d2, h2, w2) = grid.dhw();
-    let data = segmentation::ops::resize(&t, [d2, h2, w2])?.flatten_all()?.to_vec1::<f32>()?;
-    Ok(std::borrow::Cow::Owned(Volume::new(grid, v.channels, data)?))
-}
-
 fn mean_dice(d: &[(u32, f64)]) -> Option<f64> {
     (!d.is_empty()).then(|| d.iter().map(|x| x.1).sum::<f64>() / d.len() as f64)
 }
@@ -218,12 +199,10 @@ impl RegisterJob {
         let t0 = Instant::now();
         progress(RegEvent::Step("features"));
         let extractor = self.features.extractor(&self.fixed.grid, self.model.as_ref())?;
-        let ff = extractor
-            .extract(at_resolution_of(&self.fixed, &self.moving.grid)?.as_ref())
-            .with_context(|| format!("features of {}", self.fixed_path.display()))?;
-        let mf = extractor
-            .extract(at_resolution_of(&self.moving, &self.fixed.grid)?.as_ref())
-            .with_context(|| format!("features of {}", self.moving_path.display()))?;
+        let ff =
+            extractor.extract(&self.fixed).with_context(|| format!("features of {}", self.fixed_path.display()))?;
+        let mf =
+            extractor.extract(&self.moving).with_context(|| format!("features of {}", self.moving_path.display()))?;
         runtime.insert("features".to_string(), t0.elapsed().as_secs_f64());
 
         let aligned = align(
