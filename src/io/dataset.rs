@@ -179,7 +179,7 @@ impl Dataset {
     /// Parses `text` as the content of `path` (relative entries resolve against its folder).
     pub fn parse(path: &Path, text: &str) -> Result<Self, IoError> {
         let value: Value =
-            serde_json::from_str(text).map_err(|e| IoError::new(path, format!("not valid JSON: {e}")))?;
+            serde_json::from_str(text).map_err(|e| IoError::new(path, format!("not a valid dataset JSON: {e}")))?;
         let root = value.as_object().ok_or_else(|| IoError::new(path, "not a dataset description (no JSON object)"))?;
         let base = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -353,7 +353,7 @@ mod tests {
     #[test]
     fn malformed_descriptions_name_the_json_and_the_entry() {
         for (text, want) in [
-            ("{", "not valid JSON"),
+            ("{", "not a valid dataset JSON"),
             ("[1]", "no JSON object"),
             (r#"{"training": {"image": "a"}}"#, "\"training\" must be a list"),
             (r#"{"training": [{"label": "a"}]}"#, "training[0] has no \"image\""),
