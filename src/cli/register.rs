@@ -65,7 +65,8 @@ pub struct RegOptions {
     /// Features that drive the registration.
     #[arg(long, value_enum, default_value_t = FeatureKind::Mind)]
     pub features: FeatureKind,
-    /// Trained model folder (from `obelisk train`) for --features obelisk.
+    /// Trained model folder (from `obelisk train`) for --features obelisk, instead of the
+    /// embedded default model.
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
     /// Starting position of the moving image.
@@ -140,12 +141,11 @@ pub(crate) fn check_input(path: &Path) -> Result<(), IoError> {
     Ok(())
 }
 
-/// The trained model behind `--features obelisk --model DIR`; `--model` is refused otherwise.
+/// The trained model behind `--features obelisk`: `--model DIR`, else the embedded default
+/// model; `--model` is refused with other features.
 pub(crate) fn load_model(features: FeatureKind, model: Option<&Path>) -> Result<Option<ObeliskFeatures>> {
     Ok(match (features, model) {
-        (FeatureKind::Obelisk, None) => {
-            bail!("--features obelisk needs --model DIR (a folder written by obelisk train)")
-        }
+        (FeatureKind::Obelisk, None) => Some(ObeliskFeatures::embedded()?),
         (FeatureKind::Obelisk, Some(dir)) => Some(ObeliskFeatures::load(dir)?),
         (_, Some(_)) => bail!("--model is only used with --features obelisk"),
         (_, None) => None,
