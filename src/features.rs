@@ -1,7 +1,8 @@
-//! Learned OBELISK features for registration: a trained segmentation model folder, frozen, used
-//! as a [`registration::features::FeatureExtractor`].
+//! Learned OBELISK features for registration: a trained segmentation model, frozen, used as a
+//! [`registration::features::FeatureExtractor`]; either a model folder or the default model
+//! compiled into the binary.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
@@ -9,11 +10,20 @@ use nalgebra::Matrix4;
 use registration::features::FeatureExtractor;
 use registration::{Grid, Volume};
 
+/// The default model, trained on synthetic phantoms only by `data-scripts/train-default-model.sh`
+/// (which regenerates these files; see `models/default/heldout_dice.json` for its Dice).
+const EMBEDDED_CONFIG: &str = include_str!("../models/default/config.json");
+const EMBEDDED_WEIGHTS: &[u8] = include_bytes!("../models/default/model.safetensors");
+
+/// How the embedded model is named in messages.
+pub const EMBEDDED_SOURCE: &str = "embedded default model";
+
 /// The frozen feature layer of a trained model (cheap to clone: the network is shared).
 #[derive(Debug, Clone)]
 pub struct ObeliskFeatures {
     inner: Arc<segmentation::FeatureExtractor>,
-    dir: PathBuf,
+    /// The model folder, or [`EMBEDDED_SOURCE`].
+    source: String,
 }
 
 impl ObeliskFeatures {
@@ -24,11 +34,24 @@ impl ObeliskFeatures {
         }
         let inner = segmentation::FeatureExtractor::load(dir, &Device::Cpu)
             .map_err(|e| anyhow::anyhow!("{}: cannot load the model: {e}", dir.display()))?;
-        Ok(Self { inner: Arc::new(inner), dir: dir.to_path_buf() })
+        Ok(Self { inner: Arc::new(inner), source: dir.display().to_string() })
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    /// The default model compiled into the binary.
+    pub fn embedded() -> anyhow::Result<Self> {
+        let inner = segmentation::FeatureExtractor::load_from_bytes(EMBEDDED_CONFIG, EMBEDDED_WEIGHTS, &Device::Cpu)
+            // only a build whose models/default does not match the model format can get here
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "the {EMBEDDED_SOURCE} cannot be loaded ({e}); rerun data-scripts/train-default-model.sh and rebuild"
+                )
+            })?;
+        Ok(Self { inner: Arc::new(inner), source: EMBEDDED_SOURCE.to_string() })
+    }
+
+    /// The model folder, or [`EMBEDDED_SOURCE`].
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Weights of the network.
@@ -85,7 +108,7 @@ impl FeatureExtractor for ObeliskFeatures {
         let f = self
             .inner
             .features(&x)
-            .map_err(|e| registration::Error::Data(format!("OBELISK features (model {}): {e}", self.dir.display())))?;
+            .map_err(|e| registration::Error::Data(format!("OBELISK features (model {}): {e}", self.source)))?;
         let (_, c, fd, fh, fw) = f.dims5()?;
         let data: Vec<f32> = f.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
         Volume::new(feature_grid(&image.grid, [fw, fh, fd])?, c, data)
@@ -183,5 +206,26 @@ mod tests {
         let dist = (0..3).map(|a| (at[a] - blob[a]).powi(2)).sum::<f64>().sqrt();
         assert!(dist < 1e-3, "peak at {at:?}, blob at {blob:?}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The compiled-in model loads and describes an image with the channels and stride its
+    /// config promises.
+    #[test]
+    fn embedded_model_gives_features_of_its_configured_shape() {
+        let fe = ObeliskFeatures::embedded().unwrap();
+        let config: serde_json::Value = serde_json::from_str(EMBEDDED_CONFIG).unwrap();
+        let channels = config["features"]["channels"].as_u64().unwrap() as usize;
+        let stride = config["features"]["stride"].as_u64().unwrap() as usize;
+        assert!(channels > 0);
+        assert_eq!(fe.channels(), channels);
+        assert_eq!(fe.stride(), stride);
+        assert_eq!(fe.source(), EMBEDDED_SOURCE);
+        let grid = Grid::from_spacing([32, 24, 16], [4.0; 3], [0.0; 3]).unwrap();
+        let data = (0..grid.num_voxels()).map(|i| ((i % 97) as f32 - 48.0) * 20.0).collect();
+        let f = fe.extract(&Volume::new(grid, 1, data).unwrap()).unwrap();
+        assert_eq!(f.channels, channels);
+        assert_eq!(f.grid.shape(), [32 / stride, 24 / stride, 16 / stride]);
+        assert!(f.data.iter().all(|v| v.is_finite()));
+        assert!(f.data.iter().any(|&v| v != f.data[0]), "constant features");
     }
 }

@@ -27,12 +27,13 @@ pub enum FeatureKind {
     Mind,
     /// The robustly normalised intensity (same modality only).
     Intensity,
-    /// Learned OBELISK features of a trained model (`--model DIR`), on the network's coarse grid.
+    /// Learned OBELISK features of a trained model (the embedded default model, or `--model DIR`),
+    /// on the network's coarse grid.
     Obelisk,
 }
 
 impl FeatureKind {
-    /// The extractor for images on `grid`; OBELISK features need the loaded model.
+    /// The extractor for images on `grid`; OBELISK features use `model`, else the embedded one.
     pub fn extractor(
         self,
         grid: &registration::Grid,
@@ -41,9 +42,10 @@ impl FeatureKind {
         Ok(match self {
             FeatureKind::Mind => Box::new(MindSsc::for_grid(MindConfig::default(), grid)),
             FeatureKind::Intensity => Box::new(IntensityFeatures),
-            FeatureKind::Obelisk => Box::new(
-                model.cloned().ok_or_else(|| anyhow::anyhow!("OBELISK features need a model folder (--model)"))?,
-            ),
+            FeatureKind::Obelisk => Box::new(match model {
+                Some(m) => m.clone(),
+                None => ObeliskFeatures::embedded()?,
+            }),
         })
     }
 }
@@ -92,6 +94,8 @@ pub struct RegisterSummary {
     pub out_dir: PathBuf,
     pub files: Vec<PathBuf>,
     pub features: FeatureKind,
+    /// The model behind OBELISK features: its folder, or the embedded default model.
+    pub model: Option<String>,
     pub init: InitKind,
     pub init_translation_mm: [f64; 3],
     /// The translation search's outcome with `--init search`.
@@ -325,6 +329,12 @@ impl RegisterJob {
             out_dir: self.out.clone(),
             files: files.clone(),
             features: self.features,
+            model: match self.features {
+                FeatureKind::Obelisk => {
+                    Some(self.model.as_ref().map_or(crate::features::EMBEDDED_SOURCE, |m| m.source()).to_string())
+                }
+                _ => None,
+            },
             init: self.init,
             init_translation_mm: init_t,
             init_search,

@@ -385,3 +385,38 @@ fn init_labels_and_dice_over_the_overlap() {
     let (a, b) = (eval["mean_dice"].as_f64().unwrap(), summary["metrics"]["mean_dice"].as_f64().unwrap());
     assert!((a - b).abs() < 1e-9, "eval {a} vs register {b}");
 }
+
+/// With no `--model`, `--features obelisk` registers with the model compiled into the binary
+/// (the same result as `--model models/default`, byte for byte); `--model DIR` still overrides it.
+#[test]
+fn obelisk_features_default_to_the_embedded_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tiny_pair(dir.path());
+    let p = |n: &str| s(&data.join(n)).to_string();
+    let [fixed, moving, fixed_labels, moving_labels] =
+        ["fixed", "moving", "fixed_labels", "moving_labels"].map(|n| p(&format!("pair_000_{n}.nii.gz")));
+    let register = |out: &Path, extra: &[&str]| {
+        #[rustfmt::skip]
+        let mut args = vec!["register", "--fixed", &fixed, "--moving", &moving, "--fixed-labels", &fixed_labels,
+            "--moving-labels", &moving_labels, "--features", "obelisk", "--out", s(out), "--iterations", "10",
+            "--no-pictures", "--json"];
+        args.extend(extra);
+        serde_json::from_str::<serde_json::Value>(&ok(&args)).unwrap()
+    };
+    let (embedded, folder) = (dir.path().join("embedded"), dir.path().join("folder"));
+    let summary = register(&embedded, &[]);
+    assert_eq!(summary["features"], "obelisk");
+    assert_eq!(summary["model"], "embedded default model");
+    assert!(summary["metrics"]["mean_dice"].as_f64().unwrap() > 0.3, "{summary}");
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default");
+    let summary = register(&folder, &["--model", s(&models)]);
+    assert_eq!(summary["model"].as_str(), Some(s(&models)));
+    let field = std::fs::read(embedded.join("field.nii.gz")).unwrap();
+    assert_eq!(field, std::fs::read(folder.join("field.nii.gz")).unwrap(), "embedded model != models/default");
+
+    let missing = dir.path().join("no_model");
+    #[rustfmt::skip]
+    let err = fails(&["register", "--fixed", &fixed, "--moving", &moving, "--features", "obelisk", "--model",
+        s(&missing), "--out", s(&dir.path().join("reg2"))]);
+    assert!(err.contains("no_model") && err.contains("not found"), "{err}");
+}

@@ -15,6 +15,7 @@ use crate::progress::Progress;
 #[command(after_help = "Examples:
   obelisk features --image ct.nii.gz --out ct_mind.nii.gz
   obelisk features --image ct.nii.gz --features intensity --out ct_norm.nii.gz
+  obelisk features --image ct.nii.gz --features obelisk --out ct_obelisk.nii.gz
   obelisk features --image ct.nii.gz --features obelisk --model model/ --out ct_obelisk.nii.gz
 
 Writes float32 NIfTI with dimensions X,Y,Z,1,C (one channel per feature) and the affine of the
@@ -29,7 +30,8 @@ pub struct FeaturesArgs {
     /// Which features.
     #[arg(long, value_enum, default_value_t = FeatureKind::Mind)]
     pub features: FeatureKind,
-    /// Trained model folder (from `obelisk train`) for --features obelisk.
+    /// Trained model folder (from `obelisk train`) for --features obelisk, instead of the
+    /// embedded default model.
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
     /// Feature maps to write (.nii or .nii.gz).
