@@ -447,6 +447,31 @@ fn os(v: &[&dyn AsRef<std::ffi::OsStr>]) -> Vec<OsString> {
     v.iter().map(|s| s.as_ref().to_os_string()).collect()
 }
 
+fn propagate(
+    out: &Path,
+    target: &Path,
+    atlas: &Path,
+    atlas_labels: &Path,
+    extra: &[&dyn AsRef<std::ffi::OsStr>],
+) -> Vec<OsString> {
+    let mut a = os(&[
+        &"propagate",
+        &"--target",
+        &target,
+        &"--atlas",
+        &atlas,
+        &atlas_labels,
+        &"--out",
+        &out.join("p.nii.gz"),
+        &"--iterations",
+        &"3",
+        &"--affine-iterations",
+        &"0",
+    ]);
+    a.extend(os(extra));
+    a
+}
+
 fn register(out: &Path, fixed: &Path, moving: &Path, extra: &[&dyn AsRef<std::ffi::OsStr>]) -> Vec<OsString> {
     let mut a = os(&[
         &"register",
@@ -587,6 +612,55 @@ fn slots() -> Vec<Slot> {
             name: "segment --model",
             kind: Kind::Model,
             args: |f, b, o| os(&[&"segment", &"--model", &b, &"--image", &f.fixed, &"--out", &o.join("s.nii.gz")]),
+        },
+        Slot {
+            name: "propagate --target",
+            kind: Kind::Image,
+            args: |f, b, o| propagate(o, b, &f.moving, &f.moving_labels, &[]),
+        },
+        Slot {
+            name: "propagate --atlas IMAGE",
+            kind: Kind::Image,
+            args: |f, b, o| propagate(o, &f.fixed, b, &f.moving_labels, &[]),
+        },
+        Slot {
+            name: "propagate --atlas LABELS",
+            kind: Kind::Labels,
+            args: |f, b, o| propagate(o, &f.fixed, &f.moving, b, &[]),
+        },
+        Slot {
+            name: "propagate --target-labels",
+            kind: Kind::Labels,
+            args: |f, b, o| propagate(o, &f.fixed, &f.moving, &f.moving_labels, &[&"--target-labels", &b]),
+        },
+        Slot {
+            name: "propagate --model",
+            kind: Kind::Model,
+            args: |f, b, o| {
+                propagate(o, &f.fixed, &f.moving, &f.moving_labels, &[&"--features", &"obelisk", &"--model", &b])
+            },
+        },
+        Slot {
+            name: "features --image",
+            kind: Kind::Image,
+            args: |_, b, o| os(&[&"features", &"--image", &b, &"--out", &o.join("f.nii.gz")]),
+        },
+        Slot {
+            name: "features --model",
+            kind: Kind::Model,
+            args: |f, b, o| {
+                os(&[
+                    &"features",
+                    &"--image",
+                    &f.fixed,
+                    &"--features",
+                    &"obelisk",
+                    &"--model",
+                    &b,
+                    &"--out",
+                    &o.join("f.nii.gz"),
+                ])
+            },
         },
         Slot {
             name: "train --dataset",
