@@ -201,9 +201,25 @@ fn features_writes_channels_on_the_feature_grid() {
         let err = fails(&["features", "--image", s(&image), "--features", kind, "--out", s(&out)]);
         assert!(err.contains("already exists"), "{err}");
     }
-    let err =
-        fails(&["features", "--image", s(&image), "--features", "obelisk", "--out", s(&dir.path().join("o.nii"))]);
-    assert!(err.contains("--model"), "{err}");
+    // without --model the embedded default model serves (32 channels on its stride-4 grid)
+    let learned = dir.path().join("o.nii");
+    ok(&["features", "--image", s(&image), "--features", "obelisk", "--out", s(&learned), "--quiet"]);
+    let f = io::read_volume_channels(&learned).unwrap();
+    assert_eq!(f.channels, 32);
+    let (fs, is) = (f.grid.shape(), grid.shape());
+    assert!((0..3).all(|a| (is[a] / 4..=is[a].div_ceil(4)).contains(&fs[a])), "{fs:?} for {is:?}");
+    let err = fails(&[
+        "features",
+        "--image",
+        s(&image),
+        "--features",
+        "obelisk",
+        "--model",
+        s(&dir.path().join("missing")),
+        "--out",
+        s(&dir.path().join("o2.nii")),
+    ]);
+    assert!(err.contains("missing"), "{err}");
     let err = fails(&["features", "--image", s(&image), "--out", s(&dir.path().join("f.png"))]);
     assert!(err.contains("NIfTI"), "{err}");
 }
