@@ -6,25 +6,13 @@
 //! (made by `data-scripts/setup-venv.sh`). Without one the test prints SKIPPED, unless
 //! `OBELISK_REQUIRE_PYTHON=1` (CI), where it fails.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::Command;
 
+use common::python;
 use serde_json::Value;
-
-fn python() -> Option<PathBuf> {
-    let candidate = match std::env::var_os("OBELISK_PYTHON") {
-        Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"),
-    };
-    if candidate.exists() {
-        return Some(candidate);
-    }
-    if std::env::var("OBELISK_REQUIRE_PYTHON").as_deref() == Ok("1") {
-        panic!("OBELISK_REQUIRE_PYTHON=1 but no Python at {} (run data-scripts/setup-venv.sh)", candidate.display());
-    }
-    println!("SKIPPED: no Python at {} (run data-scripts/setup-venv.sh or set OBELISK_PYTHON)", candidate.display());
-    None
-}
 
 fn num(v: &Value, key: &str) -> f64 {
     v[key].as_f64().unwrap_or_else(|| panic!("{key} missing in {v}"))

@@ -52,35 +52,25 @@ pub trait Real: Float + Send + Sync + 'static {
     fn of_f64(v: f64) -> Self;
 }
 
-impl Real for f32 {
-    #[inline(always)]
-    fn trunc_i64(self) -> i64 {
-        self as i64
-    }
-    #[inline(always)]
-    fn of_i64(i: i64) -> Self {
-        i as f32
-    }
-    #[inline(always)]
-    fn of_f64(v: f64) -> Self {
-        v as f32
-    }
+macro_rules! impl_real {
+    ($($t:ty),*) => {$(
+        impl Real for $t {
+            #[inline(always)]
+            fn trunc_i64(self) -> i64 {
+                self as i64
+            }
+            #[inline(always)]
+            fn of_i64(i: i64) -> Self {
+                i as $t
+            }
+            #[inline(always)]
+            fn of_f64(v: f64) -> Self {
+                v as $t
+            }
+        }
+    )*};
 }
-
-impl Real for f64 {
-    #[inline(always)]
-    fn trunc_i64(self) -> i64 {
-        self as i64
-    }
-    #[inline(always)]
-    fn of_i64(i: i64) -> Self {
-        i as f64
-    }
-    #[inline(always)]
-    fn of_f64(v: f64) -> Self {
-        v
-    }
-}
+impl_real!(f32, f64);
 
 /// `floor` by truncating conversion: without SSE4.1 (the x86-64 baseline) `f32::floor` is a
 /// libm call, and the sampler takes three floors per point. Only called on values already
