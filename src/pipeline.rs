@@ -157,13 +157,9 @@ impl Evaluation {
     }
 
     /// The warped shared labels and the coverage mask of `field`.
-    fn through(&self, field: &DisplacementField, moving_grid: &registration::Grid) -> (Labels, Vec<bool>) {
-        (warp_labels(&self.moving, field), coverage(field, moving_grid))
-    }
-
     /// Mean Dice through `field` over the overlap; `None` when nothing shared is covered.
     fn mean_dice(&self, field: &DisplacementField, moving_grid: &registration::Grid) -> Result<Option<f64>> {
-        let (w, mask) = self.through(field, moving_grid);
+        let (w, mask) = (warp_labels(&self.moving, field), coverage(field, moving_grid));
         Ok(mean_dice(&dice_per_label_masked(&self.fixed, &w, &mask)?))
     }
 }
@@ -241,12 +237,16 @@ impl RegisterJob {
                 .to_field(&Affine::translation(init_t), &self.fixed.grid)?;
             dice_after_init = e.mean_dice(&start, &self.moving.grid)?;
         }
-        let metrics = match &eval {
-            Some(e) => {
-                let (w, mask) = e.through(&reg.field, &self.moving.grid);
-                RegistrationMetrics::evaluate(&e.fixed, &w, &reg.field, &self.label_names, Some(&mask))?
-            }
-            None => {
+        let metrics = match (&eval, &warped_labels) {
+            // nearest-neighbour warping commutes with dropping labels: restrict, do not warp again
+            (Some(e), Some(w)) => RegistrationMetrics::evaluate(
+                &e.fixed,
+                &w.keep_only(&e.shared),
+                &reg.field,
+                &self.label_names,
+                Some(&overlap),
+            )?,
+            _ => {
                 let (_, j) = jacobian(&reg.field, None)?;
                 RegistrationMetrics {
                     labels: vec![],
