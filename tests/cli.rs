@@ -5,7 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{fails, obelisk, ok, s};
+use common::{fails, obelisk, ok, ok_json, s};
 use obelisk::io;
 
 /// A tiny synthetic pair (24³ at 14 mm covers the phantom's body coarsely).
@@ -61,7 +61,7 @@ fn synth_is_deterministic_and_writes_a_dataset() {
     // a different seed gives different data
     let c = tempfile::tempdir().unwrap();
     let dc = c.path().join("d");
-    ok(&[
+    let summary = ok_json(&[
         "synth",
         "--out",
         s(&dc),
@@ -73,8 +73,8 @@ fn synth_is_deterministic_and_writes_a_dataset() {
         "14,14,14",
         "--seed",
         "4",
-        "--quiet",
     ]);
+    assert_eq!((summary["subjects"].as_u64(), summary["seed"].as_u64()), (Some(1), Some(4)));
     assert_ne!(
         std::fs::read(dc.join("subject_000_image.nii.gz")).unwrap(),
         std::fs::read(da.join("subject_000_image.nii.gz")).unwrap()
@@ -163,7 +163,7 @@ fn register_eval_grid_and_warp_work_together() {
 
     // warp with the written field reproduces register's warped labels
     let relabel = dir.path().join("relabel.nii.gz");
-    ok(&[
+    let w = ok_json(&[
         "warp",
         "--moving",
         s(&p("pair_000_moving_labels.nii.gz")),
@@ -173,12 +173,14 @@ fn register_eval_grid_and_warp_work_together() {
         s(&relabel),
         "--labels",
     ]);
+    assert_eq!(w["out"].as_str(), Some(s(&relabel)));
+    assert_eq!(w["labels"], true);
     assert_eq!(io::read_label_map(&relabel).unwrap().data, wl.data);
 
     // pictures
     let grid_png = dir.path().join("pics/grid.png");
     let jac_png = dir.path().join("pics/jac.png");
-    ok(&[
+    let g = ok_json(&[
         "grid",
         "--field",
         s(&reg.join("field.nii.gz")),
@@ -191,9 +193,11 @@ fn register_eval_grid_and_warp_work_together() {
         "--jacobian",
         s(&jac_png),
     ]);
+    assert_eq!(g["jacobian"].as_str(), Some(s(&jac_png)));
     assert!(image::open(&grid_png).is_ok() && image::open(&jac_png).is_ok());
     let view_png = dir.path().join("pics/view.png");
-    ok(&["view", "--image", s(&fixed), "--labels", s(&fixed_labels), "--out", s(&view_png)]);
+    let v = ok_json(&["view", "--image", s(&fixed), "--labels", s(&fixed_labels), "--out", s(&view_png)]);
+    assert_eq!(v["shape"], serde_json::json!([24, 24, 24]));
     assert_eq!(image::open(&view_png).unwrap().width(), 3 * 360);
 }
 
@@ -419,4 +423,21 @@ fn obelisk_features_default_to_the_embedded_model() {
     let err = fails(&["register", "--fixed", &fixed, "--moving", &moving, "--features", "obelisk", "--model",
         s(&missing), "--out", s(&dir.path().join("reg2"))]);
     assert!(err.contains("no_model") && err.contains("not found"), "{err}");
+}
+
+/// The README's main job: a seeded pair registered end to end, every output written, the
+/// summary on stdout as JSON, and Dice improved by the registration.
+#[test]
+fn demo_writes_every_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo");
+    let summary = ok_json(&["demo", "--out", s(&out)]);
+    let reg = out.join("registration");
+    for f in ["field.nii.gz", "warped.nii.gz", "warped_labels.nii.gz", "metrics.json", "loss.csv", "summary.png"] {
+        assert!(reg.join(f).is_file(), "{f} missing");
+    }
+    let (before, after) = (summary["dice_before"].as_f64().unwrap(), summary["metrics"]["mean_dice"].as_f64().unwrap());
+    assert!(after > before + 0.02, "Dice {before} -> {after}");
+    let err = fails(&["demo", "--out", s(&out)]);
+    assert!(err.contains("already exists"), "{err}");
 }

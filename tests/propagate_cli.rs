@@ -5,7 +5,7 @@ mod common;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use common::{fails, ok, s};
+use common::{fails, ok, ok_json, s};
 use obelisk::io;
 
 /// Two synthetic pairs (two anatomies), 32³ at 9 mm.
@@ -203,7 +203,8 @@ fn features_writes_channels_on_the_feature_grid() {
     }
     // without --model the embedded default model serves (32 channels on its stride-4 grid)
     let learned = dir.path().join("o.nii");
-    ok(&["features", "--image", s(&image), "--features", "obelisk", "--out", s(&learned), "--quiet"]);
+    let summary = ok_json(&["features", "--image", s(&image), "--features", "obelisk", "--out", s(&learned)]);
+    assert_eq!(summary["features"], "obelisk");
     let f = io::read_volume_channels(&learned).unwrap();
     assert_eq!(f.channels, 32);
     let (fs, is) = (f.grid.shape(), grid.shape());

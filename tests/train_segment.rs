@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{fails, obelisk, ok, s};
+use common::{fails, obelisk, ok, ok_json, s};
 use obelisk::io;
 
 #[test]
@@ -43,7 +43,8 @@ fn synth_train_segment_register() {
 
     let image = data.join("subject_000_image.nii.gz");
     let seg = dir.path().join("seg.nii.gz");
-    ok(&["segment", "--model", s(&model), "--image", s(&image), "--out", s(&seg), "--quiet"]);
+    let summary = ok_json(&["segment", "--model", s(&model), "--image", s(&image), "--out", s(&seg)]);
+    assert_eq!(summary["shape"], serde_json::json!([32, 32, 32]));
     let missing = dir.path().join("no_model");
     let err =
         fails(&["segment", "--model", s(&missing), "--image", s(&image), "--out", s(&dir.path().join("x.nii.gz"))]);
@@ -110,7 +111,9 @@ fn train_reads_a_learn2reg_dataset() {
     let ds = root.join("AbdomenCTCT_dataset.json");
     std::fs::write(&ds, serde_json::to_string_pretty(&json).unwrap()).unwrap();
     let model = dir.path().join("model");
-    ok(&["train", "--dataset", s(&ds), "--out", s(&model), "--iterations", "2", "--quiet"]);
+    let summary = ok_json(&["train", "--dataset", s(&ds), "--out", s(&model), "--iterations", "2"]);
+    assert_eq!((summary["arch"].as_str(), summary["iterations"].as_u64()), (Some("obelisk"), Some(2)));
+    assert!(summary["parameters"].as_u64().unwrap() < 130_000 && summary["cv"].is_null(), "{summary}");
     let config: serde_json::Value = serde_json::from_slice(&std::fs::read(model.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["label_names"][1], "leber");
     assert_eq!(config["label_names"][9], "ws");

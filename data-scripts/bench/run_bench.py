@@ -197,7 +197,7 @@ def run_tool(tool, pair, workdir, ob, model, threads, timeout):
                 "--features", feats, "--no-pictures", "--json", "--force"]
         if feats == "obelisk":
             args += ["--model", model]
-        # --quiet would silence --json: call the binary without it
+        # --json alone: stdout holds nothing but the summary
         cmd = [ob.binary, "--threads", str(threads), *map(str, args)]
         out, wall, rss = timed(cmd, workdir, env=env, timeout=timeout)
         summary = json.loads(out)

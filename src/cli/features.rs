@@ -5,8 +5,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use serde_json::json;
 
 use crate::cli::register::{check_input, load_model};
+use crate::cli::Output;
 use crate::io::{self, atomic::check_output};
 use crate::pipeline::FeatureKind;
 use crate::progress::Progress;
@@ -42,7 +44,7 @@ pub struct FeaturesArgs {
     pub force: bool,
 }
 
-pub fn run(args: FeaturesArgs, quiet: bool) -> Result<()> {
+pub fn run(args: FeaturesArgs, out: Output) -> Result<()> {
     check_input(&args.image)?;
     if io::Format::of(&args.out)? != io::Format::Nifti {
         bail!("{}: feature maps are written as NIfTI (.nii or .nii.gz)", args.out.display());
@@ -52,19 +54,27 @@ pub fn run(args: FeaturesArgs, quiet: bool) -> Result<()> {
     let image = io::read_image(&args.image)?;
     let t = Instant::now();
     let extractor = args.features.extractor(&image.grid, model.as_ref())?;
-    let spin = Progress::new(quiet).spinner(&format!("{} features", extractor.name()));
+    let spin = Progress::new(out.silent()).spinner(&format!("{} features", extractor.name()));
     let f = extractor.extract(&image).with_context(|| format!("features of {}", args.image.display()))?;
     spin.finish_and_clear();
     io::nifti::write_channels(&args.out, &f)?;
-    if !quiet {
+    let seconds = t.elapsed().as_secs_f64();
+    let summary = json!({
+        "out": args.out,
+        "image": args.image,
+        "features": extractor.name(),
+        "channels": f.channels,
+        "shape": f.grid.shape(),
+        "spacing_mm": f.grid.spacing(),
+        "seconds": seconds,
+    });
+    out.finish(&summary, || {
         println!(
-            "wrote {}: {} channel(s) of {} features on {} in {:.1} s",
+            "wrote {}: {} channel(s) of {} features on {} in {seconds:.1} s",
             args.out.display(),
             f.channels,
             extractor.name(),
             io::describe_grid(&f.grid),
-            t.elapsed().as_secs_f64()
-        );
-    }
-    Ok(())
+        )
+    })
 }

@@ -20,6 +20,10 @@ pub struct Cli {
     /// Print nothing but errors.
     #[arg(long, global = true)]
     pub quiet: bool,
+    /// Print a machine-readable summary of the command as JSON on stdout (and nothing else
+    /// there); progress and messages are hidden as with --quiet.
+    #[arg(long, global = true)]
+    pub json: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -50,6 +54,31 @@ pub enum Command {
     Demo(tools::DemoArgs),
 }
 
+/// Where a command's summary goes: human text, JSON on stdout, or nowhere.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Output {
+    pub quiet: bool,
+    pub json: bool,
+}
+
+impl Output {
+    /// True when human-readable text and progress must stay hidden.
+    pub fn silent(&self) -> bool {
+        self.quiet || self.json
+    }
+
+    /// Prints `summary` as JSON with --json; otherwise prints the human text of `human` unless
+    /// --quiet.
+    pub fn finish<T: serde::Serialize>(&self, summary: &T, human: impl FnOnce()) -> anyhow::Result<()> {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(summary)?);
+        } else if !self.quiet {
+            human();
+        }
+        Ok(())
+    }
+}
+
 /// Sets up the global thread pool and runs the chosen command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(n) = cli.threads {
@@ -59,20 +88,21 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             .build_global()
             .map_err(|e| anyhow::anyhow!("cannot set up {n} threads: {e}"))?;
     }
+    let out = Output { quiet: cli.quiet, json: cli.json };
     match cli.command {
         Command::Warp(args) => {
             let job = warp::WarpJob::from_args(args)?;
-            job.run(cli.quiet)
+            job.run(out)
         }
-        Command::Register(args) => register::run(args, cli.quiet),
-        Command::Propagate(args) => propagate::run(args, cli.quiet),
-        Command::Features(args) => features::run(args, cli.quiet),
-        Command::Synth(args) => synth::run(args, cli.quiet),
-        Command::Eval(args) => tools::eval(args, cli.quiet),
-        Command::Grid(args) => tools::grid(args, cli.quiet),
-        Command::Demo(args) => tools::demo(args, cli.quiet),
-        Command::View(args) => tools::view(args, cli.quiet),
-        Command::Train(args) => train::train(args, cli.quiet),
-        Command::Segment(args) => train::segment(args, cli.quiet),
+        Command::Register(args) => register::run(args, out),
+        Command::Propagate(args) => propagate::run(args, out),
+        Command::Features(args) => features::run(args, out),
+        Command::Synth(args) => synth::run(args, out),
+        Command::Eval(args) => tools::eval(args, out),
+        Command::Grid(args) => tools::grid(args, out),
+        Command::Demo(args) => tools::demo(args, out),
+        Command::View(args) => tools::view(args, out),
+        Command::Train(args) => train::train(args, out),
+        Command::Segment(args) => train::segment(args, out),
     }
 }

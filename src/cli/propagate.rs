@@ -17,6 +17,7 @@ use registration::{DisplacementField, Labels, Volume};
 use serde::Serialize;
 
 use crate::cli::register::{check_input, same_dimensionality, RegOptions};
+use crate::cli::Output;
 use crate::features::ObeliskFeatures;
 use crate::io::{self, atomic::check_output, IoError};
 use crate::pipeline::{align, FeatureKind, InitKind, Pair};
@@ -83,9 +84,6 @@ pub struct PropagateArgs {
     /// Overwrite existing outputs (never an input).
     #[arg(long)]
     pub force: bool,
-    /// Print the report as JSON on stdout.
-    #[arg(long)]
-    pub json: bool,
 }
 
 /// One atlas, read and checked.
@@ -389,13 +387,10 @@ fn atlas_line(i: usize, n: usize, r: &AtlasReport) -> String {
     line
 }
 
-pub fn run(args: PropagateArgs, quiet: bool) -> Result<()> {
-    let json = args.json;
+pub fn run(args: PropagateArgs, out: Output) -> Result<()> {
     let job = args.into_job()?;
-    let report = job.run(&Progress::new(quiet || json))?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else if !quiet {
+    let report = job.run(&Progress::new(out.silent()))?;
+    out.finish(&report, || {
         let n = report.atlases.len();
         let vote = match report.fusion {
             Fusion::Majority => "majority",
@@ -407,8 +402,7 @@ pub fn run(args: PropagateArgs, quiet: bool) -> Result<()> {
             None => println!("fused label map ({what})"),
         }
         println!("wrote {} and {}", report.out.display(), report.report.display());
-    }
-    Ok(())
+    })
 }
 
 #[cfg(test)]

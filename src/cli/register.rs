@@ -7,6 +7,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use registration::engine::RegistrationConfig;
 
+use crate::cli::Output;
 use crate::features::ObeliskFeatures;
 use crate::io::{self, atomic::check_output, Format, IoError};
 use crate::pictures::SliceSpec;
@@ -55,9 +56,6 @@ pub struct RegisterArgs {
     /// Overwrite existing outputs (never an input).
     #[arg(long)]
     pub force: bool,
-    /// Print the summary as JSON on stdout.
-    #[arg(long)]
-    pub json: bool,
     /// Refuse to start when the estimated peak memory exceeds this (e.g. 8G, 512M); default:
     /// 75% of the machine's physical memory.
     #[arg(long, value_name = "SIZE", value_parser = crate::memory::parse_size)]
@@ -303,15 +301,12 @@ impl RegisterArgs {
     }
 }
 
-/// Prints the one-screen summary of a registration.
-pub fn report(s: &RegisterSummary, json: bool, quiet: bool) -> Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(s)?);
-        return Ok(());
-    }
-    if quiet {
-        return Ok(());
-    }
+/// Prints the summary of a registration: JSON, or one screen of text.
+pub fn report(s: &RegisterSummary, out: Output) -> Result<()> {
+    out.finish(s, || print_summary(s))
+}
+
+fn print_summary(s: &RegisterSummary) {
     if let Some(r) = &s.init_search {
         let t = r.translation_mm;
         println!(
@@ -358,17 +353,15 @@ pub fn report(s: &RegisterSummary, json: bool, quiet: bool) -> Result<()> {
     for f in &s.files {
         println!("  {}", f.display());
     }
-    Ok(())
 }
 
-pub fn run(args: RegisterArgs, quiet: bool) -> Result<()> {
-    let json = args.json;
-    let job = args.into_job(quiet)?;
-    let mut bars = Progress::new(quiet).registration(&job.config);
-    if !quiet && !json {
+pub fn run(args: RegisterArgs, out: Output) -> Result<()> {
+    let job = args.into_job(out.silent())?;
+    let mut bars = Progress::new(out.silent()).registration(&job.config);
+    if !out.silent() {
         bars = bars.log_every(20);
     }
     let summary = job.run(|e| bars.event(e))?;
     bars.finish();
-    report(&summary, json, quiet)
+    report(&summary, out)
 }

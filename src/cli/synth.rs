@@ -8,6 +8,7 @@ use registration::synth::{self, phantom::LABEL_NAMES, Modality, SynthConfig};
 use serde_json::json;
 
 use crate::cli::register::prepare_out_dir;
+use crate::cli::Output;
 use crate::io::{self, atomic::check_output};
 use crate::progress::Progress;
 
@@ -168,18 +169,27 @@ pub fn write_dataset(
     Ok(ds)
 }
 
-pub fn run(args: SynthArgs, quiet: bool) -> Result<()> {
+pub fn run(args: SynthArgs, out: Output) -> Result<()> {
     let cfg = args.config()?;
     let t = std::time::Instant::now();
-    write_dataset(&cfg, &args.out, args.subjects, args.pairs, args.force, &Progress::new(quiet))?;
-    if !quiet {
+    write_dataset(&cfg, &args.out, args.subjects, args.pairs, args.force, &Progress::new(out.silent()))?;
+    let seconds = t.elapsed().as_secs_f64();
+    let summary = json!({
+        "out": args.out,
+        "dataset": args.out.join("dataset.json"),
+        "subjects": args.subjects,
+        "pairs": args.pairs,
+        "shape": cfg.size,
+        "spacing_mm": cfg.spacing,
+        "seed": cfg.seed,
+        "seconds": seconds,
+    });
+    out.finish(&summary, || {
         println!(
-            "wrote {} subject(s) and {} pair(s) to {} in {:.1} s",
+            "wrote {} subject(s) and {} pair(s) to {} in {seconds:.1} s",
             args.subjects,
             args.pairs,
             args.out.display(),
-            t.elapsed().as_secs_f64()
-        );
-    }
-    Ok(())
+        )
+    })
 }

@@ -8,9 +8,11 @@ use clap::Args;
 use registration::metrics::{endpoint_error, jacobian, RegistrationMetrics};
 use registration::synth::SynthConfig;
 use registration::warp::coverage;
+use serde_json::json;
 
 use crate::cli::register::{check_input, prepare_out_dir, report, RegOptions, RegisterArgs};
 use crate::cli::synth::write_dataset;
+use crate::cli::Output;
 use crate::io::{self, atomic::check_output, IoError};
 use crate::pictures::{self, SliceSpec};
 use crate::pipeline::{save_png, InitKind};
@@ -35,7 +37,8 @@ pub struct DemoArgs {
     pub force: bool,
 }
 
-pub fn demo(args: DemoArgs, quiet: bool) -> Result<()> {
+pub fn demo(args: DemoArgs, out: Output) -> Result<()> {
+    let quiet = out.silent();
     let data = args.out.join("data");
     let cfg = SynthConfig { size: [80, 80, 80], spacing: [4.2, 4.2, 4.2], seed: args.seed, ..Default::default() };
     if !quiet {
@@ -58,7 +61,6 @@ pub fn demo(args: DemoArgs, quiet: bool) -> Result<()> {
         slice: SliceSpec { axis: pictures::Axis::Coronal, index: None },
         no_pictures: false,
         force: args.force,
-        json: false,
         max_memory: None,
     };
     if !quiet {
@@ -68,7 +70,7 @@ pub fn demo(args: DemoArgs, quiet: bool) -> Result<()> {
     let mut bars = Progress::new(quiet).registration(&job.config);
     let summary = job.run(|e| bars.event(e))?;
     bars.finish();
-    report(&summary, false, quiet)
+    report(&summary, out)
 }
 
 #[derive(Debug, Args)]
@@ -93,12 +95,9 @@ pub struct EvalArgs {
     /// moving image covers through the field (as `obelisk register` reports them).
     #[arg(long)]
     pub moving_labels: Option<PathBuf>,
-    /// Print JSON.
-    #[arg(long)]
-    pub json: bool,
 }
 
-pub fn eval(args: EvalArgs, quiet: bool) -> Result<()> {
+pub fn eval(args: EvalArgs, out: Output) -> Result<()> {
     for p in [
         Some(&args.fixed_labels),
         Some(&args.warped_labels),
@@ -159,9 +158,7 @@ pub fn eval(args: EvalArgs, quiet: bool) -> Result<()> {
         }
         m = m.with_endpoint_error(endpoint_error(&field, &truth, None)?);
     }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&m)?);
-    } else if !quiet {
+    out.finish(&m, || {
         println!("label      Dice   HD95 mm");
         for l in &m.labels {
             println!("{:>5}  {:>8.4}  {:>8}", l.label, l.dice, l.hd95_mm.map_or("-".into(), |h| format!("{h:.2}")));
@@ -181,8 +178,7 @@ pub fn eval(args: EvalArgs, quiet: bool) -> Result<()> {
         if let Some(e) = &m.endpoint_error {
             println!("endpoint error: mean {:.3} mm, p95 {:.3} mm, max {:.3} mm", e.mean_mm, e.p95_mm, e.max_mm);
         }
-    }
-    Ok(())
+    })
 }
 
 #[derive(Debug, Args)]
@@ -212,7 +208,7 @@ pub struct GridArgs {
     pub force: bool,
 }
 
-pub fn grid(args: GridArgs, quiet: bool) -> Result<()> {
+pub fn grid(args: GridArgs, out: Output) -> Result<()> {
     let mut inputs = vec![args.field.as_path()];
     inputs.extend(args.image.as_deref());
     for p in &inputs {
@@ -242,10 +238,13 @@ pub fn grid(args: GridArgs, quiet: bool) -> Result<()> {
         let (det, _) = jacobian(&field, None)?;
         save_png(j, &pictures::jacobian_picture(&det, args.slice)?)?;
     }
-    if !quiet {
+    let summary = json!({"out": args.out, "jacobian": args.jacobian, "field": args.field, "image": args.image});
+    out.finish(&summary, || {
         println!("wrote {}", args.out.display());
-    }
-    Ok(())
+        if let Some(j) = &args.jacobian {
+            println!("wrote {}", j.display());
+        }
+    })
 }
 
 #[derive(Debug, Args)]
@@ -267,7 +266,7 @@ pub struct ViewArgs {
     pub force: bool,
 }
 
-pub fn view(args: ViewArgs, quiet: bool) -> Result<()> {
+pub fn view(args: ViewArgs, out: Output) -> Result<()> {
     let mut inputs = vec![args.image.as_path()];
     inputs.extend(args.labels.as_deref());
     for p in &inputs {
@@ -283,8 +282,6 @@ pub fn view(args: ViewArgs, quiet: bool) -> Result<()> {
     let sp = image.grid.spacing();
     let heading = format!("{name} · {:?} voxels · {:.2}×{:.2}×{:.2} mm", image.grid.shape(), sp[0], sp[1], sp[2]);
     save_png(&args.out, &pictures::overview_picture(&image, labels.as_ref(), &heading)?)?;
-    if !quiet {
-        println!("wrote {}", args.out.display());
-    }
-    Ok(())
+    let summary = json!({"out": args.out, "image": args.image, "labels": args.labels, "shape": image.grid.shape()});
+    out.finish(&summary, || println!("wrote {}", args.out.display()))
 }

@@ -16,6 +16,7 @@ use segmentation::{
 use serde::Serialize;
 
 use crate::cli::register::{check_input, prepare_out_dir};
+use crate::cli::Output;
 use crate::io::{self, atomic::check_output, atomic::write_atomic, dataset::Dataset};
 use crate::progress::Progress;
 
@@ -221,6 +222,22 @@ pub struct CvReport {
     pub mean_dice: Option<f64>,
 }
 
+/// What `obelisk train` did: the saved model and, with --folds, the cross-validation.
+#[derive(Debug, Serialize)]
+pub struct TrainReport {
+    pub out: PathBuf,
+    pub arch: ArchArg,
+    pub parameters: usize,
+    pub subjects: usize,
+    pub iterations: usize,
+    pub seed: u64,
+    /// Training loss at the last iteration of the final model (trained on every subject).
+    pub final_loss: f64,
+    /// Training time of the final model (cross-validation folds not included).
+    pub seconds: f64,
+    pub cv: Option<CvReport>,
+}
+
 fn mean(v: impl IntoIterator<Item = f64>) -> Option<f64> {
     let (s, n) = v.into_iter().filter(|x| x.is_finite()).fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
     (n > 0).then(|| s / n as f64)
@@ -267,8 +284,8 @@ impl TrainJob {
         }
     }
 
-    /// Trains a fresh model on `subset` of the subjects.
-    fn train_on(&self, subset: &[usize], label: &str, quiet: bool) -> Result<Model> {
+    /// Trains a fresh model on `subset` of the subjects; also gives the last training loss.
+    fn train_on(&self, subset: &[usize], label: &str, quiet: bool) -> Result<(Model, f64)> {
         let model = Model::new(self.model_config(), self.seed, &Device::Cpu)?;
         let data: Vec<(Tensor, Tensor)> =
             subset.iter().map(|&i| (self.subjects[i].image.clone(), self.subjects[i].labels.clone())).collect();
@@ -276,7 +293,9 @@ impl TrainJob {
         let bars = Progress::new(quiet);
         let prefix = if label.is_empty() { "training" } else { label.trim_end() };
         let bar = bars.bar(self.iterations as u64, prefix, "it");
+        let mut last_loss = f64::NAN;
         segmentation::train(&model, &data, self.train_config(), &mut |p| {
+            last_loss = p.loss;
             if bars.visible() {
                 bar.set_length(p.total as u64);
                 bar.set_position(p.iteration as u64);
@@ -286,17 +305,17 @@ impl TrainJob {
             }
         })?;
         bar.finish_and_clear();
-        Ok(model)
+        Ok((model, last_loss))
     }
 
-    pub fn run(&self, quiet: bool) -> Result<Option<CvReport>> {
+    pub fn run(&self, quiet: bool) -> Result<TrainReport> {
         let names = &self.label_names[1..];
         let cv = match self.folds {
             Some(k) => {
                 let mut folds = Vec::new();
                 for (f, (train, test)) in segmentation::kfold(self.subjects.len(), k)?.into_iter().enumerate() {
                     let t = Instant::now();
-                    let model = self.train_on(&train, &format!("fold {}/{k}  ", f + 1), quiet)?;
+                    let (model, _) = self.train_on(&train, &format!("fold {}/{k}  ", f + 1), quiet)?;
                     let mut per_label: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
                     for &i in &test {
                         let s = &self.subjects[i];
@@ -336,9 +355,21 @@ impl TrainJob {
             None => None,
         };
         let all: Vec<usize> = (0..self.subjects.len()).collect();
-        let model = self.train_on(&all, "", quiet)?;
+        let t = Instant::now();
+        let (model, final_loss) = self.train_on(&all, "", quiet)?;
+        let seconds = t.elapsed().as_secs_f64();
         save_model(&model, &self.out)?;
-        Ok(cv)
+        Ok(TrainReport {
+            out: self.out.clone(),
+            arch: self.arch,
+            parameters: model.num_parameters(),
+            subjects: self.subjects.len(),
+            iterations: self.iterations,
+            seed: self.seed,
+            final_loss,
+            seconds,
+            cv,
+        })
     }
 }
 
@@ -377,22 +408,22 @@ pub fn save_model(model: &Model, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-pub fn train(args: TrainArgs, quiet: bool) -> Result<()> {
+pub fn train(args: TrainArgs, out: Output) -> Result<()> {
     let job = args.into_job()?;
     let t = Instant::now();
-    let cv = job.run(quiet)?;
-    if !quiet {
-        if let Some(cv) = cv {
-            print!("{}", cv_markdown(&cv, &job.label_names[1..]));
+    let report = job.run(out.silent())?;
+    out.finish(&report, || {
+        if let Some(cv) = &report.cv {
+            print!("{}", cv_markdown(cv, &job.label_names[1..]));
         }
         println!(
-            "trained on {} subject(s) in {:.1} s; model in {}",
+            "trained on {} subject(s) in {:.1} s; model ({} parameters) in {}",
             job.subjects.len(),
             t.elapsed().as_secs_f64(),
+            report.parameters,
             job.out.display()
         );
-    }
-    Ok(())
+    })
 }
 
 #[derive(Debug, Args)]
@@ -416,7 +447,7 @@ pub struct SegmentArgs {
     pub force: bool,
 }
 
-pub fn segment(args: SegmentArgs, quiet: bool) -> Result<()> {
+pub fn segment(args: SegmentArgs, out: Output) -> Result<()> {
     check_input(&args.image)?;
     io::Format::of(&args.out)?;
     check_output(&args.out, &[&args.image], args.force)?;
@@ -431,16 +462,22 @@ pub fn segment(args: SegmentArgs, quiet: bool) -> Result<()> {
         .with_context(|| format!("segmenting {}", args.image.display()))?;
     let labels = Labels::new(img.grid.clone(), pred)?;
     io::write_label_map(&args.out, &labels)?;
-    if !quiet {
-        let present: Vec<String> = labels
-            .ids()
-            .into_iter()
-            .filter(|&i| i != 0)
-            .map(|i| model.config.label_names.get(i as usize).cloned().unwrap_or_else(|| i.to_string()))
-            .collect();
-        println!("wrote {} in {:.1} s; labels: {}", args.out.display(), t.elapsed().as_secs_f64(), present.join(", "));
-    }
-    Ok(())
+    let seconds = t.elapsed().as_secs_f64();
+    let present: Vec<String> = labels
+        .ids()
+        .into_iter()
+        .filter(|&i| i != 0)
+        .map(|i| model.config.label_names.get(i as usize).cloned().unwrap_or_else(|| i.to_string()))
+        .collect();
+    let summary = serde_json::json!({
+        "out": args.out,
+        "image": args.image,
+        "model": args.model,
+        "labels": present,
+        "shape": img.grid.shape(),
+        "seconds": seconds,
+    });
+    out.finish(&summary, || println!("wrote {} in {seconds:.1} s; labels: {}", args.out.display(), present.join(", ")))
 }
 
 #[cfg(test)]

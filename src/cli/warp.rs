@@ -1,10 +1,13 @@
 //! `obelisk warp`: resample a moving image (or label map) through a displacement field.
 
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use clap::Args;
 use registration::warp::{warp_labels, warp_volume, Interpolation, Padding};
+use serde_json::json;
 
+use crate::cli::Output;
 use crate::io::{self, atomic::check_output, describe_grid, Format, IoError, GRID_TOL};
 
 #[derive(Debug, Args)]
@@ -73,7 +76,8 @@ impl WarpJob {
         Ok(Self { moving: a.moving, field: a.field, out: a.out, labels: a.labels, reference: a.reference })
     }
 
-    pub fn run(&self, quiet: bool) -> anyhow::Result<()> {
+    pub fn run(&self, out: Output) -> anyhow::Result<()> {
+        let t = Instant::now();
         let field = io::read_field(&self.field)?;
         if let Some(r) = &self.reference {
             // read in full, not just the header: a truncated or corrupt reference is an error too
@@ -100,9 +104,14 @@ impl WarpJob {
             let warped = warp_volume(&moving, &field, Interpolation::Linear, Padding::Extent);
             io::write_image(&self.out, &warped)?;
         }
-        if !quiet {
-            eprintln!("wrote {} ({})", self.out.display(), describe_grid(&field.grid));
-        }
-        Ok(())
+        let summary = json!({
+            "out": self.out,
+            "moving": self.moving,
+            "field": self.field,
+            "labels": self.labels,
+            "grid": describe_grid(&field.grid),
+            "seconds": t.elapsed().as_secs_f64(),
+        });
+        out.finish(&summary, || eprintln!("wrote {} ({})", self.out.display(), describe_grid(&field.grid)))
     }
 }

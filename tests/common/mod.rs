@@ -20,6 +20,14 @@ pub fn ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs `obelisk ARGS --json`, which must succeed and print one JSON document on stdout.
+pub fn ok_json(args: &[&str]) -> serde_json::Value {
+    let mut a = args.to_vec();
+    a.push("--json");
+    let out = ok(&a);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("obelisk {a:?}: stdout is not JSON ({e}): {out}"))
+}
+
 pub fn fails(args: &[&str]) -> String {
     let out = obelisk(args);
     assert!(!out.status.success(), "obelisk {args:?} should have failed");
