@@ -23,19 +23,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let subjects = generate_subjects(&cfg, 4)?;
     let (target, target_labels) = &subjects[0];
     let mind = MindSsc::for_grid(MindConfig::default(), &target.grid);
-    let tf = mind.extract(target)?;
+    let tf = mind.extract_canonical(target)?;
     let config = RegistrationConfig::default();
 
     let (mut warped, mut distances) = (Vec::new(), Vec::new());
     for (i, (image, labels)) in subjects.iter().enumerate().skip(1) {
-        let af = mind.extract(image)?;
+        let af = mind.extract_canonical(image)?;
         let pair = Pair { fixed: target, moving: image, fixed_features: &tf, moving_features: &af, labels: None };
         let aligned = align(pair, InitKind::Com, &config, &mut |_| {})?;
         let field = &aligned.registration.field;
         let w = warp_labels(labels, field);
         println!("atlas {i}: mean Dice {:.3} after registration", mean_dice(target_labels, &w)?);
         // the weighted vote compares the target with the warped atlas image, feature by feature
-        let wf = mind.extract(&warp_volume(image, field, Interpolation::Linear, Padding::Extent))?;
+        let wf = mind.extract_canonical(&warp_volume(image, field, Interpolation::Linear, Padding::Extent))?;
         distances.push(local_distance(&tf, &wf, 4.0)?);
         warped.push(w);
     }

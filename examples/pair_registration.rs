@@ -28,7 +28,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let t = Instant::now();
     let mind = MindSsc::for_grid(MindConfig::default(), &grid);
-    let (ff, mf) = (mind.extract(&pair.fixed)?, mind.extract(&pair.moving)?);
+    let (ff, mf) = (mind.extract_canonical(&pair.fixed)?, mind.extract_canonical(&pair.moving)?);
     println!("{} features: {} channels in {:.2} s", mind.name(), ff.channels, t.elapsed().as_secs_f64());
 
     let reg = register(&ff, &mf, &grid, &Affine::default(), &RegistrationConfig::default(), |_, _, _| {})?;

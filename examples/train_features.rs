@@ -69,7 +69,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // a pair of a subject the network has not seen
     let pair = make_pair(&SynthConfig { seed: 22, max_displacement_mm: 15.0, ..cfg }, 0)?;
-    let (ff, mf) = (features.extract(&pair.fixed)?, features.extract(&pair.moving)?);
+    let (ff, mf) = (features.extract_canonical(&pair.fixed)?, features.extract_canonical(&pair.moving)?);
     println!(
         "OBELISK features: {} channels on a {:?} grid (image {:?})",
         ff.channels,

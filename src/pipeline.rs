@@ -50,6 +50,40 @@ impl FeatureKind {
     }
 }
 
+/// How the images of one registration (or one propagation) are presented to the feature
+/// extractor, so that their features compare: stored in RAS voxel order
+/// ([`FeatureExtractor::extract_canonical`]) and, where their spacings differ, resampled to one
+/// isotropic spacing. MIND-SSC's neighbourhoods and OBELISK's offsets are counted in voxels, so a
+/// 3 mm CT and a 1×1×2 mm CT would otherwise be described at three times different scales.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FeatureFrame {
+    /// The common isotropic spacing (mm); `None` when the images already share one spacing.
+    pub spacing: Option<f64>,
+}
+
+impl FeatureFrame {
+    /// The frame for images compared with each other: the coarsest of their mean spacings
+    /// (geometric mean over the axes), so no image is described at a finer scale than its data
+    /// hold. 2D images keep their grids.
+    pub fn for_images(images: &[&Volume]) -> Self {
+        let Some(first) = images.first().map(|v| v.grid.spacing()) else { return Self { spacing: None } };
+        let same = |a: [f64; 3]| (0..3).all(|i| (a[i] - first[i]).abs() <= 0.01 * a[i].max(first[i]));
+        if images.iter().any(|v| v.grid.is_2d()) || images.iter().all(|v| same(v.grid.spacing())) {
+            return Self { spacing: None };
+        }
+        let mean = |v: &&Volume| v.grid.spacing().iter().product::<f64>().cbrt();
+        Self { spacing: images.iter().map(mean).reduce(f64::max) }
+    }
+
+    /// Features of `image` in this frame.
+    pub fn extract(&self, extractor: &dyn FeatureExtractor, image: &Volume) -> Result<Volume> {
+        Ok(match self.spacing {
+            Some(s) => extractor.extract_canonical(&image.with_spacing(s)?)?,
+            None => extractor.extract_canonical(image)?,
+        })
+    }
+}
+
 /// How the moving image is placed before optimisation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -96,6 +130,9 @@ pub struct RegisterSummary {
     pub features: FeatureKind,
     /// The model behind OBELISK features: its folder, or the embedded default model.
     pub model: Option<String>,
+    /// The common isotropic spacing both images were resampled to for their features, when
+    /// their spacings differ ([`FeatureFrame`]).
+    pub feature_spacing_mm: Option<f64>,
     pub init: InitKind,
     pub init_translation_mm: [f64; 3],
     /// The translation search's outcome with `--init search`.
@@ -199,10 +236,13 @@ impl RegisterJob {
         let t0 = Instant::now();
         progress(RegEvent::Step("features"));
         let extractor = self.features.extractor(&self.fixed.grid, self.model.as_ref())?;
-        let ff =
-            extractor.extract(&self.fixed).with_context(|| format!("features of {}", self.fixed_path.display()))?;
-        let mf =
-            extractor.extract(&self.moving).with_context(|| format!("features of {}", self.moving_path.display()))?;
+        let frame = FeatureFrame::for_images(&[&self.fixed, &self.moving]);
+        let ff = frame
+            .extract(extractor.as_ref(), &self.fixed)
+            .with_context(|| format!("features of {}", self.fixed_path.display()))?;
+        let mf = frame
+            .extract(extractor.as_ref(), &self.moving)
+            .with_context(|| format!("features of {}", self.moving_path.display()))?;
         runtime.insert("features".to_string(), t0.elapsed().as_secs_f64());
 
         let aligned = align(
@@ -335,6 +375,7 @@ impl RegisterJob {
                 }
                 _ => None,
             },
+            feature_spacing_mm: frame.spacing,
             init: self.init,
             init_translation_mm: init_t,
             init_search,
@@ -457,4 +498,29 @@ pub fn save_png(path: &Path, img: &image::RgbImage) -> Result<()> {
         img.write_to(&mut std::io::BufWriter::new(f), image::ImageFormat::Png).map_err(std::io::Error::other)
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use registration::Grid;
+
+    use super::*;
+
+    fn image(shape: [usize; 3], spacing: [f64; 3]) -> Volume {
+        Volume::zeros(Grid::from_spacing(shape, spacing, [0.0; 3]).unwrap())
+    }
+
+    #[test]
+    fn feature_frame_resamples_only_images_of_different_spacing() {
+        let a = image([10, 10, 10], [3.0; 3]);
+        let b = image([40, 40, 15], [1.0, 1.0, 2.0]);
+        assert_eq!(FeatureFrame::for_images(&[&a, &image([5, 6, 7], [3.0, 3.0, 3.01])]).spacing, None);
+        assert_eq!(FeatureFrame::for_images(&[&b, &b]).spacing, None);
+        let s = FeatureFrame::for_images(&[&b, &a]).spacing.unwrap();
+        assert!((s - 3.0).abs() < 1e-12, "the coarser image's spacing: {s}");
+        let f = FeatureFrame { spacing: Some(s) }.extract(&IntensityFeatures, &b).unwrap();
+        assert_eq!(f.grid.shape(), [13, 13, 10]);
+        let flat = image([8, 8, 1], [1.0; 3]);
+        assert_eq!(FeatureFrame::for_images(&[&flat, &image([4, 4, 1], [2.0; 3])]).spacing, None);
+    }
 }

@@ -441,3 +441,56 @@ fn demo_writes_every_output() {
     let err = fails(&["demo", "--out", s(&out)]);
     assert!(err.contains("already exists"), "{err}");
 }
+
+/// Stores a volume's voxels in LPS order (x and y reversed, the header adjusted): the same image
+/// in the world, as scanners and ITK write it.
+fn to_lps<T: Copy>(grid: &registration::Grid, data: &[T]) -> (registration::Grid, Vec<T>) {
+    let [nx, ny, nz] = grid.shape();
+    let mut flip = nalgebra::Matrix4::identity();
+    flip[(0, 0)] = -1.0;
+    flip[(1, 1)] = -1.0;
+    flip[(0, 3)] = (nx - 1) as f64;
+    flip[(1, 3)] = (ny - 1) as f64;
+    let g = registration::Grid::new([nx, ny, nz], grid.affine() * flip).unwrap();
+    let mut out = Vec::with_capacity(data.len());
+    for k in 0..nz {
+        for j in 0..ny {
+            for i in 0..nx {
+                out.push(data[(k * ny + (ny - 1 - j)) * nx + (nx - 1 - i)]);
+            }
+        }
+    }
+    (g, out)
+}
+
+/// The voxel order a file is stored in does not change the registration: MIND-SSC's channels
+/// refer to voxel directions, so the features of an LPS-stored moving image are computed in RAS
+/// order like the fixed image's. (Compared raw, the two would pair mismatched channels: on the
+/// TotalSegmentator pairs that lowered Dice from 0.39 to 0.29 instead of raising it to 0.51.)
+#[test]
+fn lps_stored_moving_image_registers_like_the_ras_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tiny_pair(dir.path());
+    let p = |n: &str| data.join(format!("pair_000_{n}.nii.gz"));
+    let moving = io::read_image(&p("moving")).unwrap();
+    let labels = io::read_label_map(&p("moving_labels")).unwrap();
+    let (g, v) = to_lps(&moving.grid, &moving.data);
+    let (gl, l) = to_lps(&labels.grid, &labels.data);
+    let (lps, lps_labels) = (dir.path().join("moving_lps.nii.gz"), dir.path().join("moving_lps_labels.nii.gz"));
+    io::write_image(&lps, &registration::Volume::new(g, 1, v).unwrap()).unwrap();
+    io::write_label_map(&lps_labels, &registration::Labels::new(gl, l).unwrap()).unwrap();
+    let (fixed, fixed_labels) = (p("fixed"), p("fixed_labels"));
+    let run = |out: &str, m: &Path, ml: &Path| {
+        let out = dir.path().join(out);
+        #[rustfmt::skip]
+        let args = ["register", "--fixed", s(&fixed), "--moving", s(m), "--fixed-labels", s(&fixed_labels),
+            "--moving-labels", s(ml), "--out", s(&out), "--iterations", "15", "--affine-iterations", "5",
+            "--no-pictures"];
+        ok_json(&args)
+    };
+    let ras = run("ras", &p("moving"), &p("moving_labels"));
+    let lps = run("lps", &lps, &lps_labels);
+    let dice = |s: &serde_json::Value| s["metrics"]["mean_dice"].as_f64().unwrap();
+    assert!((dice(&ras) - dice(&lps)).abs() < 1e-3, "RAS {} vs LPS {}", dice(&ras), dice(&lps));
+    assert_eq!(ras["init_search"]["translation_mm"], lps["init_search"]["translation_mm"]);
+}

@@ -237,6 +237,59 @@ impl Grid {
         let c = [0, 1, 2].map(|a| (self.shape[a] as f64 - 1.0) / 2.0);
         self.map(c, Space::Voxel, Space::Ras)
     }
+
+    /// The axis permutation and flips that make the voxel axes run closest to R, A and S, and the
+    /// grid they give: the same voxel centres in the same places, stored in RAS order. 2D grids
+    /// (one voxel deep) keep their axes.
+    pub fn canonical(&self) -> (Grid, Reorientation) {
+        let d = self.direction_ras();
+        let mut r = Reorientation { source: [0, 1, 2], flip: [false; 3] };
+        if !self.is_2d() {
+            // greedy on the largest direction cosine: each world axis takes the voxel axis most
+            // aligned with it (as nibabel's io_orientation, without its shear handling)
+            let mut free_world = vec![0, 1, 2];
+            let mut free_voxel = vec![0, 1, 2];
+            while !free_world.is_empty() {
+                let (mut bw, mut bv, mut best) = (0, 0, -1.0);
+                for &w in &free_world {
+                    for &v in &free_voxel {
+                        if d[(w, v)].abs() > best {
+                            (bw, bv, best) = (w, v, d[(w, v)].abs());
+                        }
+                    }
+                }
+                r.source[bw] = bv;
+                r.flip[bw] = d[(bw, bv)] < 0.0;
+                free_world.retain(|&w| w != bw);
+                free_voxel.retain(|&v| v != bv);
+            }
+        }
+        // old voxel index o = M · new voxel index n
+        let mut m = Matrix4::zeros();
+        m[(3, 3)] = 1.0;
+        let mut shape = [0; 3];
+        for w in 0..3 {
+            let v = r.source[w];
+            shape[w] = self.shape[v];
+            m[(v, w)] = if r.flip[w] { -1.0 } else { 1.0 };
+            m[(v, 3)] = if r.flip[w] { (self.shape[v] - 1) as f64 } else { 0.0 };
+        }
+        (Grid { shape, affine: self.affine * m }, r)
+    }
+}
+
+/// How [`Grid::canonical`] reorders voxels: new axis `a` is old axis `source[a]`, reversed where
+/// `flip[a]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reorientation {
+    pub source: [usize; 3],
+    pub flip: [bool; 3],
+}
+
+impl Reorientation {
+    pub fn is_identity(&self) -> bool {
+        self.source == [0, 1, 2] && self.flip == [false; 3]
+    }
 }
 
 /// Applies a homogeneous 4x4 matrix to a 3D point.

@@ -55,7 +55,7 @@ pub fn run(args: FeaturesArgs, out: Output) -> Result<()> {
     let t = Instant::now();
     let extractor = args.features.extractor(&image.grid, model.as_ref())?;
     let spin = Progress::new(out.silent()).spinner(&format!("{} features", extractor.name()));
-    let f = extractor.extract(&image).with_context(|| format!("features of {}", args.image.display()))?;
+    let f = extractor.extract_canonical(&image).with_context(|| format!("features of {}", args.image.display()))?;
     spin.finish_and_clear();
     io::nifti::write_channels(&args.out, &f)?;
     let seconds = t.elapsed().as_secs_f64();

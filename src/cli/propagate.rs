@@ -20,7 +20,7 @@ use crate::cli::register::{check_input, same_dimensionality, RegOptions};
 use crate::cli::Output;
 use crate::features::ObeliskFeatures;
 use crate::io::{self, atomic::check_output, IoError};
-use crate::pipeline::{align, FeatureKind, InitKind, Pair};
+use crate::pipeline::{align, FeatureFrame, FeatureKind, InitKind, Pair};
 use crate::progress::Progress;
 
 /// How the warped atlas label maps are combined.
@@ -260,8 +260,11 @@ impl PropagateJob {
         let mut runtime = BTreeMap::new();
         let extractor = self.features.extractor(&self.target.grid, self.model.as_ref())?;
         let spin = progress.spinner("features of the target");
-        let tf =
-            extractor.extract(&self.target).with_context(|| format!("features of {}", self.target_path.display()))?;
+        let images: Vec<&Volume> = std::iter::once(&self.target).chain(self.atlases.iter().map(|a| &a.image)).collect();
+        let frame = FeatureFrame::for_images(&images);
+        let tf = frame
+            .extract(extractor.as_ref(), &self.target)
+            .with_context(|| format!("features of {}", self.target_path.display()))?;
         spin.finish_and_clear();
         runtime.insert("target features".to_string(), t0.elapsed().as_secs_f64());
 
@@ -275,8 +278,8 @@ impl PropagateJob {
         for (i, atlas) in self.atlases.iter().enumerate() {
             let t = Instant::now();
             bar.set_message(atlas.image_path.display().to_string());
-            let af = extractor
-                .extract(&atlas.image)
+            let af = frame
+                .extract(extractor.as_ref(), &atlas.image)
                 .with_context(|| format!("features of {}", atlas.image_path.display()))?;
             let mut stage_bars = progress.registration(&self.config);
             let pair = Pair {
@@ -294,7 +297,7 @@ impl PropagateJob {
             let field = &aligned.registration.field;
             let labels = warp_labels(&atlas.labels, field);
             if self.fusion == Fusion::Weighted && n > 1 {
-                distances.push(self.dissimilarity(extractor.as_ref(), &tf, &atlas.image, field, &identity)?);
+                distances.push(self.dissimilarity(extractor.as_ref(), frame, &tf, &atlas.image, field, &identity)?);
             }
             let (_, j) = jacobian(field, None)?;
             let overlap = overlap(self.target_labels.as_ref(), &labels)?;
@@ -354,13 +357,14 @@ impl PropagateJob {
     fn dissimilarity(
         &self,
         extractor: &dyn FeatureExtractor,
+        frame: FeatureFrame,
         target_features: &Volume,
         atlas: &Volume,
         field: &DisplacementField,
         identity: &DisplacementField,
     ) -> Result<Volume> {
         let warped = warp_volume(atlas, field, Interpolation::Linear, Padding::Extent);
-        let wf = extractor.extract(&warped).context("features of the warped atlas")?;
+        let wf = frame.extract(extractor, &warped).context("features of the warped atlas")?;
         let d = local_distance(target_features, &wf, self.fusion_sigma_mm)?;
         // features on a coarser grid (OBELISK) give a coarser map; the vote is on the target grid
         Ok(if d.grid.same_as(&self.target.grid, io::GRID_TOL) {

@@ -155,7 +155,7 @@ impl Dims {
     }
 
     /// Normalised → voxel scale per axis (x, y, z): `(N − 1) / 2`.
-    fn half_extent<T: Real>(&self) -> [T; 3] {
+    pub(crate) fn half_extent<T: Real>(&self) -> [T; 3] {
         [self.w, self.h, self.d].map(|n| T::from(n as f64 - 1.0).unwrap() / T::from(2.0).unwrap())
     }
 }
@@ -196,7 +196,8 @@ fn gather_grad<T: Real>(vol: &[T], dims: Dims, taps: &[Taps<T>; 3], go: &[T]) ->
 
 const CHUNK: usize = 4096;
 
-fn to_voxel<T: Real>(p: &[T], half: [T; 3]) -> [T; 3] {
+#[inline(always)]
+pub(crate) fn to_voxel<T: Real>(p: &[T], half: [T; 3]) -> [T; 3] {
     [(p[0] + T::one()) * half[0], (p[1] + T::one()) * half[1], (p[2] + T::one()) * half[2]]
 }
 
