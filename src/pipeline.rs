@@ -461,7 +461,11 @@ pub fn align(
     runtime.insert("initialisation".to_string(), t1.elapsed().as_secs_f64());
 
     let t2 = Instant::now();
-    let config = config_for_features(config, &pair.fixed.grid, &pair.fixed_features.grid);
+    // the pyramid counts from the spacing the features were computed at (FeatureFrame), so a
+    // 1 mm slab resampled to 3 mm for its features keeps its 12 mm and 6 mm levels
+    let min = |g: &registration::Grid| g.spacing().iter().cloned().fold(f64::INFINITY, f64::min);
+    let working = FeatureFrame::for_images(&[pair.fixed, pair.moving]).spacing.unwrap_or(min(&pair.fixed.grid));
+    let config = config_for_features(config, working, &pair.fixed_features.grid);
     let reg = register(
         pair.fixed_features,
         pair.moving_features,
@@ -474,16 +478,17 @@ pub fn align(
     Ok(Aligned { registration: reg, init_search, init_translation_mm: init_t, runtime_s: runtime, config })
 }
 
-/// The pyramid's shrink factors apply to the feature grid. Features that already lie on a coarser
-/// grid than the image (OBELISK: stride 4) would otherwise be shrunk twice, down to a handful of
-/// voxels, so the factors are divided by the features' own stride.
+/// The pyramid's shrink factors apply to the feature grid. Features that lie on a coarser grid
+/// than the image they were computed from (OBELISK: stride 4) would otherwise be shrunk twice,
+/// down to a handful of voxels, so the factors are divided by the features' own stride over
+/// `working_mm`, the spacing of that image.
 pub fn config_for_features(
     config: &RegistrationConfig,
-    image: &registration::Grid,
+    working_mm: f64,
     features: &registration::Grid,
 ) -> RegistrationConfig {
     let min = |g: &registration::Grid| g.spacing().iter().cloned().fold(f64::INFINITY, f64::min);
-    let stride = (min(features) / min(image)).round().max(1.0) as usize;
+    let stride = (min(features) / working_mm).round().max(1.0) as usize;
     let mut c = config.clone();
     c.affine_shrink = (c.affine_shrink / stride).max(1);
     for l in &mut c.levels {

@@ -49,8 +49,8 @@ pub struct RegistrationConfig {
     /// Stop a level when the loss improved by less than this fraction over 10 iterations.
     pub tolerance: f64,
     /// Optimise a stationary velocity field and use its exponential (scaling and squaring) as
-    /// the displacement, so the deformable part cannot fold; default off (the plain
-    /// displacement converges faster and rarely folds with the default penalties).
+    /// the displacement, so the deformable part cannot fold; default on (the plain displacement
+    /// folded 1–2 % of the voxels on real inter-subject pairs, for the same Dice).
     pub diffeomorphic: bool,
     /// Squarings of the exponential: the velocity is divided by `2^steps`; default 6.
     pub squaring_steps: usize,
@@ -71,7 +71,7 @@ impl Default for RegistrationConfig {
             learning_rate: 0.3,
             tolerance: 1e-4,
             adam_epsilon: 0.1,
-            diffeomorphic: false,
+            diffeomorphic: true,
             squaring_steps: 6,
         }
     }

@@ -90,9 +90,13 @@ pub struct RegOptions {
     /// Maximum iterations per deformable level.
     #[arg(long)]
     pub iterations: Option<usize>,
-    /// Optimise a stationary velocity field and warp with its exponential (scaling and
-    /// squaring): the deformable part cannot fold.
+    /// Optimise the displacement itself instead of a stationary velocity field whose exponential
+    /// (scaling and squaring) is the displacement (the default, which cannot fold): a little
+    /// faster, but it folded up to 2 % of the voxels on the real TotalSegmentator pairs.
     #[arg(long)]
+    pub displacement: bool,
+    /// The default (kept for scripts written when it was an option).
+    #[arg(long, hide = true, conflicts_with = "displacement")]
     pub diffeomorphic: bool,
 }
 
@@ -107,6 +111,7 @@ impl Default for RegOptions {
             diffusion: c.diffusion,
             affine_iterations: c.affine_iterations,
             iterations: None,
+            displacement: false,
             diffeomorphic: false,
         }
     }
@@ -126,7 +131,7 @@ impl RegOptions {
             smoothness: self.smoothness,
             diffusion: self.diffusion,
             affine_iterations: self.affine_iterations,
-            diffeomorphic: self.diffeomorphic,
+            diffeomorphic: !self.displacement,
             ..Default::default()
         };
         if let Some(n) = self.iterations {
