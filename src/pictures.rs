@@ -188,6 +188,9 @@ type Area<'a> = DrawingArea<BitMapBackend<'a>, Shift>;
 
 fn title(area: &Area, text: &str) {
     let style = (FONT, 15).into_font().color(&WHITE);
+    // a dark backdrop: white text must stay readable over a light panel (the Jacobian map)
+    let (w, _) = area.estimate_text_size(text, &style).unwrap_or((8 * text.len() as u32, 15));
+    let _ = area.draw(&Rectangle::new([(2, 2), (w as i32 + 10, 22)], RGBColor(20, 20, 20).filled()));
     let _ = area.draw(&Text::new(text.to_string(), (6, 4), style));
 }
 
@@ -287,7 +290,8 @@ fn draw_colour_bar(area: &Area) {
     for y in y0..=y1 {
         let t = 1.0 - 2.0 * (y - y0) as f32 / (y1 - y0) as f32; // +1 top, −1 bottom
         let c = jacobian_colour(2f32.powf(t));
-        let _ = area.draw(&Rectangle::new([(x0, y), (x1, y)], c.filled()));
+        // one pixel row each: a rectangle needs a height of 1, [(x0, y), (x1, y)] draws nothing
+        let _ = area.draw(&Rectangle::new([(x0, y), (x1, y + 1)], c.filled()));
     }
     let font = (FONT, 13).into_font().color(&WHITE);
     for (t, label) in [(1.0f32, "≥2"), (0.0, "1"), (-1.0, "≤½")] {
@@ -500,4 +504,23 @@ pub fn summary_sheet(s: &Summary, spec: SliceSpec) -> Result<RgbImage> {
         draw_losses(&wide, s.losses)?;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use registration::Grid;
+
+    use super::*;
+
+    /// The colour bar is drawn: its column runs from red (top) through white to blue (bottom).
+    #[test]
+    fn jacobian_picture_has_a_colour_bar() {
+        let grid = Grid::from_spacing([8, 8, 8], [1.0; 3], [0.0; 3]).unwrap();
+        let jac = Volume::new(grid, 1, vec![1.0; 512]).unwrap();
+        let img = jacobian_picture(&jac, SliceSpec { axis: Axis::Axial, index: None }).unwrap();
+        let x = PANEL.0 + 90 - 61; // the middle of the bar (x0 = width − 70, x1 = width − 52)
+        let (top, bottom) = (img.get_pixel(x, 32).0, img.get_pixel(x, PANEL.1 - 62).0);
+        assert!(top[0] > 200 && top[2] < 120, "top of the bar {top:?}");
+        assert!(bottom[2] > 200 && bottom[0] < 120, "bottom of the bar {bottom:?}");
+    }
 }
