@@ -280,14 +280,18 @@ impl ObeliskNet {
         let (b, _, d, h, w) = smoothed.dims5()?;
         let size = self.cfg.grid_size([d, h, w]);
         let n: usize = size.iter().product();
-        let grid = regular_grid(size, smoothed.dtype(), smoothed.device())?.unsqueeze(0)?.broadcast_as((b, n, 3))?;
-        let chunk = if train { n } else { EVAL_CHUNK };
-        let mut parts = Vec::new();
-        for s in (0..n).step_by(chunk) {
-            let pts = grid.narrow(1, s, chunk.min(n - s))?.contiguous()?;
-            parts.push(eval_detach(f(&self.sample_points(smoothed, &pts, None)?)?, train));
-        }
-        let y = Tensor::cat(&parts, 2)?;
+        let y = if train {
+            let grid =
+                regular_grid(size, smoothed.dtype(), smoothed.device())?.unsqueeze(0)?.broadcast_as((b, n, 3))?;
+            f(&self.sample_points(smoothed, &grid.contiguous()?, None)?)?
+        } else {
+            let mut parts = Vec::new();
+            for s in (0..n).step_by(EVAL_CHUNK) {
+                let h = self.obelisk.forward_grid_run(smoothed, size, s, EVAL_CHUNK.min(n - s))?;
+                parts.push(f(&h)?.detach());
+            }
+            Tensor::cat(&parts, 2)?
+        };
         let c = y.dim(1)?;
         y.reshape((b, c, size[0], size[1], size[2]))
     }

@@ -11,9 +11,9 @@ use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::nn::{Conv3d, Conv3dConfig};
-use crate::ops::kernel_sample;
 #[cfg(test)]
 use crate::ops::{grid_sample, Interpolation, Padding};
+use crate::ops::{kernel_sample, kernel_sample_grid};
 
 /// Options of [`ObeliskLayer`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -109,6 +109,23 @@ impl ObeliskLayer {
     /// Layer output at arbitrary points: `(B, P, 3)` → `(B, out_channels, P)`.
     pub fn forward_points(&self, x: &Tensor, points: &Tensor, affine: Option<&Tensor>) -> candle_core::Result<Tensor> {
         self.conv.forward_points(&self.sample(x, points, affine)?)
+    }
+
+    /// Layer output at the points `start..start + len` (raster order) of the regular grid of
+    /// `size = (d, h, w)`, `(B, out_channels, len)`: inference only (no gradient), several times
+    /// cheaper per sample than [`Self::forward_points`] at those points.
+    pub fn forward_grid_run(
+        &self,
+        x: &Tensor,
+        size: [usize; 3],
+        start: usize,
+        len: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (_, c, _, _, _) = x.dims5()?;
+        if c != self.cfg.in_channels {
+            candle_core::bail!("obelisk: input {:?} does not match the layer", x.dims())
+        }
+        self.conv.forward_points(&kernel_sample_grid(x, size, start, len, &self.offsets, self.cfg.binary)?)
     }
 
     /// Layer output on a regular grid of `size = (d, h, w)`: `(B, out_channels, d, h, w)`.

@@ -11,7 +11,7 @@ pub use axis::{
     avg_pool3d, bspline_smooth3d, resize, resize_trilinear, resize_trilinear_aligned, AxisOperator, Boundary,
 };
 pub use conv3d::{conv3d, unfold3d, ConvGeometry};
-pub use kernel_sample::kernel_sample;
+pub use kernel_sample::{kernel_sample, kernel_sample_grid};
 pub use sample::{grid_sample, sample_point, Dims, Interpolation, Padding};
 
 pub(crate) fn bail<T>(msg: impl Into<String>) -> candle_core::Result<T> {

@@ -37,7 +37,7 @@ pub enum Padding {
 /// volume keeps a valid index with zero weight, so the gather loops have a fixed trip count and
 /// no branches (the volume must hold finite values, which the readers guarantee).
 #[derive(Clone, Copy)]
-struct Taps<T> {
+pub(crate) struct Taps<T> {
     idx: [usize; 2],
     w: [T; 2],
     dw: [T; 2],
@@ -82,7 +82,7 @@ fn floor<T: Real>(v: T) -> T {
 }
 
 #[inline(always)]
-fn axis_taps<T: Real>(x: T, len: usize, interp: Interpolation, pad: Padding) -> Taps<T> {
+pub(crate) fn axis_taps<T: Real>(x: T, len: usize, interp: Interpolation, pad: Padding) -> Taps<T> {
     let (zero, one) = (T::zero(), T::one());
     let last = T::of_i64(len as i64 - 1);
     // strictly inside, every padding mode agrees: the common case takes no other branch
@@ -284,7 +284,7 @@ fn gather_into<T: Real>(vol: &[T], dims: Dims, taps: &[Taps<T>; 3], out: &mut [T
 }
 
 #[inline]
-fn gather<T: Real>(vol: &[T], dims: Dims, taps: &[Taps<T>; 3]) -> T {
+pub(crate) fn gather<T: Real>(vol: &[T], dims: Dims, taps: &[Taps<T>; 3]) -> T {
     let mut acc = [T::zero()];
     gather_into(vol, dims, taps, &mut acc);
     acc[0]

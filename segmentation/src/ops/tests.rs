@@ -429,3 +429,26 @@ fn kernel_sample_matches_grid_sample_composition_and_gradients() {
     assert!(kernel_sample(&x, &pts, &t(rand_vec(9, 1), &[3, 3]), None, true).is_err(), "odd S for binary");
     assert!(kernel_sample(&x, &points(1, p, 1.0, 2), &off, None, true).is_err(), "batch mismatch");
 }
+
+/// The grid fast path gives exactly the values of the general op at the grid's points, for any
+/// run of them, with offsets that reach outside the volume (zero padding).
+#[test]
+fn kernel_sample_grid_equals_kernel_sample_on_the_grid() {
+    let (b, c, s) = (2, 2, 6);
+    let x = volume(b, c, 4, 5, 6);
+    let off = t(rand_vec(s * 3, 21).into_iter().map(|v| 0.8 * v).collect(), &[s, 3]);
+    let size = [3, 4, 5];
+    let n: usize = size.iter().product();
+    let grid = crate::obelisk::regular_grid(size, DType::F64, &Device::Cpu).unwrap();
+    for binary in [true, false] {
+        for (start, len) in [(0, n), (7, 23), (n - 1, 1)] {
+            let pts = grid.narrow(0, start, len).unwrap().unsqueeze(0).unwrap().broadcast_as((b, len, 3)).unwrap();
+            let want = kernel_sample(&x, &pts, &off, None, binary).unwrap();
+            let got = kernel_sample_grid(&x, size, start, len, &off, binary).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            assert_eq!(diff, 0.0, "binary {binary}, points {start}..{}", start + len);
+        }
+    }
+    assert!(kernel_sample_grid(&x, size, n - 1, 2, &off, true).is_err(), "run past the grid");
+}
