@@ -24,6 +24,11 @@ pub struct Cli {
     /// there); progress and messages are hidden as with --quiet.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Seed of the random number generators: the synthetic data of `synth` (default 0) and
+    /// `demo` (default 7), weight initialisation and sampling of `train` (default 0). The other
+    /// commands draw no random numbers and give byte-identical outputs without it.
+    #[arg(long, global = true)]
+    pub seed: Option<u64>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -97,12 +102,21 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Register(args) => register::run(args, out),
         Command::Propagate(args) => propagate::run(args, out),
         Command::Features(args) => features::run(args, out),
-        Command::Synth(args) => synth::run(args, out),
+        Command::Synth(mut args) => {
+            args.seed = cli.seed.unwrap_or(args.seed);
+            synth::run(args, out)
+        }
         Command::Eval(args) => tools::eval(args, out),
         Command::Grid(args) => tools::grid(args, out),
-        Command::Demo(args) => tools::demo(args, out),
+        Command::Demo(mut args) => {
+            args.seed = cli.seed.unwrap_or(args.seed);
+            tools::demo(args, out)
+        }
         Command::View(args) => tools::view(args, out),
-        Command::Train(args) => train::train(args, out),
+        Command::Train(mut args) => {
+            args.seed = cli.seed.unwrap_or(args.seed);
+            train::train(args, out)
+        }
         Command::Segment(args) => train::segment(args, out),
     }
 }

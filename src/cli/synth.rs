@@ -37,8 +37,8 @@ pub struct SynthArgs {
     /// Number of registration pairs with known ground-truth fields.
     #[arg(long, default_value_t = 0)]
     pub pairs: usize,
-    /// Cohort seed: the same seed gives byte-identical files.
-    #[arg(long, default_value_t = 0)]
+    /// Cohort seed, from the global `--seed` (default 0): the same seed gives byte-identical files.
+    #[arg(skip = 0u64)]
     pub seed: u64,
     /// Grid size nx,ny,nz.
     #[arg(long, value_delimiter = ',', default_values_t = [96usize, 96, 96])]

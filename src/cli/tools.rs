@@ -29,8 +29,8 @@ pub struct DemoArgs {
     /// Output folder.
     #[arg(long, default_value = "obelisk-demo")]
     pub out: PathBuf,
-    /// Seed of the generated pair.
-    #[arg(long, default_value_t = 7)]
+    /// Seed of the generated pair, from the global `--seed` (default 7).
+    #[arg(skip = 7u64)]
     pub seed: u64,
     /// Overwrite the outputs of an earlier demo.
     #[arg(long)]

@@ -58,8 +58,9 @@ pub struct TrainArgs {
     /// Training iterations (batches).
     #[arg(long, default_value_t = 200)]
     pub iterations: usize,
-    /// Seed of the weight initialisation and of the sampling of training points.
-    #[arg(long, default_value_t = 0)]
+    /// Seed of the weight initialisation and of the sampling of training points, from the
+    /// global `--seed` (default 0).
+    #[arg(skip = 0u64)]
     pub seed: u64,
     /// K-fold cross-validation before the final training (2 ≤ K ≤ number of subjects).
     #[arg(long)]
