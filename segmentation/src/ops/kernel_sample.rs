@@ -74,6 +74,21 @@ impl KernelSample {
     }
 }
 
+/// One sampling position: `point + A · offset` (no warp: `point + offset`). Forward and backward
+/// both go through it, so they see the same position to the last bit.
+#[inline(always)]
+fn kernel_position<T: Float>(pt: &[T], a: Option<&[T]>, o: &[T]) -> [T; 3] {
+    let mut c = [T::zero(); 3];
+    for r in 0..3 {
+        let warped = match a {
+            Some(a) => a[3 * r] * o[0] + a[3 * r + 1] * o[1] + a[3 * r + 2] * o[2],
+            None => o[r],
+        };
+        c[r] = pt[r] + warped;
+    }
+    c
+}
+
 /// All sampling coordinates, `(B, P, S, 3)` flattened: `points[b, p] + A[b, p] · offsets[s]`.
 fn coordinates<T: Float + Send + Sync>(g: Geometry, points: &[T], offsets: &[T], affine: Option<&[T]>) -> Vec<T> {
     let mut out = vec![T::zero(); g.b * g.p * g.s * 3];
@@ -81,13 +96,7 @@ fn coordinates<T: Float + Send + Sync>(g: Geometry, points: &[T], offsets: &[T],
         let pt = &points[3 * bp..3 * bp + 3];
         let a = affine.map(|a| &a[9 * bp..9 * bp + 9]);
         for (o, dst) in offsets.chunks_exact(3).zip(row.chunks_exact_mut(3)) {
-            for r in 0..3 {
-                let warped = match a {
-                    Some(a) => a[3 * r] * o[0] + a[3 * r + 1] * o[1] + a[3 * r + 2] * o[2],
-                    None => o[r],
-                };
-                dst[r] = pt[r] + warped;
-            }
+            dst.copy_from_slice(&kernel_position(pt, a, o));
         }
     });
     out
@@ -119,18 +128,7 @@ fn forward_rows<T: Real>(
             let bp = bi * g.p + p;
             let pt = &points[3 * bp..3 * bp + 3];
             let a = affine.map(|a| &a[9 * bp..9 * bp + 9]);
-            // the same arithmetic as `coordinates`, so forward and backward see one position
-            let at = |o: &[T]| {
-                let mut c = [T::zero(); 3];
-                for r in 0..3 {
-                    let warped = match a {
-                        Some(a) => a[3 * r] * o[0] + a[3 * r + 1] * o[1] + a[3 * r + 2] * o[2],
-                        None => o[r],
-                    };
-                    c[r] = pt[r] + warped;
-                }
-                to_voxel(&c, half)
-            };
+            let at = |o: &[T]| to_voxel(&kernel_position(pt, a, o), half);
             let mut v = sample_point(vol, g.dims, at(first), lin, pad);
             if let Some(second) = second {
                 v = v - sample_point(vol, g.dims, at(second), lin, pad);
