@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use registration::engine::{register, Registration, RegistrationConfig};
+use registration::engine::{affine_stage, register, Registration, RegistrationConfig};
 use registration::features::{FeatureExtractor, IntensityFeatures, MindConfig, MindSsc};
 use registration::init::{search_translation, SearchConfig, SearchResult, SearchScore};
 use registration::metrics::{dice_per_label_masked, jacobian, RegistrationMetrics};
@@ -141,6 +141,11 @@ pub struct RegisterSummary {
     pub dice_before: Option<f64>,
     /// Mean Dice after the initialisation (translation only), before any optimisation.
     pub dice_after_init: Option<f64>,
+    /// Mean Dice after the affine stage, before the deformable ones.
+    pub dice_after_affine: Option<f64>,
+    /// The search's starts the affine stage was run from and the loss each ended at; the
+    /// lowest was kept (`init_translation_mm`).
+    pub affine_starts: Vec<AffineStart>,
     /// Where Dice (and HD95) are counted.
     pub dice_scope: &'static str,
     /// Label ids present in both label maps: the structures evaluated.
@@ -258,7 +263,8 @@ impl RegisterJob {
             &mut progress,
         )?;
         runtime.extend(aligned.runtime_s);
-        let Aligned { registration: reg, init_search, init_translation_mm: init_t, config, .. } = aligned;
+        let Aligned { registration: reg, init_search, init_translation_mm: init_t, affine_starts, config, .. } =
+            aligned;
 
         let t3 = Instant::now();
         let warped = warp_volume(&self.moving, &reg.field, Interpolation::Linear, Padding::Extent);
@@ -270,12 +276,18 @@ impl RegisterJob {
             (Some(f), Some(m)) => Some(Evaluation::new(f, m)),
             _ => None,
         };
-        let (mut dice_before, mut dice_after_init) = (None, None);
+        let (mut dice_before, mut dice_after_init, mut dice_after_affine) = (None, None, None);
         if let Some(e) = &eval {
             dice_before = e.mean_dice(&identity, &self.moving.grid)?;
-            let start = DenseDisplacement::zeros(self.fixed.grid.clone(), &candle_core::Device::Cpu)?
-                .to_field(&Affine::translation(init_t), &self.fixed.grid)?;
-            dice_after_init = e.mean_dice(&start, &self.moving.grid)?;
+            let through = |a: &Affine| -> Result<Option<f64>> {
+                let f = DenseDisplacement::zeros(self.fixed.grid.clone(), &candle_core::Device::Cpu)?
+                    .to_field(a, &self.fixed.grid)?;
+                e.mean_dice(&f, &self.moving.grid)
+            };
+            dice_after_init = through(&Affine::translation(init_t))?;
+            if reg.stages.iter().any(|s| s.name == "affine") {
+                dice_after_affine = through(&reg.affine)?;
+            }
         }
         let metrics = match (&eval, &warped_labels) {
             // nearest-neighbour warping commutes with dropping labels: restrict, do not warp again
@@ -381,6 +393,8 @@ impl RegisterJob {
             init_search,
             dice_before,
             dice_after_init,
+            dice_after_affine,
+            affine_starts,
             dice_scope: if eval.is_some() { DICE_SCOPE } else { "no label maps given" },
             shared_labels: eval.map(|e| e.shared).unwrap_or_default(),
             overlap_fraction,
@@ -421,10 +435,39 @@ pub struct Aligned {
     pub registration: Registration,
     pub init_search: Option<SearchResult>,
     pub init_translation_mm: [f64; 3],
+    /// The search's starts the affine stage was run from, with its final loss; empty where
+    /// there was one start.
+    pub affine_starts: Vec<AffineStart>,
     /// "initialisation" and "optimisation" seconds.
     pub runtime_s: BTreeMap<String, f64>,
     /// The configuration as run (shrink factors adapted to the feature grid).
     pub config: RegistrationConfig,
+}
+
+/// How many of the translation search's distinct starts the affine stage is run from.
+const AFFINE_STARTS: usize = 3;
+
+/// A start of the affine stage and the loss the stage ended at.
+#[derive(Debug, Clone, Serialize)]
+pub struct AffineStart {
+    pub translation_mm: [f64; 3],
+    pub affine_loss: f64,
+}
+
+/// The search's result first, then its other refined candidates that lie more than a coarse
+/// voxel (10 mm) from every start kept, up to `n` in all.
+fn distinct_starts(r: &SearchResult, n: usize) -> Vec<[f64; 3]> {
+    let far = SearchConfig::default().coarse_mm;
+    let mut v = vec![r.translation_mm];
+    for (t, _) in &r.candidates {
+        if v.len() >= n {
+            break;
+        }
+        if v.iter().all(|s| (0..3).map(|a| (s[a] - t[a]).powi(2)).sum::<f64>().sqrt() > far) {
+            v.push(*t);
+        }
+    }
+    v
 }
 
 /// Places the moving image (`init`) and optimises the transform on precomputed features; the
@@ -439,6 +482,7 @@ pub fn align(
     let t1 = Instant::now();
     progress(RegEvent::Step("initialisation"));
     let mut init_search = None;
+    let mut starts = Vec::new();
     let init = match init {
         InitKind::None => Affine::default(),
         InitKind::Com => {
@@ -449,15 +493,19 @@ pub fn align(
             let r = match (init, pair.labels) {
                 (InitKind::Labels, Some((f, m))) => label_start(f, m)?,
                 (InitKind::Labels, None) => anyhow::bail!("--init labels needs the label maps of both images"),
-                _ => search_translation(pair.fixed_features, pair.moving_features, &SearchConfig::default())
-                    .context("translation search (--init com or --init none skip it)")?,
+                _ => {
+                    let r = search_translation(pair.fixed_features, pair.moving_features, &SearchConfig::default())
+                        .context("translation search (--init com or --init none skip it)")?;
+                    starts = distinct_starts(&r, AFFINE_STARTS);
+                    r
+                }
             };
             let t = Affine::translation(r.translation_mm);
             init_search = Some(r);
             t
         }
     };
-    let init_t = [init.matrix[(0, 3)], init.matrix[(1, 3)], init.matrix[(2, 3)]];
+    let mut init_t = [init.matrix[(0, 3)], init.matrix[(1, 3)], init.matrix[(2, 3)]];
     runtime.insert("initialisation".to_string(), t1.elapsed().as_secs_f64());
 
     let t2 = Instant::now();
@@ -466,16 +514,56 @@ pub fn align(
     let min = |g: &registration::Grid| g.spacing().iter().cloned().fold(f64::INFINITY, f64::min);
     let working = FeatureFrame::for_images(&[pair.fixed, pair.moving]).spacing.unwrap_or(min(&pair.fixed.grid));
     let config = config_for_features(config, working, &pair.fixed_features.grid);
-    let reg = register(
+    // The translation search ranks starts on 7–10 mm maps and by translation alone; patients
+    // lying differently can put the right start second. The affine stage run from each of the
+    // search's best distinct starts, scored by its final loss, settles it at little cost (the
+    // affine stage is a small part of a registration).
+    let mut affine_starts = Vec::new();
+    let mut pre = None;
+    if starts.len() > 1 && config.affine_iterations > 0 {
+        for &t in &starts {
+            let a = affine_stage(
+                pair.fixed_features,
+                pair.moving_features,
+                &Affine::translation(t),
+                &config,
+                |_: &str, _: usize, _: f64| {},
+            )?;
+            affine_starts.push(AffineStart { translation_mm: t, affine_loss: a.report.final_loss });
+            if pre
+                .as_ref()
+                .is_none_or(|p: &registration::engine::AffineOutcome| a.report.final_loss < p.report.final_loss)
+            {
+                init_t = t;
+                pre = Some(a);
+            }
+        }
+    }
+    let (start, run_config) = match &pre {
+        Some(a) => (a.affine.clone(), RegistrationConfig { affine_iterations: 0, ..config.clone() }),
+        None => (init, config.clone()),
+    };
+    let mut reg = register(
         pair.fixed_features,
         pair.moving_features,
         &pair.fixed.grid,
-        &init,
-        &config,
+        &start,
+        &run_config,
         |stage: &str, iteration: usize, loss: f64| progress(RegEvent::Iteration { stage, iteration, loss }),
     )?;
+    if let Some(a) = pre {
+        reg.stages.insert(0, a.report);
+        reg.losses.splice(0..0, a.losses);
+    }
     runtime.insert("optimisation".to_string(), t2.elapsed().as_secs_f64());
-    Ok(Aligned { registration: reg, init_search, init_translation_mm: init_t, runtime_s: runtime, config })
+    Ok(Aligned {
+        registration: reg,
+        init_search,
+        init_translation_mm: init_t,
+        affine_starts,
+        runtime_s: runtime,
+        config,
+    })
 }
 
 /// The pyramid's shrink factors apply to the feature grid. Features that lie on a coarser grid
@@ -513,6 +601,25 @@ mod tests {
 
     fn image(shape: [usize; 3], spacing: [f64; 3]) -> Volume {
         Volume::zeros(Grid::from_spacing(shape, spacing, [0.0; 3]).unwrap())
+    }
+
+    #[test]
+    fn distinct_starts_keep_the_best_and_skip_near_duplicates() {
+        let r = SearchResult {
+            translation_mm: [0.0, 0.0, 1.0],
+            score: 0.1,
+            overlap_fraction: 1.0,
+            candidates: vec![
+                ([0.0, 0.0, 0.0], 0.1),
+                ([0.0, 0.0, 9.0], 0.2),
+                ([0.0, 30.0, 0.0], 0.3),
+                ([0.0, 31.0, 0.0], 0.4),
+                ([40.0, 0.0, 0.0], 0.5),
+            ],
+            evaluations: 0,
+        };
+        assert_eq!(distinct_starts(&r, 3), vec![[0.0, 0.0, 1.0], [0.0, 30.0, 0.0], [40.0, 0.0, 0.0]]);
+        assert_eq!(distinct_starts(&r, 1), vec![[0.0, 0.0, 1.0]]);
     }
 
     #[test]

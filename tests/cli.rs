@@ -121,11 +121,20 @@ fn register_eval_grid_and_warp_work_together() {
     // the default initialisation is the translation search; fixed and moving share a grid here
     let search = &summary["init_search"];
     assert!(search["overlap_fraction"].as_f64().unwrap() > 0.9, "{search}");
-    for a in 0..3 {
-        let t = search["translation_mm"][a].as_f64().unwrap();
-        assert!(t.abs() <= 14.0, "search offset {search}");
-        assert_eq!(summary["init_translation_mm"][a].as_f64().unwrap(), t);
+    // the start kept is the search's best or one of its other candidates: the one the affine
+    // stage ended lowest from
+    let starts = summary["affine_starts"].as_array().unwrap();
+    let chosen: Vec<f64> = (0..3).map(|a| summary["init_translation_mm"][a].as_f64().unwrap()).collect();
+    assert!(chosen.iter().all(|t| t.abs() <= 14.0), "start {summary}");
+    if starts.is_empty() {
+        assert_eq!(summary["init_translation_mm"], search["translation_mm"]);
+    } else {
+        assert_eq!(starts[0]["translation_mm"], search["translation_mm"]);
+        let loss = |s: &serde_json::Value| s["affine_loss"].as_f64().unwrap();
+        let best = starts.iter().min_by(|a, b| loss(a).total_cmp(&loss(b))).unwrap();
+        assert_eq!(best["translation_mm"], summary["init_translation_mm"], "{summary}");
     }
+    assert!(summary["dice_after_affine"].as_f64().is_some(), "{summary}");
     let fixed_img = io::read_image(&fixed).unwrap();
     let field = io::read_field(&reg.join("field.nii.gz")).unwrap();
     assert!(field.grid.same_as(&fixed_img.grid, 1e-4));
@@ -159,7 +168,10 @@ fn register_eval_grid_and_warp_work_together() {
         "--json",
     ]);
     let ev: serde_json::Value = serde_json::from_str(&ev).unwrap();
-    assert!((ev["mean_dice"].as_f64().unwrap() - summary["metrics"]["mean_dice"].as_f64().unwrap()).abs() < 1e-9);
+    assert!(
+        (ev["mean_dice"].as_f64().unwrap() - summary["metrics"]["mean_dice"].as_f64().unwrap()).abs() < 1e-9,
+        "eval {ev} register {summary}"
+    );
 
     // warp with the written field reproduces register's warped labels
     let relabel = dir.path().join("relabel.nii.gz");
@@ -310,11 +322,12 @@ fn register_slab(out: &Path, slab: &Path, whole: &Path, extra: &[&str]) -> serde
         s(out),
         "--iterations",
         "5",
-        "--affine-iterations",
-        "0",
         "--no-pictures",
         "--json",
     ];
+    if !extra.contains(&"--affine-iterations") {
+        args.extend_from_slice(&["--affine-iterations", "0"]);
+    }
     args.extend_from_slice(extra);
     serde_json::from_str(&ok(&args)).unwrap()
 }
@@ -324,14 +337,19 @@ fn register_slab(out: &Path, slab: &Path, whole: &Path, extra: &[&str]) -> serde
 fn register_places_a_slab_with_an_unrelated_header() {
     let dir = tempfile::tempdir().unwrap();
     let (slab, _, whole, _, shift_lps, spacing) = slab_case(dir.path());
-    let summary = register_slab(&dir.path().join("reg_slab"), &slab, &whole, &[]);
+    let summary = register_slab(&dir.path().join("reg_slab"), &slab, &whole, &["--affine-iterations", "20"]);
     let search = &summary["init_search"];
     assert!(search["overlap_fraction"].as_f64().unwrap() > 0.9, "{search}");
     for a in 0..3 {
         // slab point x shows the subject's anatomy at x − shift
         let t = search["translation_mm"][a].as_f64().unwrap();
         assert!((t + shift_lps[a]).abs() <= spacing[a], "axis {a}: {search}");
+        // scoring the search's other candidates by the affine stage keeps the right one
+        let kept = summary["init_translation_mm"][a].as_f64().unwrap();
+        assert!((kept + shift_lps[a]).abs() <= spacing[a], "axis {a}: {summary}");
     }
+    let starts = summary["affine_starts"].as_array().unwrap();
+    assert!((2..=3).contains(&starts.len()), "{summary}");
 }
 
 /// `--init labels` lines up the shared structures, and Dice is reported over the structures

@@ -265,12 +265,7 @@ fn trilinear(data: &[f32], shape: [usize; 3], channels: usize, q: [f64; 3], out:
 /// Feature volumes may lie on any grids, far apart in the world; they must have the same
 /// number of channels. Errs if no translation gives the required overlap.
 pub fn search_translation(fixed_feat: &Volume, moving_feat: &Volume, cfg: &SearchConfig) -> Result<SearchResult> {
-    if fixed_feat.channels != moving_feat.channels {
-        return Err(Error::Registration(format!(
-            "fixed features have {} channels, moving {}",
-            fixed_feat.channels, moving_feat.channels
-        )));
-    }
+    crate::engine::same_channels(fixed_feat, moving_feat)?;
     let positive = |x: f64| x.is_finite() && x > 0.0;
     let valid = positive(cfg.coarse_mm)
         && positive(cfg.fine_mm)

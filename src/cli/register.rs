@@ -325,6 +325,18 @@ fn print_summary(s: &RegisterSummary) {
             r.evaluations
         );
     }
+    for (i, a) in s.affine_starts.iter().enumerate() {
+        let t = a.translation_mm;
+        let kept = if t == s.init_translation_mm { "  (kept)" } else { "" };
+        println!(
+            "  {:<14} offset ({:.1}, {:.1}, {:.1}) mm  affine loss {:.4}{kept}",
+            format!("start {}", i + 1),
+            t[0],
+            t[1],
+            t[2],
+            a.affine_loss
+        );
+    }
     for st in &s.stages {
         println!(
             "  {:<14} {:>4} it  loss {:.4} -> {:.4}  overlap {:>5.1}%  {:.2} s",
@@ -339,10 +351,11 @@ fn print_summary(s: &RegisterSummary) {
     if let Some(a) = s.metrics.mean_dice {
         let f = |d: Option<f64>| d.map_or("-".to_string(), |v| format!("{v:.3}"));
         println!(
-            "mean Dice of {} shared structures inside the overlap: {} before -> {} after init -> {a:.3}",
+            "mean Dice of {} shared structures inside the overlap: {} before -> {} after init -> {} after affine -> {a:.3}",
             s.shared_labels.len(),
             f(s.dice_before),
-            f(s.dice_after_init)
+            f(s.dice_after_init),
+            f(s.dice_after_affine)
         );
     }
     if let Some(e) = &s.metrics.endpoint_error {
