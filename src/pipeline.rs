@@ -144,7 +144,7 @@ pub struct RegisterSummary {
     /// Mean Dice after the affine stage, before the deformable ones.
     pub dice_after_affine: Option<f64>,
     /// The search's starts the affine stage was run from and the loss each ended at; the
-    /// lowest was kept (`init_translation_mm`).
+    /// lowest (by a margin of 1 %; ties keep the search's best) was kept (`init_translation_mm`).
     pub affine_starts: Vec<AffineStart>,
     /// Where Dice (and HD95) are counted.
     pub dice_scope: &'static str,
@@ -447,6 +447,9 @@ pub struct Aligned {
 /// How many of the translation search's distinct starts the affine stage is run from.
 const AFFINE_STARTS: usize = 3;
 
+/// Relative margin by which a later start's affine loss must beat the kept one's.
+const AFFINE_START_MARGIN: f64 = 0.01;
+
 /// A start of the affine stage and the loss the stage ended at.
 #[derive(Debug, Clone, Serialize)]
 pub struct AffineStart {
@@ -530,10 +533,13 @@ pub fn align(
                 |_: &str, _: usize, _: f64| {},
             )?;
             affine_starts.push(AffineStart { translation_mm: t, affine_loss: a.report.final_loss });
-            if pre
-                .as_ref()
-                .is_none_or(|p: &registration::engine::AffineOutcome| a.report.final_loss < p.report.final_loss)
-            {
+            // Another start must end clearly lower: from starts 30 mm apart the affine stage
+            // often converges to the same alignment, and which of two near-equal losses is
+            // lower is then noise; the search's best start is kept for such ties.
+            let kept = pre.as_ref().map_or(f64::INFINITY, |p: &registration::engine::AffineOutcome| {
+                (1.0 - AFFINE_START_MARGIN) * p.report.final_loss
+            });
+            if a.report.final_loss < kept {
                 init_t = t;
                 pre = Some(a);
             }

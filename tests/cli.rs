@@ -131,8 +131,9 @@ fn register_eval_grid_and_warp_work_together() {
     } else {
         assert_eq!(starts[0]["translation_mm"], search["translation_mm"]);
         let loss = |s: &serde_json::Value| s["affine_loss"].as_f64().unwrap();
-        let best = starts.iter().min_by(|a, b| loss(a).total_cmp(&loss(b))).unwrap();
-        assert_eq!(best["translation_mm"], summary["init_translation_mm"], "{summary}");
+        let kept = starts.iter().find(|s| s["translation_mm"] == summary["init_translation_mm"]).expect("kept start");
+        let lowest = starts.iter().map(loss).fold(f64::INFINITY, f64::min);
+        assert!(loss(kept) <= lowest / 0.99, "{summary}");
     }
     assert!(summary["dice_after_affine"].as_f64().is_some(), "{summary}");
     let fixed_img = io::read_image(&fixed).unwrap();
