@@ -29,7 +29,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (mut warped, mut distances) = (Vec::new(), Vec::new());
     for (i, (image, labels)) in subjects.iter().enumerate().skip(1) {
         let af = mind.extract_canonical(image)?;
-        let pair = Pair { fixed: target, moving: image, fixed_features: &tf, moving_features: &af, labels: None };
+        let pair = Pair {
+            fixed: target,
+            moving: image,
+            fixed_features: &tf,
+            moving_features: &af,
+            labels: None,
+            moving_points: None,
+        };
         let aligned = align(pair, InitKind::Com, &config, &mut |_| {})?;
         let field = &aligned.registration.field;
         let w = warp_labels(labels, field);

@@ -76,7 +76,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ff.grid.shape(),
         pair.fixed.grid.shape()
     );
-    let p = Pair { fixed: &pair.fixed, moving: &pair.moving, fixed_features: &ff, moving_features: &mf, labels: None };
+    let p = Pair {
+        fixed: &pair.fixed,
+        moving: &pair.moving,
+        fixed_features: &ff,
+        moving_features: &mf,
+        labels: None,
+        moving_points: None,
+    };
     let aligned = align(p, InitKind::None, &RegistrationConfig::default(), &mut |_| {})?;
     let mean = |d: Vec<(u32, f64)>| d.iter().map(|x| x.1).sum::<f64>() / d.len() as f64;
     let identity = DisplacementField::zeros(pair.fixed.grid.clone());

@@ -65,6 +65,52 @@ impl ObeliskFeatures {
     }
 }
 
+/// OBELISK features of one image computed wherever they are asked for (the paper's exact
+/// registration mode): the per-image work (normalising, smoothing) is done once.
+pub struct ObeliskPointFeatures {
+    inner: Arc<segmentation::FeatureExtractor>,
+    grid: Grid,
+    prepared: Tensor,
+}
+
+impl ObeliskFeatures {
+    /// Point features of `image` (one channel), whose normalised coordinates the points use.
+    /// Pass the image as it was presented to [`FeatureExtractor::extract`] (same voxel order and
+    /// spacing), so that the values at the feature grid's points are those of the maps.
+    pub fn at_points(&self, image: &Volume) -> registration::Result<ObeliskPointFeatures> {
+        if image.channels != 1 {
+            return Err(registration::Error::Data(format!(
+                "OBELISK features need a 1-channel image, got {}",
+                image.channels
+            )));
+        }
+        image.check_finite()?;
+        let (d, h, w) = image.grid.dhw();
+        let x = Tensor::from_slice(&image.data, (1, 1, d, h, w), &Device::Cpu)?;
+        let prepared = self
+            .inner
+            .prepare(&x)
+            .map_err(|e| registration::Error::Data(format!("OBELISK features (model {}): {e}", self.source)))?;
+        Ok(ObeliskPointFeatures { inner: self.inner.clone(), grid: image.grid.clone(), prepared })
+    }
+}
+
+impl registration::engine::PointFeatures for ObeliskPointFeatures {
+    fn grid(&self) -> &Grid {
+        &self.grid
+    }
+
+    fn channels(&self) -> usize {
+        self.inner.spec().channels
+    }
+
+    fn at(&self, points: &Tensor) -> registration::Result<Tensor> {
+        self.inner
+            .features_at_prepared_points(&self.prepared, points)
+            .map_err(|e| registration::Error::Registration(format!("OBELISK point features: {e}")))
+    }
+}
+
 /// The lattice of a feature map of shape `feature_shape` (`[nx, ny, nz]`) computed from an image
 /// on `image`. The network samples its feature grid at `align_corners = true` positions of the
 /// `[-1, 1]` cube, so feature voxel `c` sits at image voxel `c·(N−1)/(n−1)` per axis (and at the
@@ -206,6 +252,34 @@ mod tests {
         let dist = (0..3).map(|a| (at[a] - blob[a]).powi(2)).sum::<f64>().sqrt();
         assert!(dist < 1e-3, "peak at {at:?}, blob at {blob:?}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The exact mode's point features, evaluated at the feature grid's voxels, are the maps
+    /// `extract` computes: same coordinates, same values.
+    #[test]
+    fn point_features_at_the_feature_grid_equal_the_maps() {
+        use registration::engine::PointFeatures;
+        let fe = ObeliskFeatures::embedded().unwrap();
+        let grid = Grid::from_spacing([28, 24, 20], [4.0, 3.0, 5.0], [3.0, -7.0, 2.0]).unwrap();
+        let data = (0..grid.num_voxels()).map(|i| ((i * 7919 % 211) as f32 - 100.0) * 8.0).collect();
+        let img = Volume::new(grid.clone(), 1, data).unwrap();
+        let maps = fe.extract(&img).unwrap();
+        let pf = fe.at_points(&img).unwrap();
+        assert_eq!(pf.channels(), maps.channels);
+        let to_norm = img.grid.matrix(Space::Lps, Space::Normalised) * maps.grid.matrix(Space::Voxel, Space::Lps);
+        let [nx, ny, nz] = maps.grid.shape();
+        let pts: Vec<f32> = (0..nx * ny * nz)
+            .flat_map(|v| {
+                let p = [(v % nx) as f64, ((v / nx) % ny) as f64, (v / (nx * ny)) as f64];
+                registration::grid::apply(&to_norm, p).map(|c| c as f32)
+            })
+            .collect();
+        let n = nx * ny * nz;
+        let at = pf.at(&Tensor::from_vec(pts, (1, n, 3), &Device::Cpu).unwrap()).unwrap();
+        let at: Vec<f32> = at.flatten_all().unwrap().to_vec1().unwrap();
+        let scale = maps.data.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let diff = at.iter().zip(&maps.data).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(diff <= 1e-4 * scale.max(1.0), "max difference {diff} (scale {scale})");
     }
 
     /// The compiled-in model loads and describes an image with the channels and stride its

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use registration::engine::{affine_stage, register, Registration, RegistrationConfig};
+use registration::engine::{affine_stage, register_with, PointFeatures, Registration, RegistrationConfig};
 use registration::features::{FeatureExtractor, IntensityFeatures, MindConfig, MindSsc};
 use registration::init::{search_translation, SearchConfig, SearchResult, SearchScore};
 use registration::metrics::{dice_per_label_masked, jacobian, RegistrationMetrics};
@@ -15,7 +15,7 @@ use registration::{DisplacementField, Labels, Volume};
 use segmentation::ops::{Interpolation, Padding};
 use serde::Serialize;
 
-use crate::features::ObeliskFeatures;
+use crate::features::{ObeliskFeatures, ObeliskPointFeatures};
 use crate::io;
 use crate::pictures::{self, SliceSpec};
 
@@ -75,12 +75,39 @@ impl FeatureFrame {
         Self { spacing: images.iter().map(mean).reduce(f64::max) }
     }
 
+    /// `image` as the extractor sees it in this frame: resampled if needed, in RAS voxel order.
+    pub fn image(&self, image: &Volume) -> Result<Volume> {
+        Ok(match self.spacing {
+            Some(s) => image.with_spacing(s)?.to_canonical(),
+            None => image.to_canonical(),
+        })
+    }
+
     /// Features of `image` in this frame.
     pub fn extract(&self, extractor: &dyn FeatureExtractor, image: &Volume) -> Result<Volume> {
-        Ok(match self.spacing {
-            Some(s) => extractor.extract_canonical(&image.with_spacing(s)?)?,
-            None => extractor.extract_canonical(image)?,
-        })
+        Ok(extractor.extract(&self.image(image)?)?)
+    }
+
+    /// The exact mode's point features of `image` in this frame (`exact` set), from `model` or
+    /// the embedded model.
+    pub fn point_features(
+        &self,
+        exact: bool,
+        model: Option<&ObeliskFeatures>,
+        image: &Volume,
+    ) -> Result<Option<ObeliskPointFeatures>> {
+        if !exact {
+            return Ok(None);
+        }
+        let embedded;
+        let m = match model {
+            Some(m) => m,
+            None => {
+                embedded = ObeliskFeatures::embedded()?;
+                &embedded
+            }
+        };
+        Ok(Some(m.at_points(&self.image(image)?)?))
     }
 }
 
@@ -114,6 +141,8 @@ pub struct RegisterJob {
     pub features: FeatureKind,
     /// The trained model behind [`FeatureKind::Obelisk`], loaded while validating.
     pub model: Option<ObeliskFeatures>,
+    /// Deformable levels evaluate the model at the sampled points (`--exact`).
+    pub exact: bool,
     pub init: InitKind,
     pub config: RegistrationConfig,
     pub pictures: bool,
@@ -130,6 +159,8 @@ pub struct RegisterSummary {
     pub features: FeatureKind,
     /// The model behind OBELISK features: its folder, or the embedded default model.
     pub model: Option<String>,
+    /// Whether the deformable levels evaluated the model at the sampled points (`--exact`).
+    pub exact: bool,
     /// The common isotropic spacing both images were resampled to for their features, when
     /// their spacings differ ([`FeatureFrame`]).
     pub feature_spacing_mm: Option<f64>,
@@ -248,6 +279,9 @@ impl RegisterJob {
         let mf = frame
             .extract(extractor.as_ref(), &self.moving)
             .with_context(|| format!("features of {}", self.moving_path.display()))?;
+        let points = frame
+            .point_features(self.exact, self.model.as_ref(), &self.moving)
+            .with_context(|| format!("features of {}", self.moving_path.display()))?;
         runtime.insert("features".to_string(), t0.elapsed().as_secs_f64());
 
         let aligned = align(
@@ -257,6 +291,7 @@ impl RegisterJob {
                 fixed_features: &ff,
                 moving_features: &mf,
                 labels: self.fixed_labels.as_ref().zip(self.moving_labels.as_ref()),
+                moving_points: points.as_ref().map(|p| p as &dyn PointFeatures),
             },
             self.init,
             &self.config,
@@ -387,6 +422,7 @@ impl RegisterJob {
                 }
                 _ => None,
             },
+            exact: self.exact,
             feature_spacing_mm: frame.spacing,
             init: self.init,
             init_translation_mm: init_t,
@@ -428,6 +464,8 @@ pub struct Pair<'a> {
     pub moving_features: &'a Volume,
     /// Fixed and moving label maps, where both are known (needed by [`InitKind::Labels`]).
     pub labels: Option<(&'a Labels, &'a Labels)>,
+    /// The moving features at arbitrary points, for the exact mode (`--exact`).
+    pub moving_points: Option<&'a dyn PointFeatures>,
 }
 
 /// The outcome of [`align`].
@@ -549,9 +587,10 @@ pub fn align(
         Some(a) => (a.affine.clone(), RegistrationConfig { affine_iterations: 0, ..config.clone() }),
         None => (init, config.clone()),
     };
-    let mut reg = register(
+    let mut reg = register_with(
         pair.fixed_features,
         pair.moving_features,
+        pair.moving_points,
         &pair.fixed.grid,
         &start,
         &run_config,

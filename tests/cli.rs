@@ -437,6 +437,17 @@ fn obelisk_features_default_to_the_embedded_model() {
     let field = std::fs::read(embedded.join("field.nii.gz")).unwrap();
     assert_eq!(field, std::fs::read(folder.join("field.nii.gz")).unwrap(), "embedded model != models/default");
 
+    // the paper's exact form: the moving image through the feature layer at the sampled points
+    let exact = dir.path().join("exact");
+    let summary = register(&exact, &["--exact"]);
+    assert_eq!(summary["exact"], true, "{summary}");
+    assert!(summary["metrics"]["mean_dice"].as_f64().unwrap() > 0.3, "{summary}");
+    assert_ne!(field, std::fs::read(exact.join("field.nii.gz")).unwrap(), "--exact changed nothing");
+    #[rustfmt::skip]
+    let err = fails(&["register", "--fixed", &fixed, "--moving", &moving, "--exact", "--out",
+        s(&dir.path().join("reg3"))]);
+    assert!(err.contains("--exact needs --features obelisk"), "{err}");
+
     let missing = dir.path().join("no_model");
     #[rustfmt::skip]
     let err = fails(&["register", "--fixed", &fixed, "--moving", &moving, "--features", "obelisk", "--model",

@@ -114,6 +114,31 @@ struct Level {
     tensor: Tensor,
 }
 
+/// Where a deformable level reads the moving features from.
+enum MovingLevel<'a> {
+    /// The moving maps resized to the level.
+    Maps(Level),
+    /// The features computed at the sampled points.
+    Exact(&'a dyn PointFeatures),
+}
+
+impl MovingLevel<'_> {
+    fn grid(&self) -> &Grid {
+        match self {
+            MovingLevel::Maps(l) => &l.grid,
+            MovingLevel::Exact(e) => e.grid(),
+        }
+    }
+
+    /// Features `(1, C, P)` at normalised points `(1, P, 3)` of [`Self::grid`].
+    fn sample(&self, points: &Tensor) -> Result<Tensor> {
+        match self {
+            MovingLevel::Maps(l) => Ok(grid_sample(&l.tensor, points, Interpolation::Linear, Padding::Border)?),
+            MovingLevel::Exact(e) => e.at(points),
+        }
+    }
+}
+
 fn level_shape(grid: &Grid, shrink: usize) -> [usize; 3] {
     let sp = grid.spacing();
     let smin = sp.iter().cloned().fold(f64::INFINITY, f64::min);
@@ -156,6 +181,18 @@ fn adam(var: &Var, lr: f64) -> Result<AdamW> {
     Ok(AdamW::new(vec![var.clone()], p)?)
 }
 
+/// Moving-image features evaluated wherever the optimiser samples, instead of interpolated from
+/// a precomputed map: the OBELISK paper's exact form, where the moving image itself is resampled
+/// through the feature layer at the displaced coordinates.
+pub trait PointFeatures {
+    /// The image grid whose normalised coordinates [`PointFeatures::at`] takes.
+    fn grid(&self) -> &Grid;
+    fn channels(&self) -> usize;
+    /// Features `(1, C, P)` at normalised points `(1, P, 3)` of [`PointFeatures::grid`],
+    /// differentiable in the points.
+    fn at(&self, points: &Tensor) -> Result<Tensor>;
+}
+
 /// Registers the moving feature maps to the fixed ones, starting from `init`, and returns the
 /// transform as a displacement field on `output_grid` (normally the fixed image's grid).
 ///
@@ -167,9 +204,33 @@ pub fn register(
     output_grid: &Grid,
     init: &Affine,
     cfg: &RegistrationConfig,
+    progress: impl FnMut(&str, usize, f64),
+) -> Result<Registration> {
+    register_with(fixed, moving, None, output_grid, init, cfg, progress)
+}
+
+/// [`register`], with the deformable levels sampling the moving features through `exact` (at
+/// full resolution, at the displaced points) instead of interpolating the moving maps; the
+/// affine stage still uses the maps, whose values `exact` reproduces at their grid points.
+pub fn register_with(
+    fixed: &Volume,
+    moving: &Volume,
+    exact: Option<&dyn PointFeatures>,
+    output_grid: &Grid,
+    init: &Affine,
+    cfg: &RegistrationConfig,
     mut progress: impl FnMut(&str, usize, f64),
 ) -> Result<Registration> {
     same_channels(fixed, moving)?;
+    if let Some(e) = exact {
+        if e.channels() != fixed.channels {
+            return Err(Error::Registration(format!(
+                "fixed features have {} channels, the moving point features {}",
+                fixed.channels,
+                e.channels()
+            )));
+        }
+    }
     let dev = Device::Cpu;
     let mut losses = Vec::new();
     let mut stages = Vec::new();
@@ -187,7 +248,11 @@ pub fn register(
         let t0 = Instant::now();
         let name = format!("deformable-{}", li + 1);
         let fl = pyramid_level(fixed, level_shape(&fixed.grid, level.shrink), &dev)?;
-        let ml = pyramid_level(moving, level_shape(&moving.grid, level.shrink), &dev)?;
+        let ml = match exact {
+            Some(e) => MovingLevel::Exact(e),
+            None => MovingLevel::Maps(pyramid_level(moving, level_shape(&moving.grid, level.shrink), &dev)?),
+        };
+        let moving_grid = ml.grid();
         let cshape = fl.grid.shape().map(|n| n.div_ceil(level.control_shrink.max(1)).max(1));
         let cgrid = fl.grid.resized(cshape);
         let init_u = match &field {
@@ -195,7 +260,7 @@ pub fn register(
             None => DenseDisplacement::zeros(cgrid.clone(), &dev)?,
         };
         let u = Var::from_tensor(&init_u.tensor)?;
-        let plan = SamplingPlan::new(&fl.grid, &ml.grid, &affine, &dev)?;
+        let plan = SamplingPlan::new(&fl.grid, moving_grid, &affine, &dev)?;
         let spacing = fl.grid.spacing().iter().cloned().fold(f64::INFINITY, f64::min);
         let mut opt: Option<AdamW> = None;
         let cspacing = cgrid.spacing().iter().cloned().fold(f64::INFINITY, f64::min);
@@ -214,8 +279,8 @@ pub fn register(
         for it in 0..level.iterations {
             let dense = ops::resize(&displacement(u.as_tensor())?, [d, h, w])?;
             let p = plan.points_for(&dense)?;
-            let mask = overlap_mask(&p.detach(), ml.grid.dhw())?;
-            let warped = grid_sample(&ml.tensor, &p, Interpolation::Linear, Padding::Border)?;
+            let mask = overlap_mask(&p.detach(), moving_grid.dhw())?;
+            let warped = ml.sample(&p)?;
             let sim = masked_l1(&ffeat, &warped, &mask)?;
             let mut loss = (&sim + (penalty.eval(u.as_tensor())? * cfg.smoothness)?)?;
             if cfg.diffusion > 0.0 {
@@ -449,6 +514,56 @@ mod tests {
         let epe = interior_epe(&r.field, |_| t);
         eprintln!("translation EPE {epe}");
         assert!(epe < 1.0, "EPE {epe} mm (voxel 2 mm)");
+    }
+
+    /// The moving image sampled at the points themselves, as an exact feature source.
+    struct Sampled(Volume, Tensor);
+
+    impl PointFeatures for Sampled {
+        fn grid(&self) -> &Grid {
+            &self.0.grid
+        }
+        fn channels(&self) -> usize {
+            self.0.channels
+        }
+        fn at(&self, points: &Tensor) -> Result<Tensor> {
+            Ok(grid_sample(&self.1, points, Interpolation::Linear, Padding::Border)?)
+        }
+    }
+
+    /// Exact sampling of a source that is the moving map itself must give the same registration
+    /// as interpolating the map, when no level downsamples (the maps are then the map itself).
+    #[test]
+    fn exact_mode_equals_map_mode_on_the_map_itself() {
+        let g = grid();
+        let t = [3.0, -2.0, 1.5];
+        let fixed = render(&g, blobs);
+        let moving = render(&g, |p| blobs([p[0] - t[0], p[1] - t[1], p[2] - t[2]]));
+        let (d, h, w) = g.dhw();
+        let tensor = Tensor::from_vec(moving.data.clone(), (1, 1, d, h, w), &Device::Cpu).unwrap();
+        let exact = Sampled(moving.clone(), tensor);
+        let cfg = RegistrationConfig {
+            levels: vec![LevelConfig { shrink: 1, control_shrink: 3, iterations: 25 }],
+            ..Default::default()
+        };
+        let a = register(&fixed, &moving, &g, &Affine::default(), &cfg, |_, _, _| {}).unwrap();
+        let b = register_with(&fixed, &moving, Some(&exact), &g, &Affine::default(), &cfg, |_, _, _| {}).unwrap();
+        assert_eq!(a.losses.len(), b.losses.len());
+        for (x, y) in a.losses.iter().zip(&b.losses) {
+            assert!((x.2 - y.2).abs() <= 1e-6 * x.2.abs().max(1e-6), "{x:?} vs {y:?}");
+        }
+        let diff = (0..g.num_voxels())
+            .map(|v| (0..3).map(|c| (a.field.at(v)[c] - b.field.at(v)[c]).abs()).fold(0.0f32, f32::max))
+            .fold(0.0f32, f32::max);
+        assert!(diff < 1e-3, "fields differ by {diff} mm");
+        // and it registers: the deformable level lowered the loss
+        let s = &b.stages[1];
+        assert!(s.final_loss < 0.8 * s.initial_loss, "{:?}", b.stages);
+        // a source with the wrong channel count is refused
+        let two = Volume::new(g.clone(), 2, [moving.data.clone(), moving.data.clone()].concat()).unwrap();
+        let t2 = Tensor::from_vec(two.data.clone(), (1, 2, d, h, w), &Device::Cpu).unwrap();
+        let err = register_with(&fixed, &moving, Some(&Sampled(two, t2)), &g, &Affine::default(), &cfg, |_, _, _| {});
+        assert!(matches!(err, Err(Error::Registration(m)) if m.contains("channels")));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! target, its label map warped onto the target grid (nearest neighbour), and the warped label
 //! maps are fused by a vote.
 
+use registration::engine::PointFeatures;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -107,6 +108,8 @@ pub struct PropagateJob {
     pub fusion_sigma_mm: f64,
     pub features: FeatureKind,
     pub model: Option<ObeliskFeatures>,
+    /// `--exact`: deformable levels evaluate the model at the sampled points.
+    pub exact: bool,
     pub init: InitKind,
     pub config: RegistrationConfig,
 }
@@ -187,6 +190,7 @@ impl PropagateArgs {
             fusion_sigma_mm: self.fusion_sigma,
             features: self.options.features,
             model,
+            exact: self.options.exact,
             init: self.options.init,
             config,
         })
@@ -281,6 +285,9 @@ impl PropagateJob {
             let af = frame
                 .extract(extractor.as_ref(), &atlas.image)
                 .with_context(|| format!("features of {}", atlas.image_path.display()))?;
+            let points = frame
+                .point_features(self.exact, self.model.as_ref(), &atlas.image)
+                .with_context(|| format!("features of {}", atlas.image_path.display()))?;
             let mut stage_bars = progress.registration(&self.config);
             let pair = Pair {
                 fixed: &self.target,
@@ -288,6 +295,7 @@ impl PropagateJob {
                 fixed_features: &tf,
                 moving_features: &af,
                 labels: self.target_labels.as_ref().map(|t| (t, &atlas.labels)),
+                moving_points: points.as_ref().map(|p| p as &dyn PointFeatures),
             };
             let aligned = align(pair, self.init, &self.config, &mut |e| stage_bars.event(e)).with_context(|| {
                 format!("registering {} to {}", atlas.image_path.display(), self.target_path.display())

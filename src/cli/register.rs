@@ -98,6 +98,12 @@ pub struct RegOptions {
     /// The default (kept for scripts written when it was an option).
     #[arg(long, hide = true, conflicts_with = "displacement")]
     pub diffeomorphic: bool,
+    /// With --features obelisk: the OBELISK paper's exact form. The deformable levels pass the
+    /// moving image through the feature layer at every displaced sampling point (full
+    /// resolution, each iteration) instead of interpolating its precomputed coarse feature maps:
+    /// slower, no interpolation of features.
+    #[arg(long)]
+    pub exact: bool,
 }
 
 impl Default for RegOptions {
@@ -113,6 +119,7 @@ impl Default for RegOptions {
             iterations: None,
             displacement: false,
             diffeomorphic: false,
+            exact: false,
         }
     }
 }
@@ -125,6 +132,9 @@ impl RegOptions {
             if !(v.is_finite() && v >= 0.0) {
                 bail!("{name} must be a finite number >= 0, got {v}");
             }
+        }
+        if self.exact && self.features != FeatureKind::Obelisk {
+            bail!("--exact needs --features obelisk (it evaluates the learned feature layer at the sampled points)");
         }
         let model = load_model(self.features, self.model.as_deref())?;
         let mut config = RegistrationConfig {
@@ -292,6 +302,7 @@ impl RegisterArgs {
             out: self.out.clone(),
             features: self.options.features,
             model,
+            exact: self.options.exact,
             init: self.options.init,
             config,
             pictures: !self.no_pictures,
