@@ -67,8 +67,8 @@ pub struct RegisterArgs {
 pub struct RegOptions {
     /// Features that drive the registration. `obelisk` without --model uses the embedded default
     /// model (trained on synthetic phantoms only); it stays off by default because it registered
-    /// worse than MIND on the real TotalSegmentator pairs (mean Dice 0.22 vs 0.49 for CT A←CT B,
-    /// 0.33 vs 0.49 for CT B←CT A, 0.00 vs 0.47 for CT A←MR C; see README).
+    /// worse than MIND on the real TotalSegmentator pairs (mean Dice 0.26 vs 0.49 for CT A←CT B,
+    /// 0.37 vs 0.50 for CT B←CT A, 0.00 vs 0.48 for CT A←MR C; see README).
     #[arg(long, value_enum, default_value_t = FeatureKind::Mind)]
     pub features: FeatureKind,
     /// Trained model folder (from `obelisk train`) for --features obelisk, instead of the
@@ -361,12 +361,12 @@ fn print_summary(s: &RegisterSummary) {
     }
     if let Some(a) = s.metrics.mean_dice {
         let f = |d: Option<f64>| d.map_or("-".to_string(), |v| format!("{v:.3}"));
+        let affine = s.dice_after_affine.map_or(String::new(), |d| format!(" -> {d:.3} after affine"));
         println!(
-            "mean Dice of {} shared structures inside the overlap: {} before -> {} after init -> {} after affine -> {a:.3}",
+            "mean Dice of {} shared structures inside the overlap: {} before -> {} after init{affine} -> {a:.3}",
             s.shared_labels.len(),
             f(s.dice_before),
             f(s.dice_after_init),
-            f(s.dice_after_affine)
         );
     }
     if let Some(e) = &s.metrics.endpoint_error {
