@@ -13,6 +13,7 @@ use nalgebra::Matrix4;
 use segmentation::ops::{self, grid_sample, Interpolation, Padding};
 use serde::Serialize;
 
+use crate::discrete::{discrete_search, DiscreteConfig, LevelMaps};
 use crate::loss::{diffusion, masked_l1, overlap_mask, BsplinePenalty};
 use crate::transform::{grid_points_lps, Affine, DenseDisplacement, SamplingPlan};
 use crate::{DisplacementField, Error, Grid, Result, Volume};
@@ -58,6 +59,8 @@ pub struct RegistrationConfig {
     pub diffeomorphic: bool,
     /// Squarings of the exponential: the velocity is divided by `2^steps`; default 6.
     pub squaring_steps: usize,
+    /// Discrete displacement search that starts the first deformable level (radius 0: off).
+    pub discrete: DiscreteConfig,
 }
 
 impl Default for RegistrationConfig {
@@ -78,6 +81,7 @@ impl Default for RegistrationConfig {
             adam_epsilon: 0.1,
             diffeomorphic: true,
             squaring_steps: 6,
+            discrete: DiscreteConfig::default(),
         }
     }
 }
@@ -112,6 +116,45 @@ pub struct Registration {
 struct Level {
     grid: Grid,
     tensor: Tensor,
+}
+
+/// The discrete search's field on the level grid `fl` as a displacement (moving LPS mm, added
+/// after `affine`), with the mean patch cost at zero and at the result and the fraction of
+/// fixed points inside the moving data.
+fn discrete_start(
+    fl: &Level,
+    ml: &MovingLevel,
+    plan: &SamplingPlan,
+    affine: &Affine,
+    cfg: &DiscreteConfig,
+) -> Result<(DenseDisplacement, f64, f64, f64)> {
+    let warped = ml.sample(&plan.base)?;
+    let valid: Vec<bool> = overlap_mask(&plan.base, ml.grid().dhw())?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(|m| m > 0.5)
+        .collect();
+    let fixed: Vec<f32> = fl.tensor.flatten_all()?.to_vec1()?;
+    let warped: Vec<f32> = warped.flatten_all()?.to_vec1()?;
+    let channels = fixed.len() / plan.points;
+    let maps = LevelMaps { shape: fl.grid.shape(), channels, fixed: &fixed, warped: &warped, valid: &valid };
+    let r = discrete_search(&maps, cfg);
+    // a step of δ fixed-level voxels moves the fixed point by L·δ mm, hence its image under the
+    // affine map by A·L·δ: the displacement is added after the affine map, in moving space
+    let m = affine.matrix.fixed_view::<3, 3>(0, 0)
+        * fl.grid.matrix(crate::Space::Voxel, crate::Space::Lps).fixed_view::<3, 3>(0, 0);
+    let n = plan.points;
+    let mut u = vec![0f32; 3 * n];
+    for (v, d) in r.displacement.iter().enumerate() {
+        for a in 0..3 {
+            u[a * n + v] = (0..3).map(|b| m[(a, b)] * d[b] as f64).sum::<f64>() as f32;
+        }
+    }
+    let (d, h, w) = fl.grid.dhw();
+    let tensor = Tensor::from_vec(u, (1, 3, d, h, w), &Device::Cpu)?;
+    let overlap = valid.iter().filter(|&&v| v).count() as f64 / valid.len().max(1) as f64;
+    Ok((DenseDisplacement { grid: fl.grid.clone(), tensor }, r.cost_before, r.cost_after, overlap))
 }
 
 /// Where a deformable level reads the moving features from.
@@ -255,12 +298,28 @@ pub fn register_with(
         let moving_grid = ml.grid();
         let cshape = fl.grid.shape().map(|n| n.div_ceil(level.control_shrink.max(1)).max(1));
         let cgrid = fl.grid.resized(cshape);
+        let plan = SamplingPlan::new(&fl.grid, moving_grid, &affine, &dev)?;
         let init_u = match &field {
             Some(f) => f.resampled(&cgrid)?,
+            None if cfg.discrete.radius > 0 => {
+                let t0 = Instant::now();
+                let (start, cost_before, cost_after, overlap) =
+                    discrete_start(&fl, &ml, &plan, &affine, &cfg.discrete)?;
+                stages.push(StageReport {
+                    name: "discrete".into(),
+                    iterations: cfg.discrete.coupling.len() + 1,
+                    initial_loss: cost_before,
+                    final_loss: cost_after,
+                    seconds: t0.elapsed().as_secs_f64(),
+                    feature_shape: fl.grid.shape(),
+                    control_shape: fl.grid.shape(),
+                    overlap,
+                });
+                start.resampled(&cgrid)?
+            }
             None => DenseDisplacement::zeros(cgrid.clone(), &dev)?,
         };
         let u = Var::from_tensor(&init_u.tensor)?;
-        let plan = SamplingPlan::new(&fl.grid, moving_grid, &affine, &dev)?;
         let spacing = fl.grid.spacing().iter().cloned().fold(f64::INFINITY, f64::min);
         let mut opt: Option<AdamW> = None;
         let cspacing = cgrid.spacing().iter().cloned().fold(f64::INFINITY, f64::min);

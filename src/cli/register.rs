@@ -62,6 +62,9 @@ pub struct RegisterArgs {
     pub max_memory: Option<u64>,
 }
 
+/// Largest `--discrete-radius`: 13³ displacements per voxel of the first level.
+const MAX_DISCRETE_RADIUS: usize = 6;
+
 /// The registration options shared by `register` and `propagate`.
 #[derive(Debug, Clone, Args)]
 pub struct RegOptions {
@@ -104,6 +107,12 @@ pub struct RegOptions {
     /// slower, no interpolation of features.
     #[arg(long)]
     pub exact: bool,
+    /// Discrete displacement search before the first deformable level: every displacement of
+    /// up to N level voxels per axis (the first level's voxels are 4 image voxels) is scored per
+    /// voxel, then made smooth by coupled convex optimisation, as deeds/convexAdam do; finds
+    /// structures further off than a gradient step does. 0 skips it.
+    #[arg(long, value_name = "N", default_value_t = RegistrationConfig::default().discrete.radius)]
+    pub discrete_radius: usize,
 }
 
 impl Default for RegOptions {
@@ -120,6 +129,7 @@ impl Default for RegOptions {
             displacement: false,
             diffeomorphic: false,
             exact: false,
+            discrete_radius: c.discrete.radius,
         }
     }
 }
@@ -133,6 +143,10 @@ impl RegOptions {
                 bail!("{name} must be a finite number >= 0, got {v}");
             }
         }
+        // (2N+1)³ cost maps of the first level are held at once
+        if self.discrete_radius > MAX_DISCRETE_RADIUS {
+            bail!("--discrete-radius must be at most {MAX_DISCRETE_RADIUS}, got {}", self.discrete_radius);
+        }
         if self.exact && self.features != FeatureKind::Obelisk {
             bail!("--exact needs --features obelisk (it evaluates the learned feature layer at the sampled points)");
         }
@@ -144,6 +158,7 @@ impl RegOptions {
             diffeomorphic: !self.displacement,
             ..Default::default()
         };
+        config.discrete.radius = self.discrete_radius;
         if let Some(n) = self.iterations {
             config.levels.iter_mut().for_each(|l| l.iterations = n);
         }
