@@ -2,8 +2,15 @@
 """Runs one peer registration tool on one pair and writes its result as an ITK displacement field.
 
     python peers.py TOOL --fixed F.nii.gz --moving M.nii.gz --out field.nii.gz [--threads 2]
+                         [--init-translation TX,TY,TZ]
 
 TOOL: ants-syn | elastix-bspline | sitk-demons | sitk-bspline | convexadam.
+
+--init-translation: start from this translation (LPS mm, ITK convention: the fixed point x maps to
+the moving point x + t) instead of the tool's own initialisation (centre of mass or geometric
+centre); run_bench.py --start labels passes the translation that lines up the shared label maps.
+Each tool's global stage (affine) then starts from it, and the written field is still the whole
+transform from the fixed grid to the original moving image.
 
 The field is written in the ITK convention (on the fixed grid, LPS millimetres,
 warped(x) = moving(x + u(x))), so `obelisk warp` and `obelisk eval` treat every tool alike.
@@ -16,6 +23,7 @@ place before any library starts its thread pool and one tool's memory does not c
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -41,11 +49,25 @@ def to_itk_field(transform, fixed, sitk):
     return sitk.Cast(conv.Execute(transform), sitk.sitkVectorFloat32)
 
 
-def affine_init(fixed, moving, sitk, threads):
+def translation_affine(fixed, t, sitk):
+    """x -> x + t as an affine transform centred on the fixed image (the centre of rotation that
+    CenteredTransformInitializer would choose), so the optimiser's scales are the usual ones."""
+    a = sitk.AffineTransform(3)
+    size = fixed.GetSize()
+    a.SetCenter(fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in size]))
+    a.SetTranslation([float(v) for v in t])
+    return a
+
+
+def affine_init(fixed, moving, sitk, threads, start=None):
     """The usual SimpleITK recipe for tools without a global stage of their own: centre the
-    geometries, then a multi-resolution affine registration with Mattes mutual information."""
-    init = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
-                                             sitk.CenteredTransformInitializerFilter.GEOMETRY)
+    geometries (or start from the translation `start`), then a multi-resolution affine
+    registration with Mattes mutual information."""
+    if start is None:
+        init = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
+                                                 sitk.CenteredTransformInitializerFilter.GEOMETRY)
+    else:
+        init = translation_affine(fixed, start, sitk)
     reg = sitk.ImageRegistrationMethod()
     reg.SetNumberOfThreads(threads)
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
@@ -65,26 +87,55 @@ def on_fixed_grid(fixed, moving, transform, sitk):
     return sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
 
 
-def run_ants(fixed_path, moving_path, threads):
+def coverage_mask(fixed_path, moving_path, start):
+    """uint8 array (z, y, x) on the fixed grid: 1 where x + start lies inside the moving image."""
+    import SimpleITK as sitk
+
+    fixed = sitk.ReadImage(fixed_path, sitk.sitkFloat32)
+    moving = sitk.ReadImage(moving_path, sitk.sitkFloat32)
+    ones = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(moving)
+    shift = sitk.TranslationTransform(3, [float(v) for v in start])
+    cover = sitk.Resample(ones, fixed, shift, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(cover)
+
+
+def run_ants(fixed_path, moving_path, threads, start=None):
+    import tempfile
+
     import ants
     import SimpleITK as sitk
 
     f, m = ants.image_read(fixed_path), ants.image_read(moving_path)
-    t = time.perf_counter()
-    # SyN = affine (from a centre-of-mass start) + symmetric normalisation, ANTsPy's defaults
-    r = ants.registration(fixed=f, moving=m, type_of_transform="SyN", random_seed=1)
-    seconds = time.perf_counter() - t
-    warp, affine = r["fwdtransforms"]
     fixed = sitk.ReadImage(fixed_path, sitk.sitkFloat32)
-    # ANTs applies [Warp, Affine] to a point as Affine(Warp(x)); ITK's composite applies the
-    # transform added last first, so the list goes in reversed
+    tmp = tempfile.TemporaryDirectory(prefix="peers_ants_")
+    initial = None
+    if start is not None:
+        # antsRegistration -r FILE: an ITK transform file in ANTs' own convention, which is ITK's
+        # (physical LPS space, fixed point -> moving point); the affine stage starts from it and,
+        # with ANTsPy's --collapse-output-transforms 1, the written affine includes it
+        initial = os.path.join(tmp.name, "start.mat")
+        sitk.WriteTransform(translation_affine(fixed, start, sitk), initial)
+    t = time.perf_counter()
+    # SyN = affine (from a centre-of-mass start, or from `start`) + symmetric normalisation,
+    # ANTsPy's defaults
+    r = ants.registration(fixed=f, moving=m, type_of_transform="SyN", random_seed=1,
+                          initial_transform=[initial] if initial else None)
+    seconds = time.perf_counter() - t
+    # ANTs lists the transforms as [Warp, Affine] and applies them to a point as Affine(Warp(x));
+    # ITK's composite applies the transform added last first, so the list goes in reversed
     comp = sitk.CompositeTransform(3)
-    comp.AddTransform(sitk.ReadTransform(affine))
-    comp.AddTransform(sitk.DisplacementFieldTransform(sitk.ReadImage(warp, sitk.sitkVectorFloat64)))
-    return to_itk_field(comp, fixed, sitk), seconds, {"antspyx": ants.__version__}
+    for path in reversed(r["fwdtransforms"]):
+        if path.endswith((".nii", ".nii.gz")):
+            comp.AddTransform(sitk.DisplacementFieldTransform(sitk.ReadImage(path, sitk.sitkVectorFloat64)))
+        else:
+            comp.AddTransform(sitk.ReadTransform(path))
+    field = to_itk_field(comp, fixed, sitk)
+    tmp.cleanup()
+    return field, seconds, {"antspyx": ants.__version__}
 
 
-def run_elastix(fixed_path, moving_path, threads):
+def run_elastix(fixed_path, moving_path, threads, start=None):
     import itk
     import numpy as np
     import SimpleITK as sitk
@@ -93,17 +144,44 @@ def run_elastix(fixed_path, moving_path, threads):
     m = itk.imread(moving_path, itk.F)
     po = itk.ParameterObject.New()
     affine = po.GetDefaultParameterMap("affine")
-    affine["AutomaticTransformInitialization"] = ["true"]
-    affine["AutomaticTransformInitializationMethod"] = ["GeometricalCenter"]
+    if start is None:
+        affine["AutomaticTransformInitialization"] = ["true"]
+        affine["AutomaticTransformInitializationMethod"] = ["GeometricalCenter"]
+    else:
+        # a translation is exact as a header change: the moving image with its origin moved by
+        # -t satisfies M'(y) = M(y + t), so elastix registers F to M' from the identity (no
+        # automatic initialisation) and t is added to the field it returns
+        m.SetOrigin([o - float(v) for o, v in zip(m.GetOrigin(), start)])
+        affine["AutomaticTransformInitialization"] = ["false"]
+        # elastix stops when fewer than a quarter of its samples land inside the moving image,
+        # which a thin slab inside a large fixed image never reaches; so it samples the fixed
+        # image only where the (shifted) moving image covers it at the start: the part that the
+        # other tools' metrics see as well (they skip samples outside the moving image)
+        fixed_mask = coverage_mask(fixed_path, moving_path, start)
+    bspline = po.GetDefaultParameterMap("bspline")
+    if start is not None:
+        # elastix erodes the mask at each pyramid level by default, which wipes out a slab a few
+        # voxels thick at the coarse levels ("no valid voxels")
+        for pm in (affine, bspline):
+            pm["ErodeMask"] = ["false"]
     po.AddParameterMap(affine)
-    po.AddParameterMap(po.GetDefaultParameterMap("bspline"))
+    po.AddParameterMap(bspline)
     t = time.perf_counter()
     # threads come from ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS: number_of_threads > 1 on the
     # default B-spline map crashed itk-elastix here
-    _, params = itk.elastix_registration_method(f, m, parameter_object=po, log_to_console=False)
+    masks = {}
+    if start is not None:
+        mask = itk.image_from_array(fixed_mask)
+        mask.SetOrigin(f.GetOrigin())
+        mask.SetSpacing(f.GetSpacing())
+        mask.SetDirection(f.GetDirection())
+        masks["fixed_mask"] = mask
+    _, params = itk.elastix_registration_method(f, m, parameter_object=po, log_to_console=False, **masks)
     field = itk.transformix_deformation_field(m, params)
     seconds = time.perf_counter() - t
     arr = np.asarray(itk.array_from_image(field), dtype=np.float32)  # (z, y, x, 3), LPS mm
+    if start is not None:
+        arr = arr + np.asarray(start, np.float32)
     fixed = sitk.ReadImage(fixed_path, sitk.sitkFloat32)
     out = sitk.GetImageFromArray(arr, isVector=True)
     out.CopyInformation(fixed)
@@ -112,14 +190,14 @@ def run_elastix(fixed_path, moving_path, threads):
     return out, seconds, {"itk-elastix": version("itk-elastix")}
 
 
-def run_sitk_demons(fixed_path, moving_path, threads):
+def run_sitk_demons(fixed_path, moving_path, threads, start=None):
     import SimpleITK as sitk
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     fixed = sitk.ReadImage(fixed_path, sitk.sitkFloat32)
     moving = sitk.ReadImage(moving_path, sitk.sitkFloat32)
     t = time.perf_counter()
-    init = affine_init(fixed, moving, sitk, threads)
+    init = affine_init(fixed, moving, sitk, threads, start)
     moved = on_fixed_grid(fixed, moving, init, sitk)
     moved = sitk.HistogramMatching(moved, fixed, numberOfHistogramLevels=256, numberOfMatchPoints=7,
                                    thresholdAtMeanIntensity=True)
@@ -142,14 +220,14 @@ def run_sitk_demons(fixed_path, moving_path, threads):
     return to_itk_field(comp, fixed, sitk), seconds, {"SimpleITK": sitk.Version_VersionString()}
 
 
-def run_sitk_bspline(fixed_path, moving_path, threads):
+def run_sitk_bspline(fixed_path, moving_path, threads, start=None):
     import SimpleITK as sitk
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     fixed = sitk.ReadImage(fixed_path, sitk.sitkFloat32)
     moving = sitk.ReadImage(moving_path, sitk.sitkFloat32)
     t = time.perf_counter()
-    init = affine_init(fixed, moving, sitk, threads)
+    init = affine_init(fixed, moving, sitk, threads, start)
     # control points about every 40 mm
     extent = [n * s for n, s in zip(fixed.GetSize(), fixed.GetSpacing())]
     mesh = [max(1, int(round(e / 40.0))) for e in extent]
@@ -177,7 +255,7 @@ def run_sitk_bspline(fixed_path, moving_path, threads):
     return to_itk_field(comp, fixed, sitk), seconds, {"SimpleITK": sitk.Version_VersionString()}
 
 
-def run_convexadam(fixed_path, moving_path, threads):
+def run_convexadam(fixed_path, moving_path, threads, start=None):
     import numpy as np
     import SimpleITK as sitk
     import torch
@@ -189,8 +267,9 @@ def run_convexadam(fixed_path, moving_path, threads):
     fixed = sitk.ReadImage(fixed_path, sitk.sitkFloat32)
     moving = sitk.ReadImage(moving_path, sitk.sitkFloat32)
     t = time.perf_counter()
-    # convexAdam needs both images on one grid: the same affine start as the SimpleITK tools
-    init = affine_init(fixed, moving, sitk, threads)
+    # convexAdam needs both images on one grid: the same affine start as the SimpleITK tools;
+    # the affine goes back into the written field below, so it maps to the original moving image
+    init = affine_init(fixed, moving, sitk, threads, start)
     moved = on_fixed_grid(fixed, moving, init, sitk)
     # convexAdam indexes arrays like nibabel (i, j, k); SimpleITK arrays are (k, j, i)
     f_arr = np.ascontiguousarray(sitk.GetArrayFromImage(fixed).transpose(2, 1, 0))
@@ -224,14 +303,25 @@ def main():
     ap.add_argument("--moving", required=True)
     ap.add_argument("--out", required=True, help="displacement field to write (.nii.gz)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--init-translation", metavar="TX,TY,TZ",
+                    help="start translation (LPS mm, fixed point x -> moving point x + t) instead of the "
+                         "tool's own initialisation")
     a = ap.parse_args()
+    start = None
+    if a.init_translation:
+        try:
+            start = [float(v) for v in a.init_translation.split(",")]
+        except ValueError:
+            start = []
+        if len(start) != 3 or not all(map(math.isfinite, start)):
+            sys.exit(f"--init-translation: expected three finite numbers TX,TY,TZ, got {a.init_translation!r}")
     set_threads(a.threads)
     for p in (a.fixed, a.moving):
         if not os.path.isfile(p):
             sys.exit(f"{p}: file not found")
     if os.path.exists(a.out):
         sys.exit(f"{a.out}: exists; refusing to overwrite")
-    field, seconds, versions = RUNNERS[a.tool](a.fixed, a.moving, a.threads)
+    field, seconds, versions = RUNNERS[a.tool](a.fixed, a.moving, a.threads, start=start)
     import SimpleITK as sitk
 
     tmp = a.out + ".part.nii.gz"

@@ -9,6 +9,12 @@ where a true field exists). Outputs in --out: results.json, results.md, results.
 
 --smoke: one tiny synthetic pair, obelisk (mind, intensity) and SimpleITK demons only; needs
 just SimpleITK, numpy and nibabel (data-scripts/setup-venv.sh).
+
+--start labels: every tool starts from the same translation, the one that lines up the pair's
+shared label maps (`obelisk register --init labels` with no optimisation); the peers get it as
+their initial transform (peers.py --init-translation), obelisk runs with `--init labels`. The
+reference row `label start` is that translation alone. The default, --start own, lets every tool
+use its own initialisation.
 """
 
 import argparse
@@ -38,6 +44,8 @@ PEER_MODULES = {
     "sitk-bspline": "SimpleITK",
     "convexadam": "convexAdam",
 }
+# rows that are no registration but the yardstick of their pair
+REFERENCES = ("identity", "truth", "label start")
 # the real pairs of data/totalseg/dataset.json that the benchmark uses: fixed <- moving
 REAL_PAIRS = [("ct_a", "ct_b"), ("ct_b", "ct_a"), ("ct_a", "mr_c")]
 SEG_ARCHS = ["obelisk", "hybrid", "unet"]
@@ -122,6 +130,8 @@ def load_names(dataset_json):
 
 
 def synthetic_pairs(ob, out, n, size, spacing, max_disp, seed):
+    if n <= 0:
+        return []
     d = out / "data" / "synthetic"
     if not (d / "dataset.json").exists():
         ob.run("synth", "--out", d, "--subjects", 0, "--pairs", n, "--seed", seed, "--max-displacement", max_disp,
@@ -183,8 +193,25 @@ def train_feature_model(ob, out, size, spacing, subjects, iterations, seed):
 # running the tools
 
 
-def run_tool(tool, pair, workdir, ob, model, threads, timeout):
-    """One registration; returns (field path, wall s, register s, peak RSS MB, versions)."""
+def label_start(pair, workdir, ob, timeout):
+    """The translation that lines up the pair's shared label maps, as `obelisk register --init
+    labels` finds it (no affine, no deformable iterations): LPS mm, ITK convention (the fixed
+    point x maps to the moving point x + t). Returns (t, seconds)."""
+    if pair.get("fixed_labels") is None or pair.get("moving_labels") is None:
+        raise Failed(f"{pair['name']}: --start labels needs both label maps")
+    workdir.mkdir(parents=True, exist_ok=True)
+    cmd = [ob.binary, "--threads", str(ob.threads), "register", "--fixed", str(pair["fixed"]), "--moving",
+           str(pair["moving"]), "--fixed-labels", str(pair["fixed_labels"]), "--moving-labels",
+           str(pair["moving_labels"]), "--init", "labels", "--iterations", "0", "--affine-iterations", "0",
+           "--no-pictures", "--json", "--force", "--out", str(workdir / "reg")]
+    out, _, wall = run_measured(cmd, env=env_threads(ob.threads), timeout=timeout)
+    t = [float(v) for v in json.loads(out)["init_translation_mm"]]
+    return t, wall
+
+
+def run_tool(tool, pair, workdir, ob, model, threads, timeout, start=None):
+    """One registration; returns (field path, wall s, register s, peak RSS MB, versions).
+    `start`: the label start's translation (--start labels), or None for each tool's own start."""
     workdir.mkdir(parents=True, exist_ok=True)
     field = workdir / "field.nii.gz"
     for stale in (field, workdir / "reg" / "field.nii.gz"):
@@ -197,6 +224,10 @@ def run_tool(tool, pair, workdir, ob, model, threads, timeout):
                 "--features", feats, "--no-pictures", "--json", "--force"]
         if feats == "obelisk":
             args += ["--model", model]
+        if start is not None:
+            # the same start as the peers: the search on the label maps (then affine, deformable)
+            args += ["--init", "labels", "--fixed-labels", pair["fixed_labels"], "--moving-labels",
+                     pair["moving_labels"]]
         # --json alone: stdout holds nothing but the summary
         cmd = [ob.binary, "--threads", str(threads), *map(str, args)]
         out, wall, rss = timed(cmd, workdir, env=env, timeout=timeout)
@@ -205,6 +236,9 @@ def run_tool(tool, pair, workdir, ob, model, threads, timeout):
         return field, wall, summary["runtime_s"].get("total"), rss, {}
     cmd = [sys.executable, str(HERE / "peers.py"), tool, "--fixed", str(pair["fixed"]), "--moving",
            str(pair["moving"]), "--out", str(field), "--threads", str(threads)]
+    if start is not None:
+        # one argument with "=": a leading minus would read as an option
+        cmd += ["--init-translation=" + ",".join(repr(float(v)) for v in start)]
     # transformix leaves deformationField.nii in the working folder: keep it in the run's folder
     out, wall, rss = timed(cmd, workdir, env=env, timeout=timeout, cwd=workdir)
     info = json.loads(out.strip().splitlines()[-1])
@@ -217,14 +251,16 @@ def write_like(ref_img, data, path, dtype):
     nib.save(img, str(path))
 
 
-def zero_field(fixed_path, path):
-    """The identity as an ITK displacement field on the fixed grid (written by SimpleITK, like
-    the peers' fields)."""
+def zero_field(fixed_path, path, translation=(0.0, 0.0, 0.0)):
+    """The identity (or the translation x -> x + t, LPS mm) as an ITK displacement field on the
+    fixed grid (written by SimpleITK, like the peers' fields)."""
     import SimpleITK as sitk
 
     fixed = sitk.ReadImage(str(fixed_path), sitk.sitkFloat32)
     size = fixed.GetSize()
-    f = sitk.GetImageFromArray(np.zeros((size[2], size[1], size[0], 3), np.float32), isVector=True)
+    u = np.empty((size[2], size[1], size[0], 3), np.float32)
+    u[...] = np.asarray(translation, np.float32)
+    f = sitk.GetImageFromArray(u, isVector=True)
     f.CopyInformation(fixed)
     sitk.WriteImage(f, str(path))
 
@@ -275,28 +311,48 @@ def evaluate(pair, field, workdir, ob):
 
 
 def bench_registration(args, ob, out, pairs, tools, model, model_info):
-    rows = []
+    """Returns (rows, starts): starts maps a pair to its label start (--start labels)."""
+    rows, starts = [], {}
     for pair in pairs:
         pdir = out / "runs" / pair["name"].replace("<-", "_from_")
-        refs = [("identity", None)] + ([("truth", pair["truth"])] if pair["truth"] is not None else [])
+        start = None
+        if args.start == "labels":
+            # one start for every tool: its own folder, so that the runs of --start own stay apart
+            pdir = pdir / "start_labels"
+            try:
+                start, secs = label_start(pair, pdir / "label start", ob, args.timeout)
+            except (Failed, json.JSONDecodeError, KeyError, ValueError, OSError) as e:
+                log(f"{pair['name']:<14} label start FAILED: {e}; its tools are not run")
+                rows.append({"pair": pair["name"], "set": pair["set"], "tool": "label start", "status": "failed",
+                             "error": str(e)})
+                continue
+            starts[pair["name"]] = {"translation_mm": start, "seconds": secs}
+            log(f"{pair['name']:<14} label start ({', '.join(f'{v:.1f}' for v in start)}) mm  [{secs:.1f} s]")
+            refs = [("label start", None)]
+        else:
+            refs = [("identity", None)]
+        refs += [("truth", pair["truth"])] if pair["truth"] is not None else []
         for name, field in refs:
             wd = pdir / name
             wd.mkdir(parents=True, exist_ok=True)
             if field is None:
                 field = wd / "field.nii.gz"
                 if not field.exists():
-                    zero_field(pair["fixed"], field)
+                    zero_field(pair["fixed"], field, start if start is not None else (0.0, 0.0, 0.0))
             row = {"pair": pair["name"], "set": pair["set"], "tool": name, "status": "reference"}
             row.update(evaluate(pair, field, wd, ob))
             rows.append(row)
+            if name == "label start":
+                starts[pair["name"]].update(mean_dice=row["mean_dice"], overlap_percent=row["overlap_percent"])
             log(f"{pair['name']:<14} {name:<18} Dice {fmt(row['mean_dice'])}")
         for tool in tools:
-            row = {"pair": pair["name"], "set": pair["set"], "tool": tool}
+            row = {"pair": pair["name"], "set": pair["set"], "tool": tool, "start": args.start}
             walls, regs, rsss = [], [], []
             try:
                 for r in range(args.repeats):
                     wd = pdir / tool / f"run{r}"
-                    field, wall, reg, rss, versions = run_tool(tool, pair, wd, ob, model, args.threads, args.timeout)
+                    field, wall, reg, rss, versions = run_tool(tool, pair, wd, ob, model, args.threads, args.timeout,
+                                                               start)
                     walls.append(wall)
                     regs.append(reg)
                     rsss.append(rss)
@@ -313,7 +369,7 @@ def bench_registration(args, ob, out, pairs, tools, model, model_info):
                 row.update(status="failed", error=str(e))
                 log(f"{pair['name']:<14} {tool:<18} FAILED: {e}")
             rows.append(row)
-    return rows
+    return rows, starts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,8 +471,30 @@ def summarise(rows):
     return summary
 
 
+def start_markdown(results):
+    """The note on the start every tool used and, with --start labels, the start per pair."""
+    if results.get("start", "own") != "labels":
+        return ("Start: **own** (`--start own`): every tool from its own initialisation (obelisk: translation "
+                "search on the image features; ANTs: centre of mass; elastix, SimpleITK, convexAdam: geometric "
+                "centre); `identity` is the headers as they are.\n")
+    L = ["Start: **labels** (`--start labels`): every tool starts from the same translation, the one that lines "
+         "up the shared structures of the two label maps (`obelisk register --init labels --iterations 0 "
+         "--affine-iterations 0`). The peers get it as their initial transform, then run their own stages "
+         "(ANTs `initial_transform`, elastix with the moving header shifted by it, no automatic "
+         "initialisation and its samples drawn where the moving image covers the fixed one at the start, SimpleITK and convexAdam with it in place of the geometric centring, before their "
+         "affine stage); obelisk runs `register --init labels` (the same search) and its usual stages. "
+         "The row `label start` is that translation alone, evaluated like every field.\n",
+         "| pair | start translation mm (LPS, fixed x -> moving x + t) | Dice at the start | overlap % | s |",
+         "|---|---|---:|---:|---:|"]
+    for pair, st in results.get("starts", {}).items():
+        t = ", ".join(f"{v:.1f}" for v in st["translation_mm"])
+        L.append(f"| {pair} | ({t}) | {fmt(st.get('mean_dice'))} | {fmt(st.get('overlap_percent'), 1)} | "
+                 f"{fmt(st.get('seconds'), 1)} |")
+    return "\n".join(L) + "\n"
+
+
 def markdown(results):
-    L = []
+    L = [start_markdown(results)]
     reg = results["registration"]
     for s in ("synthetic", "real"):
         sm = [r for r in reg["summary"] if r["set"] == s]
@@ -426,7 +504,7 @@ def markdown(results):
         L.append("| tool | pairs ok | Dice | HD95 mm | SDlogJ | folding % | EPE mm | overlap % | wall s | "
                  "register s | peak RSS MB |")
         L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for r in sorted(sm, key=lambda r: (r["tool"] not in ("identity", "truth"), -(r["mean_dice"] or 0))):
+        for r in sorted(sm, key=lambda r: (r["tool"] not in REFERENCES, -(r["mean_dice"] or 0))):
             L.append(f"| {r['tool']} | {r['ok']}/{r['pairs']} | {fmt(r['mean_dice'])} | {fmt(r['mean_hd95_mm'], 1)} | "
                      f"{fmt(r['sd_log_j'])} | {fmt(r['folding_percent'], 2)} | {fmt(r['epe_mean_mm'], 2)} | "
                      f"{fmt(r['overlap_percent'], 1)} | {fmt(r['wall_s'], 1)} | {fmt(r['register_s'], 1)} | "
@@ -541,12 +619,16 @@ def benchmarks_md(results, png_rel):
          f"{results['repeats']}.",
          "- Python packages: " + ", ".join(f"{k} {v}" for k, v in pk.items()) + f" (Python {m.get('python')}).",
          f"- Command: `{results['command']}` (total {results['elapsed_s'] / 60:.0f} min).",
-         f"- Synthetic pairs: `obelisk synth --pairs {results['synthetic']['pairs']} --size "
-         f"{','.join(map(str, results['synthetic']['size']))} --spacing "
-         f"{','.join(map(str, results['synthetic']['spacing']))} --max-displacement "
-         f"{results['synthetic']['max_displacement_mm']:g} --seed {results['synthetic']['seed']}` "
-         "(9 structures, known deformation).",
+         f"- Start: `--start {results.get('start', 'own')}` (see the note above the registration tables).",
          ]
+    if results["synthetic"]["pairs"] > 0:
+        L.append(f"- Synthetic pairs: `obelisk synth --pairs {results['synthetic']['pairs']} --size "
+                 f"{','.join(map(str, results['synthetic']['size']))} --spacing "
+                 f"{','.join(map(str, results['synthetic']['spacing']))} --max-displacement "
+                 f"{results['synthetic']['max_displacement_mm']:g} --seed {results['synthetic']['seed']}` "
+                 "(9 structures, known deformation).")
+    else:
+        L.append("- Synthetic pairs: none in this run (`--synth-pairs 0`).")
     if any(r["set"] == "real" for r in results["registration"]["rows"]):
         L.append("- Real pairs: the TotalSegmentator 2.18.0 example subjects converted by "
                  "`data-scripts/fetch_totalseg.sh` (CT A abdomen-pelvis 3 mm; CT B upper-abdomen slab of 20 slices; "
@@ -592,9 +674,9 @@ def plot(results, path):
     fig, axes = plt.subplots(len(sets), 2, figsize=(12, 3.6 * len(sets)), squeeze=False)
     for i, s in enumerate(sets):
         rs = [r for r in summ if r["set"] == s]
-        rs.sort(key=lambda r: (r["tool"] not in ("identity", "truth"), r["tool"]))
+        rs.sort(key=lambda r: (r["tool"] not in REFERENCES, r["tool"]))
         names = [r["tool"] for r in rs]
-        colors = ["#888888" if n in ("identity", "truth") else "#1f77b4" if n.startswith("obelisk") else "#ff7f0e"
+        colors = ["#888888" if n in REFERENCES else "#1f77b4" if n.startswith("obelisk") else "#ff7f0e"
                   for n in names]
         axes[i][0].barh(names, [r["mean_dice"] or 0 for r in rs], color=colors)
         axes[i][0].set_xlabel("mean Dice")
@@ -671,12 +753,15 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="runs per tool and pair; the wall time is their median")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=3600, help="seconds before one run counts as failed")
-    ap.add_argument("--synth-pairs", type=int, default=2)
+    ap.add_argument("--synth-pairs", type=int, default=2, help="synthetic pairs (0: none)")
     ap.add_argument("--synth-size", default="80,80,80")
     ap.add_argument("--synth-spacing", default="4.2,4.2,4.2")
     ap.add_argument("--synth-max-disp", type=float, default=10.0, help="largest true displacement (mm)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--no-real", action="store_true", help="skip the TotalSegmentator pairs")
+    ap.add_argument("--start", choices=["own", "labels"], default="own",
+                    help="own: every tool from its own initialisation; labels: every tool from the translation "
+                         "that lines up the pair's label maps (obelisk register --init labels)")
     ap.add_argument("--real-data", default=str(ROOT / "data/totalseg"))
     ap.add_argument("--model-subjects", type=int, default=4, help="synthetic subjects for the feature model")
     ap.add_argument("--model-iterations", type=int, default=200)
@@ -738,7 +823,9 @@ def main():
         model, model_info = train_feature_model(ob, out, args.synth_size, args.synth_spacing, args.model_subjects,
                                                 args.model_iterations, args.seed + 50)
         log(f"feature model: {model_info}")
-    rows = bench_registration(args, ob, out, pairs, tools, model, model_info)
+    if not pairs:
+        sys.exit("no pairs to run (--synth-pairs 0 with --no-real)")
+    rows, starts = bench_registration(args, ob, out, pairs, tools, model, model_info)
     results = {
         # bench.sh passes the command a person typed; run_bench.py's own argv otherwise
         "command": os.environ.get("BENCH_COMMAND") or " ".join(shlex.quote(a) for a in sys.argv),
@@ -747,6 +834,8 @@ def main():
         "python_packages": python_versions(),
         "threads": args.threads,
         "repeats": args.repeats,
+        "start": args.start,
+        "starts": starts,
         "synthetic": {"pairs": args.synth_pairs, "size": args.synth_size, "spacing": args.synth_spacing,
                       "max_displacement_mm": args.synth_max_disp, "seed": args.seed},
         "feature_model": model_info,
