@@ -78,6 +78,16 @@ impl ObeliskFeatures {
     /// Pass the image as it was presented to [`FeatureExtractor::extract`] (same voxel order and
     /// spacing), so that the values at the feature grid's points are those of the maps.
     pub fn at_points(&self, image: &Volume) -> registration::Result<ObeliskPointFeatures> {
+        let prepared = self.run(image, |x| self.inner.prepare(x))?;
+        Ok(ObeliskPointFeatures { inner: self.inner.clone(), grid: image.grid.clone(), prepared })
+    }
+
+    /// `f` on the checked one-channel image as a `(1, 1, D, H, W)` tensor; errors name the model.
+    fn run(
+        &self,
+        image: &Volume,
+        f: impl FnOnce(&Tensor) -> segmentation::Result<Tensor>,
+    ) -> registration::Result<Tensor> {
         if image.channels != 1 {
             return Err(registration::Error::Data(format!(
                 "OBELISK features need a 1-channel image, got {}",
@@ -87,11 +97,7 @@ impl ObeliskFeatures {
         image.check_finite()?;
         let (d, h, w) = image.grid.dhw();
         let x = Tensor::from_slice(&image.data, (1, 1, d, h, w), &Device::Cpu)?;
-        let prepared = self
-            .inner
-            .prepare(&x)
-            .map_err(|e| registration::Error::Data(format!("OBELISK features (model {}): {e}", self.source)))?;
-        Ok(ObeliskPointFeatures { inner: self.inner.clone(), grid: image.grid.clone(), prepared })
+        f(&x).map_err(|e| registration::Error::Data(format!("OBELISK features (model {}): {e}", self.source)))
     }
 }
 
@@ -142,19 +148,7 @@ impl FeatureExtractor for ObeliskFeatures {
     }
 
     fn extract(&self, image: &Volume) -> registration::Result<Volume> {
-        if image.channels != 1 {
-            return Err(registration::Error::Data(format!(
-                "OBELISK features need a 1-channel image, got {}",
-                image.channels
-            )));
-        }
-        image.check_finite()?;
-        let (d, h, w) = image.grid.dhw();
-        let x = Tensor::from_slice(&image.data, (1, 1, d, h, w), &Device::Cpu)?;
-        let f = self
-            .inner
-            .features(&x)
-            .map_err(|e| registration::Error::Data(format!("OBELISK features (model {}): {e}", self.source)))?;
+        let f = self.run(image, |x| self.inner.features(x))?;
         let (_, c, fd, fh, fw) = f.dims5()?;
         let data: Vec<f32> = f.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
         Volume::new(feature_grid(&image.grid, [fw, fh, fd])?, c, data)

@@ -70,8 +70,8 @@ const MAX_DISCRETE_RADIUS: usize = 6;
 pub struct RegOptions {
     /// Features that drive the registration. `obelisk` without --model uses the embedded default
     /// model (trained on synthetic phantoms only); it stays off by default because it registered
-    /// worse than MIND on the real TotalSegmentator pairs (mean Dice 0.26 vs 0.49 for CT A←CT B,
-    /// 0.37 vs 0.50 for CT B←CT A, 0.00 vs 0.48 for CT A←MR C; see README).
+    /// worse than MIND on the real TotalSegmentator pairs (mean Dice 0.23 vs 0.51 for CT A←CT B,
+    /// 0.28 vs 0.50 for CT B←CT A, 0.00 vs 0.50 for CT A←MR C; see README).
     #[arg(long, value_enum, default_value_t = FeatureKind::Mind)]
     pub features: FeatureKind,
     /// Trained model folder (from `obelisk train`) for --features obelisk, instead of the
