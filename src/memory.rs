@@ -113,11 +113,23 @@ const BASE: u64 = 64 << 20;
 /// voxel on top: the dense field in f32 and f64, the warped image and labels, the Jacobian map
 /// and the encoder's output buffers, 64 bytes in all. Measured peaks stay below this (README:
 /// 128³ pair 482 MiB measured, 592 MiB estimated; 256³ pair 3.5 GiB measured, 4.2 GiB estimated).
-pub fn register_estimate(fixed: &Grid, moving: &Grid, channels: usize, stride: usize, extra: u64) -> u64 {
+/// The discrete search of radius `discrete_radius` holds one f32 cost per displacement and
+/// first-level voxel (a 4× coarser grid: 1/64 of the fixed voxels).
+pub fn register_estimate(
+    fixed: &Grid,
+    moving: &Grid,
+    channels: usize,
+    stride: usize,
+    extra: u64,
+    discrete_radius: usize,
+) -> u64 {
     let per_image = 4 + (2 * 4 * channels as u64).div_ceil((stride.max(1) as u64).pow(3));
     let (nf, nm) = (fixed.num_voxels() as u64, moving.num_voxels() as u64);
+    let displacements = (2 * discrete_radius as u64 + 1).pow(3);
+    let discrete = if discrete_radius > 0 { (nf / 64 + 1).saturating_mul(displacements).saturating_mul(4) } else { 0 };
     BASE.saturating_add((nf.saturating_add(nm)).saturating_mul(per_image))
         .saturating_add(nf.saturating_mul(64))
+        .saturating_add(discrete)
         .saturating_add(extra)
 }
 
@@ -137,6 +149,16 @@ mod tests {
         }
         assert_eq!(format_size(3 << 29), "1.5 GiB");
         assert_eq!(format_size(100), "100 B");
+    }
+
+    #[test]
+    fn discrete_search_memory_is_counted() {
+        let g = Grid::from_spacing([256, 256, 256], [1.0; 3], [0.0; 3]).unwrap();
+        let off = register_estimate(&g, &g, 12, 1, 0, 0);
+        // 13³ costs for each of 256³/64 first-level voxels: about 2.2 GB on top
+        let r6 = register_estimate(&g, &g, 12, 1, 0, 6);
+        assert_eq!(r6 - off, (256u64.pow(3) / 64 + 1) * 13u64.pow(3) * 4);
+        assert!(register_estimate(&g, &g, 12, 1, 0, 2) > off);
     }
 
     #[test]

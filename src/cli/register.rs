@@ -244,7 +244,14 @@ impl RegisterArgs {
             Some(m) => (m.stride(), 4 * m.num_parameters() as u64 + (256 << 20)),
             None => (1, 0),
         };
-        let need = crate::memory::register_estimate(&fg, &mg, extractor.channels(), stride, extra);
+        let need = crate::memory::register_estimate(
+            &fg,
+            &mg,
+            extractor.channels(),
+            stride,
+            extra,
+            self.options.discrete_radius,
+        );
         crate::memory::Limit::new(self.max_memory).check(
             need,
             &format!(
