@@ -88,8 +88,8 @@ impl FeatureFrame {
         Ok(extractor.extract(&self.image(image)?)?)
     }
 
-    /// The exact mode's point features of `image` in this frame (`exact` set), from `model` or
-    /// the embedded model.
+    /// The exact mode's point features of `image` in this frame (`exact` set), from `model`
+    /// (validation loads it, embedded or from a folder, whenever `--exact` is accepted).
     pub fn point_features(
         &self,
         exact: bool,
@@ -99,14 +99,7 @@ impl FeatureFrame {
         if !exact {
             return Ok(None);
         }
-        let embedded;
-        let m = match model {
-            Some(m) => m,
-            None => {
-                embedded = ObeliskFeatures::embedded()?;
-                &embedded
-            }
-        };
+        let m = model.context("--exact needs --features obelisk")?;
         Ok(Some(m.at_points(&self.image(image)?)?))
     }
 }
