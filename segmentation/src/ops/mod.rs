@@ -12,7 +12,7 @@ pub use axis::{
 };
 pub use conv3d::{conv3d, unfold3d, ConvGeometry};
 pub use kernel_sample::{kernel_sample, kernel_sample_grid};
-pub use sample::{grid_sample, sample_point, Dims, Interpolation, Padding};
+pub use sample::{grid_sample, sample_point, Dims, Interpolation, Padding, SampledL1};
 
 pub(crate) fn bail<T>(msg: impl Into<String>) -> candle_core::Result<T> {
     Err(candle_core::Error::Msg(msg.into()))

@@ -452,3 +452,51 @@ fn kernel_sample_grid_equals_kernel_sample_on_the_grid() {
     }
     assert!(kernel_sample_grid(&x, size, n - 1, 2, &off, true).is_err(), "run past the grid");
 }
+
+/// The fused similarity equals grid sampling + overlap mask + masked L1 composed of candle ops,
+/// in value and in its gradient, which matches finite differences; points outside the moving
+/// extent count neither in the sum nor in the normalisation.
+#[test]
+fn sampled_l1_equals_the_composed_loss_and_its_gradient() {
+    let (c, np) = (3, 300);
+    let moving = volume(1, c, 5, 6, 7);
+    let fixed = t(rand_vec(c * np, 11), &[1, c, np]);
+    // spread 1.3: some points beyond the extent (|p| > 1 + 1/(n − 1)) on every axis
+    let p = points(1, np, 1.3, 5);
+    let l1 = SampledL1::new(&moving, &fixed).unwrap();
+    let composed = |q: &Tensor| -> (Tensor, f64) {
+        let lim = [7usize, 6, 5].map(|n| 1.0 + 1.0 / (n as f64 - 1.0));
+        let qv: Vec<f64> = q.flatten_all().unwrap().to_vec1().unwrap();
+        let mask: Vec<f64> =
+            qv.chunks(3).map(|x| if (0..3).all(|a| x[a].abs() <= lim[a]) { 1.0 } else { 0.0 }).collect();
+        let count: f64 = mask.iter().sum();
+        let mask = t(mask, &[1, 1, np]);
+        let m = grid_sample(&moving, q, Interpolation::Linear, Padding::Border).unwrap();
+        let s = (&fixed - m).unwrap().abs().unwrap().broadcast_mul(&mask).unwrap().sum_all().unwrap();
+        ((s / (c as f64 * count)).unwrap(), count / np as f64)
+    };
+    let (fused, inside) = l1.loss(&p).unwrap();
+    let (want, want_inside) = composed(&p);
+    assert!(want_inside > 0.3 && want_inside < 0.95, "the test needs points on both sides: {want_inside}");
+    assert_eq!(inside, want_inside);
+    let (a, b) = (fused.to_scalar::<f64>().unwrap(), want.to_scalar::<f64>().unwrap());
+    assert!((a - b).abs() < 1e-12, "fused {a} vs composed {b}");
+
+    let var = Var::from_tensor(&p).unwrap();
+    let g_fused = l1.loss(var.as_tensor()).unwrap().0.backward().unwrap();
+    let g_comp = composed(var.as_tensor()).0.backward().unwrap();
+    let gf: Vec<f64> = g_fused.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let gc: Vec<f64> = g_comp.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let worst = gf.iter().zip(&gc).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    assert!(worst < 1e-12, "gradients differ by {worst:e}");
+    assert!(gf.iter().any(|&g| g != 0.0));
+    let l1c = l1.clone();
+    check_grad(&p, &move |q| l1c.loss(q).unwrap().0, 1e-6);
+
+    // f32 maps give the same loss to f32 precision
+    let l1_32 = SampledL1::new(&moving.to_dtype(DType::F32).unwrap(), &fixed.to_dtype(DType::F32).unwrap()).unwrap();
+    let a32 = l1_32.loss(&p).unwrap().0.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+    assert!((a32 - a).abs() < 1e-5 * a.abs().max(1.0));
+    assert!(SampledL1::new(&moving, &fixed.narrow(1, 0, 2).unwrap()).is_err());
+    assert!(l1.loss(&p.narrow(1, 0, 10).unwrap()).is_err());
+}
