@@ -100,7 +100,11 @@ pub struct SearchResult {
     pub evaluations: usize,
 }
 
+/// Fixed axes with at least this many coarse voxels are subsampled by 2 for the lattice.
+const LATTICE_SUBSAMPLE_FROM: usize = 16;
+
 /// Feature maps `(C, D, H, W)` on a (downsampled) grid.
+#[derive(Clone)]
 struct Maps {
     grid: Grid,
     channels: usize,
@@ -166,17 +170,34 @@ struct Level {
 }
 
 impl Level {
-    fn new(fixed: Maps, moving: Maps, smaller_volume: f64, min_overlap: f64, score: SearchScore) -> Self {
+    /// `stride`: every `stride[a]`-th fixed voxel along axis `a` is scored.
+    fn new(
+        fixed: Maps,
+        moving: Maps,
+        smaller_volume: f64,
+        min_overlap: f64,
+        score: SearchScore,
+        stride: [usize; 3],
+    ) -> Self {
         let m = moving.grid.matrix(Space::Lps, Space::Voxel) * fixed.grid.matrix(Space::Voxel, Space::Lps);
         let [nx, ny, nz] = fixed.grid.shape();
-        let points = (0..nz * ny * nx)
-            .map(|v| crate::grid::apply(&m, [(v % nx) as f64, ((v / nx) % ny) as f64, (v / (nx * ny)) as f64]))
+        let kept: Vec<usize> = (0..nz * ny * nx)
+            .filter(|&v| v % nx % stride[0] == 0 && (v / nx) % ny % stride[1] == 0 && v / (nx * ny) % stride[2] == 0)
             .collect();
+        let points = kept
+            .iter()
+            .map(|&v| crate::grid::apply(&m, [(v % nx) as f64, ((v / nx) % ny) as f64, (v / (nx * ny)) as f64]))
+            .collect();
+        let c = fixed.channels;
+        let all = interleave(&fixed.data, c);
+        let fixed_vm = kept.iter().flat_map(|&v| all[v * c..(v + 1) * c].iter().copied()).collect();
         let lin = moving.grid.matrix(Space::Lps, Space::Voxel).fixed_view::<3, 3>(0, 0).into_owned();
-        let point_fraction = voxel_volume(&fixed.grid) / smaller_volume;
+        // a scored point stands for the voxels skipped beside it
+        let per_point = fixed.grid.num_voxels() as f64 / kept.len().max(1) as f64;
+        let point_fraction = per_point * voxel_volume(&fixed.grid) / smaller_volume;
         Self {
-            channels: fixed.channels,
-            fixed_vm: interleave(&fixed.data, fixed.channels),
+            channels: c,
+            fixed_vm,
             moving_vm: interleave(&moving.data, moving.channels),
             fixed_grid: fixed.grid,
             moving_grid: moving.grid,
@@ -284,13 +305,15 @@ pub fn search_translation(fixed_feat: &Volume, moving_feat: &Volume, cfg: &Searc
     let smaller = vf.min(vm).min(reachable).max(f64::MIN_POSITIVE);
     let min_slices = cfg.min_slices.max(1);
 
-    let coarse = Level::new(
-        downsample(fixed_feat, cfg.coarse_mm, min_slices)?,
-        downsample(moving_feat, cfg.coarse_mm, min_slices)?,
-        smaller,
-        cfg.min_overlap,
-        cfg.score,
-    );
+    let (fixed_coarse, moving_coarse) =
+        (downsample(fixed_feat, cfg.coarse_mm, min_slices)?, downsample(moving_feat, cfg.coarse_mm, min_slices)?);
+    // The lattice only ranks translations 2 coarse voxels apart for the refinement, which scores
+    // every voxel: every other voxel along the axes long enough ranks them as well, at an eighth
+    // of the cost (the lattice was a third of the search's time).
+    let stride = fixed_coarse.grid.shape().map(|n| if n >= LATTICE_SUBSAMPLE_FROM { 2 } else { 1 });
+    let lattice_level =
+        Level::new(fixed_coarse.clone(), moving_coarse.clone(), smaller, cfg.min_overlap, cfg.score, stride);
+    let coarse = Level::new(fixed_coarse, moving_coarse, smaller, cfg.min_overlap, cfg.score, [1; 3]);
     let min_sp = |g: &Grid| g.spacing().into_iter().fold(f64::INFINITY, f64::min);
     let step = cfg.step_voxels * min_sp(&coarse.fixed_grid).max(min_sp(&coarse.moving_grid));
 
@@ -312,7 +335,8 @@ pub fn search_translation(fixed_feat: &Volume, moving_feat: &Volume, cfg: &Searc
         .flat_map(|&z| ay.iter().flat_map(move |&y| ax.iter().map(move |&x| [x, y, z])))
         .filter(|&t| box_overlap(t) >= cfg.min_overlap * smaller)
         .collect();
-    let scores: Vec<f64> = lattice.par_iter().map(|&t| coarse.evaluate(t).0).collect();
+    let scores: Vec<f64> = lattice.par_iter().map(|&t| lattice_level.evaluate(t).0).collect();
+    drop(lattice_level);
     let mut order: Vec<usize> = (0..lattice.len()).filter(|&i| scores[i].is_finite()).collect();
     if order.is_empty() {
         return Err(Error::Registration(format!(
@@ -335,12 +359,13 @@ pub fn search_translation(fixed_feat: &Volume, moving_feat: &Volume, cfg: &Searc
     }
     let mut evaluations = lattice.len();
 
-    // Stage 2 on the coarse maps, where an evaluation is cheap: every start down to a quarter
-    // of a coarse voxel.
+    // Stage 2 on the coarse maps, where an evaluation is cheap: every start down to half a
+    // coarse voxel, where the fine stage takes over (a quarter voxel more cost a third of the
+    // search and moved no start by more than the fine stage corrects).
     let coarse_voxel = min_sp(&coarse.fixed_grid).min(min_sp(&coarse.moving_grid));
     let mut refined: Vec<([f64; 3], f64, f64)> = Vec::new();
     for &t in &starts {
-        let (t, sc, ov, n) = refine(&coarse, t, 0.5 * step, 0.25 * coarse_voxel);
+        let (t, sc, ov, n) = refine(&coarse, t, 0.5 * step, 0.5 * coarse_voxel);
         evaluations += n;
         refined.push((t, sc, ov));
     }
@@ -366,6 +391,7 @@ pub fn search_translation(fixed_feat: &Volume, moving_feat: &Volume, cfg: &Searc
         smaller,
         cfg.min_overlap,
         cfg.score,
+        [1; 3],
     );
     // stop at half a fine voxel: the optimiser that follows resolves the rest
     let smallest = 0.5 * min_sp(&fine.fixed_grid).min(min_sp(&fine.moving_grid));

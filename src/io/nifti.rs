@@ -623,7 +623,7 @@ fn write_nifti(path: &Path, o: &Out, data: &[u8]) -> Result<(), IoError> {
     let header = build_header(o).map_err(|m| IoError::new(path, m))?;
     write_atomic(path, |w| {
         if is_gz(path) {
-            let mut gz = GzEncoder::new(w, flate2::Compression::new(6));
+            let mut gz = GzEncoder::new(w, flate2::Compression::new(1));
             gz.write_all(&header)?;
             gz.write_all(data)?;
             gz.finish()?;
