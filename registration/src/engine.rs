@@ -71,7 +71,9 @@ impl Default for RegistrationConfig {
             affine_lr_decay: 0.96,
             levels: vec![
                 LevelConfig { shrink: 4, control_shrink: 2, iterations: 80 },
-                LevelConfig { shrink: 2, control_shrink: 2, iterations: 60 },
+                // 40 iterations: 60 gave the same Dice (synthetic 96³ 0.943 / 0.943, real pairs
+                // 0.509 / 0.502 / 0.502 vs 0.508 / 0.502 / 0.500) at 1.5× the level's time
+                LevelConfig { shrink: 2, control_shrink: 2, iterations: 40 },
             ],
             smoothness: 1.0,
             diffusion: 0.3,

@@ -210,13 +210,22 @@ fn channels_last<T: Real>(input: &[T], c: usize, vsz: usize) -> std::borrow::Cow
     }
     let mut t = vec![T::zero(); input.len()];
     // parallel over voxel blocks (a batch of one volume must not run on one thread)
+    // (one division per block, not per value: 64-bit divisions made this copy cost as much as
+    // the sampling it serves)
     t.par_chunks_mut(CHUNK * c).enumerate().for_each(|(ci, tb)| {
         let first = ci * CHUNK;
-        for (q, dst) in tb.chunks_mut(c).enumerate() {
-            let (bi, v) = ((first + q) / vsz, (first + q) % vsz);
-            for (ch, d) in dst.iter_mut().enumerate() {
-                *d = input[(bi * c + ch) * vsz + v];
+        let mut q = 0;
+        while q * c < tb.len() {
+            let (bi, v0) = ((first + q) / vsz, (first + q) % vsz);
+            // the run of voxels of this block that lie in volume `bi`
+            let run = (vsz - v0).min(tb.len() / c - q);
+            for ch in 0..c {
+                let src = &input[(bi * c + ch) * vsz + v0..][..run];
+                for (k, &x) in src.iter().enumerate() {
+                    tb[(q + k) * c + ch] = x;
+                }
             }
+            q += run;
         }
     });
     std::borrow::Cow::Owned(t)
