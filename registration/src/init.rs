@@ -385,13 +385,17 @@ pub fn search_translation(fixed_feat: &Volume, moving_feat: &Volume, cfg: &Searc
 
     // Stage 3 on the fine maps, for the best few only: a fine evaluation costs as much as
     // (coarse / fine)³ coarse ones, which for two whole scans is most of the search's time.
+    // The fixed points are subsampled as for the lattice: the moving maps stay fine, so each
+    // score still sees 7 mm detail, and the step (5 mm) is what limits the precision.
+    let fixed_fine = downsample(fixed_feat, cfg.fine_mm, min_slices)?;
+    let stride = fixed_fine.grid.shape().map(|n| if n >= LATTICE_SUBSAMPLE_FROM { 2 } else { 1 });
     let fine = Level::new(
-        downsample(fixed_feat, cfg.fine_mm, min_slices)?,
+        fixed_fine,
         downsample(moving_feat, cfg.fine_mm, min_slices)?,
         smaller,
         cfg.min_overlap,
         cfg.score,
-        [1; 3],
+        stride,
     );
     // stop at half a fine voxel: the optimiser that follows resolves the rest
     let smallest = 0.5 * min_sp(&fine.fixed_grid).min(min_sp(&fine.moving_grid));
