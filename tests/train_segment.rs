@@ -160,3 +160,50 @@ fn hybrid_train_segment_register() {
     let field = io::read_field(&reg.join("field.nii.gz")).unwrap();
     assert!(field.data.iter().all(|v| v.is_finite()));
 }
+
+/// The ablation switches reach the model and the trainer: each changes the training, a
+/// single-offset model has one offset per kernel element (3 parameters fewer each, saved as such
+/// and loaded back), and `--single-offset` is refused where there is no OBELISK layer.
+#[test]
+fn train_ablations_change_the_model_and_the_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    #[rustfmt::skip]
+    ok(&["synth", "--out", s(&data), "--subjects", "2", "--size", "32,32,32", "--spacing", "10,10,10",
+         "--seed", "6", "--quiet"]);
+    let ds = data.join("dataset.json");
+    let train = |name: &str, extra: &[&str]| -> serde_json::Value {
+        let out = dir.path().join(name);
+        let mut args = vec!["train", "--dataset", s(&ds), "--out", s(&out), "--iterations", "6"];
+        args.extend_from_slice(extra);
+        ok_json(&args)
+    };
+    let base = train("base", &[]);
+    let loss = |v: &serde_json::Value| v["final_loss"].as_f64().unwrap();
+    for flag in ["--no-augmentation", "--no-ohem", "--single-offset"] {
+        let r = train(flag.trim_start_matches('-'), &[flag]);
+        assert_ne!(loss(&r), loss(&base), "{flag} left the training unchanged");
+    }
+    let single = dir.path().join("single-offset");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(single.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["architecture"]["binary"], false, "{config}");
+    let kernels = config["architecture"]["kernels"].as_u64().unwrap();
+    let p = |v: &serde_json::Value| v["parameters"].as_u64().unwrap();
+    let single_report = train("single-again", &["--single-offset"]);
+    assert_eq!(p(&base) - p(&single_report), 3 * kernels);
+    let image = data.join("subject_000_image.nii.gz");
+    ok(&[
+        "segment",
+        "--model",
+        s(&single),
+        "--image",
+        s(&image),
+        "--out",
+        s(&dir.path().join("seg.nii.gz")),
+        "--quiet",
+    ]);
+    let err =
+        fails(&["train", "--dataset", s(&ds), "--out", s(&dir.path().join("u")), "--arch", "unet", "--single-offset"]);
+    assert!(err.contains("--single-offset"), "{err}");
+}

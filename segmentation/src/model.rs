@@ -97,7 +97,7 @@ impl ModelConfig {
                 let layers: Vec<Option<u64>> =
                     (0..c.dense_layers).map(|i| m(c.mid.checked_add(i.checked_mul(c.growth)?)?, c.growth)).collect();
                 sum(&[
-                    m(c.kernels, 6),
+                    m(c.kernels, if c.binary { 6 } else { 3 }),
                     m(c.in_channels.checked_mul(c.kernels)?, c.hidden),
                     m(c.hidden, c.mid),
                     sum(&layers),

@@ -23,7 +23,7 @@ pub enum ObeliskFeatureLayer {
 pub struct ObeliskNetConfig {
     pub in_channels: usize,
     pub num_classes: usize,
-    /// Offset pairs of the binary OBELISK layer.
+    /// Kernel elements of the OBELISK layer (offset pairs when `binary`).
     pub kernels: usize,
     /// Groups of the first 1x1x1 convolution.
     pub groups: usize,
@@ -38,6 +38,15 @@ pub struct ObeliskNetConfig {
     pub grid_divisor: usize,
     pub offset_std: f64,
     pub feature_layer: ObeliskFeatureLayer,
+    /// Two offsets per kernel element and the difference of their samples (the MIDL network);
+    /// false: one offset and its plain sample (the single-offset ablation). Configs saved
+    /// before the option existed are binary.
+    #[serde(default = "binary_default")]
+    pub binary: bool,
+}
+
+fn binary_default() -> bool {
+    true
 }
 
 impl Default for ObeliskNetConfig {
@@ -55,6 +64,7 @@ impl Default for ObeliskNetConfig {
             grid_divisor: 4,
             offset_std: 0.05,
             feature_layer: ObeliskFeatureLayer::Mid,
+            binary: true,
         }
     }
 }
@@ -203,7 +213,7 @@ impl ObeliskNet {
             ObeliskConfig {
                 in_channels: cfg.in_channels,
                 kernels: cfg.kernels,
-                binary: true,
+                binary: cfg.binary,
                 out_channels: cfg.hidden,
                 groups: cfg.groups,
                 offset_std: cfg.offset_std,

@@ -78,6 +78,25 @@ pub struct TrainArgs {
     /// Overwrite existing outputs.
     #[arg(long)]
     pub force: bool,
+    /// Ablation: no random affine transform of the sampling coordinates (OBELISK architectures;
+    /// the U-Net and the hybrid net train without it anyway).
+    #[arg(long)]
+    pub no_augmentation: bool,
+    /// Ablation: the loss over every point or voxel instead of the hardest 25 %.
+    #[arg(long)]
+    pub no_ohem: bool,
+    /// Ablation: one learned offset per kernel element and its plain sample instead of the
+    /// difference of two samples (`--arch obelisk` and `obelisk-midl` only).
+    #[arg(long)]
+    pub single_offset: bool,
+}
+
+/// The ablations of `obelisk train` (all off by default).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Ablations {
+    pub no_augmentation: bool,
+    pub no_ohem: bool,
+    pub single_offset: bool,
 }
 
 /// One training subject as read from disk.
@@ -98,6 +117,7 @@ pub struct TrainJob {
     pub log_every: usize,
     pub out: PathBuf,
     pub input_norm: InputNorm,
+    pub ablations: Ablations,
 }
 
 fn volume_tensor(v: &Volume) -> Result<Tensor> {
@@ -126,6 +146,9 @@ impl TrainArgs {
         }
         if self.log_every == 0 {
             bail!("--log-every must be at least 1");
+        }
+        if self.single_offset && !matches!(self.arch, ArchArg::Obelisk | ArchArg::ObeliskMidl) {
+            bail!("--single-offset applies to --arch obelisk and obelisk-midl only");
         }
         let ds = Dataset::load(&self.dataset)?;
         let json = self.dataset.display();
@@ -203,6 +226,11 @@ impl TrainArgs {
             log_every: self.log_every,
             out: self.out,
             input_norm,
+            ablations: Ablations {
+                no_augmentation: self.no_augmentation,
+                no_ohem: self.no_ohem,
+                single_offset: self.single_offset,
+            },
         })
     }
 }
@@ -266,17 +294,29 @@ impl TrainJob {
                 growth: 16,
                 dense_layers: 2,
                 pool_kernel: [3, 3, 3],
+                binary: !self.ablations.single_offset,
                 ..Default::default()
             }),
-            ArchArg::ObeliskMidl => {
-                Architecture::ObeliskNet(ObeliskNetConfig { num_classes: classes, ..Default::default() })
-            }
+            ArchArg::ObeliskMidl => Architecture::ObeliskNet(ObeliskNetConfig {
+                num_classes: classes,
+                binary: !self.ablations.single_offset,
+                ..Default::default()
+            }),
             ArchArg::Unet => {
                 Architecture::Unet(UNetConfig { num_classes: classes, channels: vec![8, 16, 32], ..Default::default() })
             }
             ArchArg::Hybrid => Architecture::Hybrid(HybridNetConfig { num_classes: classes, ..Default::default() }),
         };
         ModelConfig::new(arch, self.input_norm, self.label_names.clone())
+    }
+
+    /// `base` with the ablations applied: OHEM keeps every point, augmentation draws no affine.
+    fn ablated(base: TrainConfig, a: Ablations) -> TrainConfig {
+        TrainConfig {
+            ohem_fraction: if a.no_ohem { 1.0 } else { base.ohem_fraction },
+            affine_sigma: if a.no_augmentation { 0.0 } else { base.affine_sigma },
+            ..base
+        }
     }
 
     fn train_config(&self) -> TrainConfig {
@@ -291,7 +331,7 @@ impl TrainJob {
             epochs: 1,
             iters_per_epoch: self.iterations,
             seed: self.seed,
-            ..Default::default()
+            ..Self::ablated(TrainConfig::default(), self.ablations)
         }
     }
 
