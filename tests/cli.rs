@@ -349,8 +349,16 @@ fn register_places_a_slab_with_an_unrelated_header() {
         let kept = summary["init_translation_mm"][a].as_f64().unwrap();
         assert!((kept + shift_lps[a]).abs() <= spacing[a], "axis {a}: {summary}");
     }
+    // the affine stage arbitrates only between starts the search scored alike (within 1.25× of
+    // its best candidate): a wrong start can reach a lower affine loss on a thin slab
     let starts = summary["affine_starts"].as_array().unwrap();
-    assert!((2..=3).contains(&starts.len()), "{summary}");
+    assert!(starts.len() <= 3, "{summary}");
+    let cands = search["candidates"].as_array().unwrap();
+    let best = cands[0][1].as_f64().unwrap();
+    for st in starts.iter().skip(1) {
+        let c = cands.iter().find(|c| c[0] == st["translation_mm"]).expect("a start is a search candidate");
+        assert!(c[1].as_f64().unwrap() <= 1.25 * best, "{summary}");
+    }
 }
 
 /// `--init labels` lines up the shared structures, and Dice is reported over the structures
