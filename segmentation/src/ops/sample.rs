@@ -635,6 +635,26 @@ fn count_inside<T: Real>(points: &[T], dims: Dims) -> usize {
     points.par_chunks(3 * CHUNK).map(|ch| ch.chunks(3).filter(|p| inside_extent(p, lim)).count()).sum()
 }
 
+/// The moving maps (channels-last) at normalised point `p` into `m`, and the taps used; `None`
+/// outside the extent `lim`, where `m` is left as it was.
+#[inline(always)]
+fn sample_inside<T: Real>(
+    moving: &[T],
+    dims: Dims,
+    half: [T; 3],
+    lim: [T; 3],
+    p: &[T],
+    m: &mut [T],
+) -> Option<[Taps<T>; 3]> {
+    if !inside_extent(p, lim) {
+        return None;
+    }
+    let taps = all_taps(to_voxel(p, half), dims, Interpolation::Linear, Padding::Border);
+    m.iter_mut().for_each(|v| *v = T::zero());
+    gather_into(moving, dims, &taps, m);
+    Some(taps)
+}
+
 /// Σ over inside points and channels of `|f − m(p)|`, in chunks summed in order (the same
 /// result for any thread count).
 fn sampled_l1_forward<T: Real>(moving: &[T], fixed: &[T], points: &[T], c: usize, dims: Dims) -> f64 {
@@ -647,12 +667,9 @@ fn sampled_l1_forward<T: Real>(moving: &[T], fixed: &[T], points: &[T], c: usize
             let mut m = vec![T::zero(); c];
             let mut sum = 0.0f64;
             for (q, p) in pts.chunks(3).enumerate() {
-                if !inside_extent(p, lim) {
+                if sample_inside(moving, dims, half, lim, p, &mut m).is_none() {
                     continue;
                 }
-                let taps = all_taps(to_voxel(p, half), dims, Interpolation::Linear, Padding::Border);
-                m.iter_mut().for_each(|v| *v = T::zero());
-                gather_into(moving, dims, &taps, &mut m);
                 let f = &fixed[(ci * CHUNK + q) * c..][..c];
                 let s = f.iter().zip(&m).fold(T::zero(), |acc, (&a, &b)| acc + (a - b).abs());
                 sum += s.to_f64().unwrap_or(f64::NAN);
@@ -671,12 +688,9 @@ fn sampled_l1_backward<T: Real>(moving: &[T], fixed: &[T], points: &[T], c: usiz
     out.par_chunks_mut(3 * CHUNK).zip(points.par_chunks(3 * CHUNK)).enumerate().for_each(|(ci, (o, pts))| {
         let (mut m, mut go) = (vec![T::zero(); c], vec![T::zero(); c]);
         for (q, (g3, p)) in o.chunks_mut(3).zip(pts.chunks(3)).enumerate() {
-            if !inside_extent(p, lim) {
+            let Some(taps) = sample_inside(moving, dims, half, lim, p, &mut m) else {
                 continue;
-            }
-            let taps = all_taps(to_voxel(p, half), dims, Interpolation::Linear, Padding::Border);
-            m.iter_mut().for_each(|v| *v = T::zero());
-            gather_into(moving, dims, &taps, &mut m);
+            };
             let f = &fixed[(ci * CHUNK + q) * c..][..c];
             // d|f − m|/dm = −sign(f − m)
             for ((g, &a), &b) in go.iter_mut().zip(f).zip(&m) {
