@@ -169,6 +169,9 @@ pub struct RegisterSummary {
     pub dice_after_init: Option<f64>,
     /// Mean Dice after the affine stage, before the deformable ones.
     pub dice_after_affine: Option<f64>,
+    /// Mean Dice after the discrete displacement search (the last label-free start, before the
+    /// gradient-based levels), when it ran.
+    pub dice_after_discrete: Option<f64>,
     /// The search's starts the affine stage was run from and the loss each ended at; the
     /// lowest (by a margin of 1 %; ties keep the search's best) was kept (`init_translation_mm`).
     pub affine_starts: Vec<AffineStart>,
@@ -306,17 +309,20 @@ impl RegisterJob {
             (Some(f), Some(m)) => Some(Evaluation::new(f, m)),
             _ => None,
         };
-        let (mut dice_before, mut dice_after_init, mut dice_after_affine) = (None, None, None);
+        let (mut dice_before, mut dice_after_init, mut dice_after_affine, mut dice_after_discrete) =
+            (None, None, None, None);
         if let Some(e) = &eval {
             dice_before = e.mean_dice(&identity, &self.moving.grid)?;
-            let through = |a: &Affine| -> Result<Option<f64>> {
-                let f = DenseDisplacement::zeros(self.fixed.grid.clone(), &candle_core::Device::Cpu)?
-                    .to_field(a, &self.fixed.grid)?;
-                e.mean_dice(&f, &self.moving.grid)
+            let through = |d: &DenseDisplacement, a: &Affine| -> Result<Option<f64>> {
+                e.mean_dice(&d.to_field(a, &self.fixed.grid)?, &self.moving.grid)
             };
-            dice_after_init = through(&Affine::translation(init_t))?;
+            let zero = DenseDisplacement::zeros(self.fixed.grid.clone(), &candle_core::Device::Cpu)?;
+            dice_after_init = through(&zero, &Affine::translation(init_t))?;
             if reg.stages.iter().any(|s| s.name == "affine") {
-                dice_after_affine = through(&reg.affine)?;
+                dice_after_affine = through(&zero, &reg.affine)?;
+            }
+            if let Some(d) = &reg.discrete_start {
+                dice_after_discrete = through(d, &reg.affine)?;
             }
         }
         let metrics = match (&eval, &warped_labels) {
@@ -425,6 +431,7 @@ impl RegisterJob {
             dice_before,
             dice_after_init,
             dice_after_affine,
+            dice_after_discrete,
             affine_starts,
             dice_scope: if eval.is_some() { DICE_SCOPE } else { "no label maps given" },
             shared_labels: eval.map(|e| e.shared).unwrap_or_default(),

@@ -136,6 +136,7 @@ fn register_eval_grid_and_warp_work_together() {
         assert!(loss(kept) <= lowest / 0.99, "{summary}");
     }
     assert!(summary["dice_after_affine"].as_f64().is_some(), "{summary}");
+    assert!(summary["dice_after_discrete"].as_f64().is_some(), "{summary}");
     let fixed_img = io::read_image(&fixed).unwrap();
     let field = io::read_field(&reg.join("field.nii.gz")).unwrap();
     assert!(field.grid.same_as(&fixed_img.grid, 1e-4));

@@ -114,6 +114,9 @@ pub struct Registration {
     /// `(stage, iteration, loss)` for every iteration.
     pub losses: Vec<(String, usize, f64)>,
     pub stages: Vec<StageReport>,
+    /// The discrete search's displacement on the first level's control grid (after `affine`),
+    /// when it ran: the label-free start the gradient levels refine, kept so it can be evaluated.
+    pub discrete_start: Option<DenseDisplacement>,
 }
 
 /// A feature pyramid level: features as tensors on a grid resized from the original.
@@ -281,6 +284,7 @@ pub fn register_with(
     let dev = Device::Cpu;
     let mut losses = Vec::new();
     let mut stages = Vec::new();
+    let mut discrete_found = None;
     let mut affine = init.clone();
 
     if cfg.affine_iterations > 0 {
@@ -319,7 +323,9 @@ pub fn register_with(
                     control_shape: fl.grid.shape(),
                     overlap,
                 });
-                start.resampled(&cgrid)?
+                let u = start.resampled(&cgrid)?;
+                discrete_found = Some(u.clone());
+                u
             }
             None => DenseDisplacement::zeros(cgrid.clone(), &dev)?,
         };
@@ -409,7 +415,7 @@ pub fn register_with(
         None => DenseDisplacement::zeros(fixed.grid.resized([1, 1, 1]), &dev)?,
     };
     let field = dense.to_field(&affine, output_grid)?;
-    Ok(Registration { field, affine, losses, stages })
+    Ok(Registration { field, affine, losses, stages, discrete_start: discrete_found })
 }
 
 /// Outcome of [`affine_stage`].

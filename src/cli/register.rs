@@ -384,8 +384,9 @@ fn print_summary(s: &RegisterSummary) {
     if let Some(a) = s.metrics.mean_dice {
         let f = |d: Option<f64>| d.map_or("-".to_string(), |v| format!("{v:.3}"));
         let affine = s.dice_after_affine.map_or(String::new(), |d| format!(" -> {d:.3} after affine"));
+        let discrete = s.dice_after_discrete.map_or(String::new(), |d| format!(" -> {d:.3} after discrete search"));
         println!(
-            "mean Dice of {} shared structures inside the overlap: {} before -> {} after init{affine} -> {a:.3}",
+            "mean Dice of {} shared structures inside the overlap: {} before -> {} after init{affine}{discrete} -> {a:.3}",
             s.shared_labels.len(),
             f(s.dice_before),
             f(s.dice_after_init),
