@@ -409,7 +409,8 @@ def bench_segmentation(args, ob, out):
     rows, notes = [], []
     test_image = cohort / "subject_000_image.nii.gz"
     for name, arch, flags in variants:
-        row = {"variant": name, "arch": arch, "flags": flags}
+        iterations = args.seg_arch_iterations.get(arch, args.seg_iterations)
+        row = {"variant": name, "arch": arch, "flags": flags, "iterations": iterations}
         missing = [f for f in flags if f not in help_text]
         if arch not in archs:
             missing.append(f"--arch {arch}")
@@ -423,7 +424,7 @@ def bench_segmentation(args, ob, out):
         wd.mkdir(parents=True, exist_ok=True)
         try:
             cmd = ob.cmd("train", "--dataset", cohort / "dataset.json", "--out", wd, "--arch", arch, "--folds",
-                         args.seg_folds, "--iterations", args.seg_iterations, "--seed", 0, "--force", *flags)
+                         args.seg_folds, "--iterations", iterations, "--seed", 0, "--force", *flags)
             _, wall, rss = timed(cmd, wd, env=env_threads(args.threads), timeout=args.timeout)
             cv = json.loads((wd / "cv.json").read_text())
             seg_out = wd / "inference.nii.gz"
@@ -439,7 +440,9 @@ def bench_segmentation(args, ob, out):
             log(f"segmentation {name}: FAILED {e}")
         rows.append(row)
     return {"rows": rows, "notes": notes, "subjects": args.seg_subjects, "folds": args.seg_folds,
-            "iterations": args.seg_iterations, "inference_image": str(test_image.relative_to(out))}
+            "iterations": args.seg_iterations, "arch_iterations": args.seg_arch_iterations,
+            "size": args.synth_size, "spacing": args.synth_spacing,
+            "inference_image": str(test_image.relative_to(out))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,19 +553,21 @@ def seg_markdown(results):
     L = []
     seg = results.get("segmentation")
     if seg:
-        L.append(f"### Segmentation: {seg['folds']}-fold CV on {seg['subjects']} synthetic subjects, "
-                 f"{seg['iterations']} iterations\n")
+        size = "×".join(map(str, seg["size"])) + f" voxels at {seg['spacing'][0]} mm, " if seg.get("size") else ""
+        L.append(f"### Segmentation: {seg['folds']}-fold CV on {seg['subjects']} synthetic subjects ({size}"
+                 f"a fold's test subjects unseen in its training)\n")
         ok = [r for r in seg["rows"] if r["status"] == "ok"]
         organs = list(dict.fromkeys(o for r in ok for o in r["dice"]))
-        L.append("| variant | " + " | ".join(organs) + " | mean Dice | parameters | training s (all folds + final) | "
-                 "training peak RSS MB | inference s | inference peak RSS MB |")
-        L.append("|---|" + "---:|" * (len(organs) + 6))
+        L.append("| variant | " + " | ".join(organs) + " | mean Dice | parameters | iterations | "
+                 "training s (all folds + final) | training peak RSS MB | inference s | inference peak RSS MB |")
+        L.append("|---|" + "---:|" * (len(organs) + 7))
         for r in seg["rows"]:
             if r["status"] != "ok":
                 L.append(f"| {r['variant']} | {r['status']}: {r.get('note') or r.get('error')} |")
                 continue
             L.append(f"| {r['variant']} | " + " | ".join(fmt(r["dice"].get(o), 3) for o in organs) +
-                     f" | {fmt(r['mean_dice'])} | {r['params']:,} | {r['train_total_s']:.1f} | "
+                     f" | {fmt(r['mean_dice'])} | {r['params']:,} | {r.get('iterations', seg['iterations'])} | "
+                     f"{r['train_total_s']:.1f} | "
                      f"{r['train_peak_rss_mb']:.0f} | {r['inference_s']:.2f} | {r['inference_peak_rss_mb']:.0f} |")
         L.append("")
     return "\n".join(L) + "\n"
@@ -637,8 +642,13 @@ def benchmarks_md(results, png_rel):
     else:
         L.append("- Real pairs: **not run** in this run (`--no-real`); the TotalSegmentator pairs have no numbers "
                  "here yet.")
-    if not results.get("segmentation"):
+    seg = results.get("segmentation")
+    if not seg:
         L.append("- Segmentation table: **not run** in this run (`--no-segmentation`).")
+    elif seg.get("command"):
+        load = " ".join(seg.get("load_average_end") or [])
+        L.append(f"- Segmentation table: run separately by `{seg['command']}` "
+                 f"({seg['elapsed_s'] / 60:.0f} min; load average at its end {load}).")
     fm = results.get("feature_model")
     if fm:
         L.append(f"- Feature model: `obelisk train` (OBELISK-Net, {fm['iterations']} iterations) on "
@@ -772,9 +782,20 @@ def main():
     ap.add_argument("--no-segmentation", action="store_true", help="overrides --segmentation (bench.sh sets it)")
     ap.add_argument("--seg-subjects", type=int, default=4)
     ap.add_argument("--seg-folds", type=int, default=2)
-    ap.add_argument("--seg-iterations", type=int, default=200)
+    ap.add_argument("--seg-iterations", type=int, default=1500, help="training iterations per fold")
+    ap.add_argument("--seg-arch-iterations", default="unet=200,hybrid=100",
+                    help="per-architecture iterations instead of --seg-iterations, ARCH=N,...: a U-Net or hybrid "
+                         "iteration (dense patches or whole volumes) costs 30-60 OBELISK-Net iterations")
+    ap.add_argument("--segmentation-only", action="store_true",
+                    help="run only the segmentation table and merge it into the results.json already in --out "
+                         "(then regenerate the reports)")
     args = ap.parse_args()
     args.segmentation = args.segmentation and not args.no_segmentation
+    try:
+        args.seg_arch_iterations = {k: int(v) for k, v in
+                                    (kv.split("=") for kv in args.seg_arch_iterations.split(",") if kv)}
+    except ValueError:
+        sys.exit(f"--seg-arch-iterations: expected ARCH=N,..., got {args.seg_arch_iterations!r}")
     args.synth_size = [int(v) for v in args.synth_size.split(",")]
     args.synth_spacing = [float(v) for v in args.synth_spacing.split(",")]
     if args.smoke:
@@ -797,8 +818,17 @@ def main():
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
 
-    if args.report_only:
+    if args.report_only or args.segmentation_only:
+        if not (out / "results.json").exists():
+            sys.exit(f"{out / 'results.json'}: no results to report on or merge into (run the benchmark first)")
         results = json.loads((out / "results.json").read_text())
+        if args.segmentation_only:
+            started = time.time()
+            results["segmentation"] = bench_segmentation(args, ob, out)
+            results["segmentation"].update(
+                command=os.environ.get("BENCH_COMMAND") or " ".join(shlex.quote(a) for a in sys.argv),
+                elapsed_s=time.time() - started, load_average_end=Path("/proc/loadavg").read_text().split()[:3])
+            (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
         report(results, out, args.benchmarks)
         return
     notes = []
