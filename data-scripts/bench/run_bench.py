@@ -397,7 +397,10 @@ def bench_segmentation(args, ob, out):
     # clap lists the choices as "[possible values: a, b]" or as an indented list under --arch
     arch_help = help_text.split("--arch", 1)[-1].split("\n  -", 1)[0].split("\n      --", 1)[0]
     archs = set(re.findall(r"[a-z][a-z0-9-]*", arch_help))
-    cohort = out / "data" / "seg_cohort"
+    # keyed by what generates it: a cohort left by a run at another size must not be reused
+    # under this run's size in the table
+    size = "x".join(map(str, args.synth_size)) + "_" + "x".join(f"{v:g}" for v in args.synth_spacing)
+    cohort = out / "data" / f"seg_cohort_{args.seg_subjects}_{size}_{args.seed + 100}"
     if not (cohort / "dataset.json").exists():
         ob.run("synth", "--out", cohort, "--subjects", args.seg_subjects, "--seed", args.seed + 100,
                "--size", ",".join(map(str, args.synth_size)), "--spacing", ",".join(map(str, args.synth_spacing)))
