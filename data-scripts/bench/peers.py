@@ -27,6 +27,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 TOOLS = ["ants-syn", "elastix-bspline", "sitk-demons", "sitk-bspline", "convexadam"]
 
@@ -135,6 +136,16 @@ def run_ants(fixed_path, moving_path, threads, start=None):
     return field, seconds, {"antspyx": ants.__version__}
 
 
+def elastix_log_reason(log):
+    """The 'Description:' of the exception elastix wrote to its log, without ITK's prefix."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    reasons = [ln.split("Description:", 1)[1].strip() for ln in lines if "Description:" in ln]
+    return reasons[-1].split("): ", 1)[-1] if reasons else None
+
+
 def run_elastix(fixed_path, moving_path, threads, start=None):
     import itk
     import numpy as np
@@ -176,7 +187,15 @@ def run_elastix(fixed_path, moving_path, threads, start=None):
         mask.SetSpacing(f.GetSpacing())
         mask.SetDirection(f.GetDirection())
         masks["fixed_mask"] = mask
-    _, params = itk.elastix_registration_method(f, m, parameter_object=po, log_to_console=False, **masks)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as logdir:
+        try:
+            _, params = itk.elastix_registration_method(f, m, parameter_object=po, log_to_file=True,
+                                                        output_directory=logdir, **masks)
+        except Exception as e:  # noqa: BLE001 (itk raises plain RuntimeError or its own types)
+            # itk-elastix's own message only points at its log: the reason is in there
+            raise RuntimeError(f"elastix: {elastix_log_reason(Path(logdir) / 'elastix.log') or e}") from None
     field = itk.transformix_deformation_field(m, params)
     seconds = time.perf_counter() - t
     arr = np.asarray(itk.array_from_image(field), dtype=np.float32)  # (z, y, x, 3), LPS mm
