@@ -526,7 +526,7 @@ def markdown(results):
     L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in reg["rows"]:
         if r["status"] == "failed":
-            L.append(f"| {r['pair']} | {r['tool']} | failed: {r['error'][:80]} | | | | | | | | |")
+            L.append(f"| {r['pair']} | {r['tool']} | failed: {r['error'][:140]} | | | | | | | | |")
             continue
         runs = len(r["wall_s_all"]) if "wall_s_all" in r else ""
         L.append(f"| {r['pair']} | {r['tool']} | {fmt(r['mean_dice'])} | {fmt(r['mean_hd95_mm'], 1)} | "
@@ -892,7 +892,7 @@ def main():
         "repeat_below_s": args.repeat_below,
         "start": args.start,
         "starts": starts,
-        "synthetic": {"pairs": args.synth_pairs, "size": args.seg_size, "spacing": args.seg_spacing,
+        "synthetic": {"pairs": args.synth_pairs, "size": args.synth_size, "spacing": args.synth_spacing,
                       "max_displacement_mm": args.synth_max_disp, "seed": args.seed},
         "feature_model": model_info,
         "notes": notes,
