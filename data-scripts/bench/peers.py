@@ -26,6 +26,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -187,8 +188,6 @@ def run_elastix(fixed_path, moving_path, threads, start=None):
         mask.SetSpacing(f.GetSpacing())
         mask.SetDirection(f.GetDirection())
         masks["fixed_mask"] = mask
-    import tempfile
-
     with tempfile.TemporaryDirectory() as logdir:
         try:
             _, params = itk.elastix_registration_method(f, m, parameter_object=po, log_to_file=True,

@@ -363,7 +363,7 @@ def bench_registration(args, ob, out, pairs, tools, model, model_info):
                     if r == 0:
                         row["versions"] = versions
                         row.update(evaluate(pair, field, wd, ob))
-                row.update(status="ok", wall_s=statistics.median(walls), wall_s_all=walls, runs=len(walls),
+                row.update(status="ok", wall_s=statistics.median(walls), wall_s_all=walls,
                            register_s=statistics.median(r for r in regs if r is not None) if any(
                                r is not None for r in regs) else None,
                            peak_rss_mb=max(rsss))

@@ -309,6 +309,14 @@ pub fn register_with(
         let cshape = fl.grid.shape().map(|n| n.div_ceil(level.control_shrink.max(1)).max(1));
         let cgrid = fl.grid.resized(cshape);
         let plan = SamplingPlan::new(&fl.grid, moving_grid, &affine, &dev)?;
+        // the optimised variable's displacement: itself, or its exponential in diffeomorphic mode
+        let displacement = |v: &Tensor| -> Result<Tensor> {
+            if cfg.diffeomorphic {
+                DenseDisplacement::exponentiate(v, &cgrid, cfg.squaring_steps)
+            } else {
+                Ok(v.clone())
+            }
+        };
         let init_u = match &field {
             Some(f) => f.resampled(&cgrid)?,
             None if cfg.discrete.radius > 0 => {
@@ -326,12 +334,7 @@ pub fn register_with(
                     overlap,
                 });
                 let u = start.resampled(&cgrid)?;
-                discrete_found = Some(if cfg.diffeomorphic {
-                    let tensor = DenseDisplacement::exponentiate(&u.tensor, &cgrid, cfg.squaring_steps)?;
-                    DenseDisplacement { grid: cgrid.clone(), tensor }
-                } else {
-                    u.clone()
-                });
+                discrete_found = Some(DenseDisplacement { grid: cgrid.clone(), tensor: displacement(&u.tensor)? });
                 u
             }
             None => DenseDisplacement::zeros(cgrid.clone(), &dev)?,
@@ -350,13 +353,6 @@ pub fn register_with(
         let (d, h, w) = fl.grid.dhw();
         let mut hist = Vec::new();
         let mut overlap = 0.0;
-        let displacement = |v: &Tensor| -> Result<Tensor> {
-            if cfg.diffeomorphic {
-                DenseDisplacement::exponentiate(v, &cgrid, cfg.squaring_steps)
-            } else {
-                Ok(v.clone())
-            }
-        };
         for it in 0..level.iterations {
             let dense = ops::resize(&displacement(u.as_tensor())?, [d, h, w])?;
             let p = plan.points_for(&dense)?;
