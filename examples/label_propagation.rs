@@ -4,10 +4,9 @@
 //!
 //! `cargo run --release --example label_propagation`
 
-use obelisk::pipeline::{align, InitKind, Pair};
-use registration::engine::RegistrationConfig;
 use registration::features::{FeatureExtractor, MindConfig, MindSsc};
 use registration::fusion::{local_distance, majority_vote, weighted_vote};
+use registration::method::{register_features, silent, FeaturePair, MethodConfig, Start};
 use registration::metrics::dice_per_label;
 use registration::synth::{generate_subjects, SynthConfig};
 use registration::warp::{warp_labels, warp_volume, Interpolation, Padding};
@@ -24,12 +23,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (target, target_labels) = &subjects[0];
     let mind = MindSsc::for_grid(MindConfig::default(), &target.grid);
     let tf = mind.extract_canonical(target)?;
-    let config = RegistrationConfig::default();
+    let config = MethodConfig { start: Start::Com, ..Default::default() };
 
     let (mut warped, mut distances) = (Vec::new(), Vec::new());
     for (i, (image, labels)) in subjects.iter().enumerate().skip(1) {
         let af = mind.extract_canonical(image)?;
-        let pair = Pair {
+        let pair = FeaturePair {
             fixed: target,
             moving: image,
             fixed_features: &tf,
@@ -37,7 +36,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             labels: None,
             moving_points: None,
         };
-        let aligned = align(pair, InitKind::Com, &config, &mut |_| {})?;
+        let aligned = register_features(&pair, &config, &mut silent())?;
         let field = &aligned.registration.field;
         let w = warp_labels(labels, field);
         println!("atlas {i}: mean Dice {:.3} after registration", mean_dice(target_labels, &w)?);

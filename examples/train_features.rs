@@ -7,10 +7,8 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use obelisk::features::ObeliskFeatures;
-use obelisk::pipeline::{align, InitKind, Pair};
-use registration::engine::RegistrationConfig;
-use registration::features::FeatureExtractor;
+use registration::features::{FeatureExtractor, ObeliskFeatures};
+use registration::method::{register_features, silent, FeaturePair, MethodConfig, Start};
 use registration::metrics::dice_per_label;
 use registration::synth::{generate_subjects, make_pair, phantom::LABEL_NAMES, SynthConfig};
 use registration::warp::warp_labels;
@@ -76,7 +74,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ff.grid.shape(),
         pair.fixed.grid.shape()
     );
-    let p = Pair {
+    let p = FeaturePair {
         fixed: &pair.fixed,
         moving: &pair.moving,
         fixed_features: &ff,
@@ -84,7 +82,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         labels: None,
         moving_points: None,
     };
-    let aligned = align(p, InitKind::None, &RegistrationConfig::default(), &mut |_| {})?;
+    let config = MethodConfig { start: Start::None, ..Default::default() };
+    let aligned = register_features(&p, &config, &mut silent())?;
     let mean = |d: Vec<(u32, f64)>| d.iter().map(|x| x.1).sum::<f64>() / d.len() as f64;
     let identity = DisplacementField::zeros(pair.fixed.grid.clone());
     let before = mean(dice_per_label(&pair.fixed_labels, &warp_labels(&pair.moving_labels, &identity))?);

@@ -2,7 +2,6 @@
 //! front end, shared by the binary, the integration tests and examples.
 
 pub mod cli;
-pub mod features;
 pub mod io;
 pub mod memory;
 pub mod pictures;

@@ -9,6 +9,7 @@ use image::RgbImage;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
+use registration::method::LossRecord;
 use registration::{DisplacementField, Grid, Labels, Space, Volume};
 
 const FONT: &str = "sans-serif";
@@ -320,11 +321,11 @@ fn draw_checkerboard(area: &Area, view: &View, a: &Volume, b: &Volume, tile_px: 
     }
 }
 
-fn draw_losses(area: &Area, losses: &[(String, usize, f64)]) -> Result<()> {
+fn draw_losses(area: &Area, losses: &[LossRecord]) -> Result<()> {
     if losses.is_empty() {
         return Ok(());
     }
-    let ys: Vec<f64> = losses.iter().map(|l| l.2).collect();
+    let ys: Vec<f64> = losses.iter().map(|l| l.loss).collect();
     let (lo, hi) = ys.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &y| (a.min(y), b.max(y)));
     let pad = ((hi - lo) * 0.05).max(1e-6);
     let mut chart = ChartBuilder::on(area)
@@ -347,13 +348,13 @@ fn draw_losses(area: &Area, losses: &[(String, usize, f64)]) -> Result<()> {
     let mut start = 0;
     let mut stage = 0;
     while start < losses.len() {
-        let name = &losses[start].0;
-        let end = losses[start..].iter().position(|l| &l.0 != name).map_or(losses.len(), |p| start + p);
+        let name = losses[start].stage;
+        let end = losses[start..].iter().position(|l| l.stage != name).map_or(losses.len(), |p| start + p);
         let colour = label_colour(stage as u32 + 1);
         chart
             .draw_series(LineSeries::new((start..end).map(|i| (i, ys[i])), colour.stroke_width(2)))
             .map_err(|e| anyhow::anyhow!("drawing the loss curve: {e}"))?
-            .label(name.clone())
+            .label(name.to_string())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], colour.stroke_width(2)));
         start = end;
         stage += 1;
@@ -455,7 +456,7 @@ pub struct Summary<'a> {
     pub warped_labels: Option<&'a Labels>,
     pub field: &'a DisplacementField,
     pub jacobian: &'a Volume,
-    pub losses: &'a [(String, usize, f64)],
+    pub losses: &'a [LossRecord],
     pub heading: String,
 }
 

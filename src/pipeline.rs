@@ -4,20 +4,19 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use rayon::prelude::*;
-
-use anyhow::{Context, Result};
-use registration::engine::{affine_stage, register_with, PointFeatures, Registration, RegistrationConfig};
-use registration::features::{FeatureExtractor, IntensityFeatures, MindConfig, MindSsc};
-use registration::init::{search_translation, SearchConfig, SearchResult, SearchScore};
+use anyhow::Result;
+use registration::features::{FeatureExtractor, IntensityFeatures, MindConfig, MindSsc, ObeliskFeatures};
+use registration::init::SearchResult;
+use registration::method::{
+    register_pair, AffineStart, Features, ImagePair, MethodConfig, Observer, Role, Stage, StageReport, Start,
+};
 use registration::metrics::{dice_per_label_masked, jacobian, RegistrationMetrics};
-use registration::transform::{grid_points_lps, Affine, DenseDisplacement};
+use registration::transform::{Affine, DenseDisplacement};
 use registration::warp::{coverage, warp_labels, warp_volume};
 use registration::{DisplacementField, Labels, Volume};
 use segmentation::ops::{Interpolation, Padding};
 use serde::Serialize;
 
-use crate::features::{ObeliskFeatures, ObeliskPointFeatures};
 use crate::io;
 use crate::pictures::{self, SliceSpec};
 
@@ -52,76 +51,6 @@ impl FeatureKind {
     }
 }
 
-/// How the images of one registration (or one propagation) are presented to the feature
-/// extractor, so that their features compare: stored in RAS voxel order
-/// ([`FeatureExtractor::extract_canonical`]) and, where their spacings differ, resampled to one
-/// isotropic spacing. MIND-SSC's neighbourhoods and OBELISK's offsets are counted in voxels, so a
-/// 3 mm CT and a 1×1×2 mm CT would otherwise be described at three times different scales.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct FeatureFrame {
-    /// The common isotropic spacing (mm); `None` when the images already share one spacing.
-    pub spacing: Option<f64>,
-}
-
-impl FeatureFrame {
-    /// The frame for images compared with each other: the coarsest of their mean spacings
-    /// (geometric mean over the axes), so no image is described at a finer scale than its data
-    /// hold. 2D images keep their grids.
-    pub fn for_images(images: &[&Volume]) -> Self {
-        let Some(first) = images.first().map(|v| v.grid.spacing()) else { return Self { spacing: None } };
-        let same = |a: [f64; 3]| (0..3).all(|i| (a[i] - first[i]).abs() <= 0.01 * a[i].max(first[i]));
-        if images.iter().any(|v| v.grid.is_2d()) || images.iter().all(|v| same(v.grid.spacing())) {
-            return Self { spacing: None };
-        }
-        let mean = |v: &&Volume| v.grid.spacing().iter().product::<f64>().cbrt();
-        Self { spacing: images.iter().map(mean).reduce(f64::max) }
-    }
-
-    /// `image` as the extractor sees it in this frame: resampled if needed, in RAS voxel order.
-    pub fn image(&self, image: &Volume) -> Result<Volume> {
-        Ok(match self.spacing {
-            Some(s) => image.with_spacing(s)?.to_canonical(),
-            None => image.to_canonical(),
-        })
-    }
-
-    /// Features of `image` in this frame.
-    pub fn extract(&self, extractor: &dyn FeatureExtractor, image: &Volume) -> Result<Volume> {
-        Ok(extractor.extract(&self.image(image)?)?)
-    }
-
-    /// The exact mode's point features of `image` in this frame (`exact` set), from `model`
-    /// (validation loads it, embedded or from a folder, whenever `--exact` is accepted).
-    pub fn point_features(
-        &self,
-        exact: bool,
-        model: Option<&ObeliskFeatures>,
-        image: &Volume,
-    ) -> Result<Option<ObeliskPointFeatures>> {
-        if !exact {
-            return Ok(None);
-        }
-        let m = model.context("--exact needs --features obelisk")?;
-        Ok(Some(m.at_points(&self.image(image)?)?))
-    }
-}
-
-/// How the moving image is placed before optimisation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum InitKind {
-    /// Trust the headers: world coordinates already correspond.
-    None,
-    /// Translate so that the intensity centres of mass coincide.
-    Com,
-    /// Search every translation over which the fields of view overlap, scored on coarse feature
-    /// maps (finds a thin slab in a whole-body atlas whatever its header says).
-    Search,
-    /// The same search scored on the label maps' shared structures instead of image features
-    /// (needs `--fixed-labels` and `--moving-labels`; a reference start for comparisons).
-    Labels,
-}
-
 /// A validated registration job: every input exists and reads, the output folder is writable.
 pub struct RegisterJob {
     pub fixed_path: PathBuf,
@@ -138,8 +67,8 @@ pub struct RegisterJob {
     pub model: Option<ObeliskFeatures>,
     /// Deformable levels evaluate the model at the sampled points (`--exact`).
     pub exact: bool,
-    pub init: InitKind,
-    pub config: RegistrationConfig,
+    /// The method's options, its start among them.
+    pub config: MethodConfig,
     pub pictures: bool,
     pub slice: SliceSpec,
     pub force: bool,
@@ -157,9 +86,9 @@ pub struct RegisterSummary {
     /// Whether the deformable levels evaluated the model at the sampled points (`--exact`).
     pub exact: bool,
     /// The common isotropic spacing both images were resampled to for their features, when
-    /// their spacings differ ([`FeatureFrame`]).
+    /// their spacings differ ([`registration::method::FeatureFrame`]).
     pub feature_spacing_mm: Option<f64>,
-    pub init: InitKind,
+    pub init: Start,
     pub init_translation_mm: [f64; 3],
     /// The translation search's outcome with `--init search`.
     pub init_search: Option<SearchResult>,
@@ -182,27 +111,9 @@ pub struct RegisterSummary {
     /// Fraction of the fixed image's voxels that the registered moving image covers.
     pub overlap_fraction: f64,
     pub metrics: RegistrationMetrics,
-    pub stages: Vec<registration::engine::StageReport>,
+    pub stages: Vec<StageReport>,
     pub runtime_s: BTreeMap<String, f64>,
-    pub config: RegistrationConfig,
-}
-
-/// Intensity-weighted centre of mass (LPS mm) of the robustly normalised image.
-fn centre_of_mass(v: &Volume) -> Result<[f64; 3]> {
-    let w = IntensityFeatures.extract(v)?;
-    let pts = grid_points_lps(&v.grid);
-    let mut acc = [0.0f64; 4];
-    for (p, &m) in pts.iter().zip(&w.data) {
-        let m = m as f64;
-        for a in 0..3 {
-            acc[a] += m * p[a];
-        }
-        acc[3] += m;
-    }
-    if acc[3] <= 0.0 {
-        return Ok(v.grid.map(v.grid.center_ras(), registration::Space::Ras, registration::Space::Lps));
-    }
-    Ok([acc[0] / acc[3], acc[1] / acc[3], acc[2] / acc[3]])
+    pub config: MethodConfig,
 }
 
 fn mean_dice(d: &[(u32, f64)]) -> Option<f64> {
@@ -235,15 +146,6 @@ impl Evaluation {
     }
 }
 
-/// Translation that best lines up the shared structures of two label maps, found by the same
-/// search as the feature-driven start (one channel per shared label).
-fn label_start(fixed: &Labels, moving: &Labels) -> Result<SearchResult> {
-    let shared = fixed.shared_ids(moving);
-    anyhow::ensure!(!shared.is_empty(), "--init labels: the two label maps share no label id");
-    let cfg = SearchConfig { score: SearchScore::Dice, ..Default::default() };
-    Ok(search_translation(&fixed.one_hot(&shared), &moving.one_hot(&shared), &cfg)?)
-}
-
 impl RegisterJob {
     fn output_name(&self, stem: &str, image_like: bool) -> PathBuf {
         let png =
@@ -265,39 +167,32 @@ impl RegisterJob {
         v
     }
 
-    pub fn run(&self, mut progress: impl FnMut(RegEvent)) -> Result<RegisterSummary> {
-        let mut runtime = BTreeMap::new();
-        let t0 = Instant::now();
-        progress(RegEvent::Step("features"));
-        let extractor = self.features.extractor(&self.fixed.grid, self.model.as_ref())?;
-        let frame = FeatureFrame::for_images(&[&self.fixed, &self.moving]);
-        let ff = frame
-            .extract(extractor.as_ref(), &self.fixed)
-            .with_context(|| format!("features of {}", self.fixed_path.display()))?;
-        let mf = frame
-            .extract(extractor.as_ref(), &self.moving)
-            .with_context(|| format!("features of {}", self.moving_path.display()))?;
-        let points = frame
-            .point_features(self.exact, self.model.as_ref(), &self.moving)
-            .with_context(|| format!("features of {}", self.moving_path.display()))?;
-        runtime.insert("features".to_string(), t0.elapsed().as_secs_f64());
+    /// Names the image whose features failed by its file.
+    fn name_image(&self, e: registration::Error) -> anyhow::Error {
+        match e {
+            registration::Error::Features { image, source } => {
+                let path = match image {
+                    Role::Fixed => &self.fixed_path,
+                    Role::Moving => &self.moving_path,
+                };
+                anyhow::Error::new(*source).context(format!("features of {}", path.display()))
+            }
+            e => e.into(),
+        }
+    }
 
-        let aligned = align(
-            Pair {
-                fixed: &self.fixed,
-                moving: &self.moving,
-                fixed_features: &ff,
-                moving_features: &mf,
-                labels: self.fixed_labels.as_ref().zip(self.moving_labels.as_ref()),
-                moving_points: points.as_ref().map(|p| p as &dyn PointFeatures),
-            },
-            self.init,
-            &self.config,
-            &mut progress,
-        )?;
-        runtime.extend(aligned.runtime_s);
-        let Aligned { registration: reg, init_search, init_translation_mm: init_t, affine_starts, config, .. } =
-            aligned;
+    pub fn run(&self, observer: &mut dyn Observer) -> Result<RegisterSummary> {
+        let t0 = Instant::now();
+        let extractor = self.features.extractor(&self.fixed.grid, self.model.as_ref())?;
+        let pair = ImagePair {
+            fixed: &self.fixed,
+            moving: &self.moving,
+            labels: self.fixed_labels.as_ref().zip(self.moving_labels.as_ref()),
+        };
+        let features = Features { extractor: extractor.as_ref(), exact: self.model.as_ref().filter(|_| self.exact) };
+        let outcome = register_pair(&pair, &features, &self.config, observer).map_err(|e| self.name_image(e))?;
+        let mut runtime = outcome.runtime_s;
+        let (reg, init_t) = (outcome.registration, outcome.start_translation_mm);
 
         let t3 = Instant::now();
         let warped = warp_volume(&self.moving, &reg.field, Interpolation::Linear, Padding::Extent);
@@ -318,7 +213,7 @@ impl RegisterJob {
             };
             let zero = DenseDisplacement::zeros(self.fixed.grid.clone(), &candle_core::Device::Cpu)?;
             dice_after_init = through(&zero, &Affine::translation(init_t))?;
-            if reg.stages.iter().any(|s| s.name == "affine") {
+            if reg.stages.iter().any(|s| s.name == Stage::Affine) {
                 dice_after_affine = through(&zero, &reg.affine)?;
             }
             if let Some(d) = &reg.discrete_start {
@@ -368,8 +263,8 @@ impl RegisterJob {
         }
         let loss_path = self.out.join("loss.csv");
         let mut csv = String::from("stage,iteration,loss\n");
-        for (s, i, l) in &reg.losses {
-            csv.push_str(&format!("{s},{i},{l}\n"));
+        for r in &reg.losses {
+            csv.push_str(&format!("{},{},{}\n", r.stage, r.iteration, r.loss));
         }
         io::atomic::write_atomic(&loss_path, |f| std::io::Write::write_all(f, csv.as_bytes()))?;
         files.push(loss_path);
@@ -418,28 +313,28 @@ impl RegisterJob {
             files: files.clone(),
             features: self.features,
             model: match self.features {
-                FeatureKind::Obelisk => {
-                    Some(self.model.as_ref().map_or(crate::features::EMBEDDED_SOURCE, |m| m.source()).to_string())
-                }
+                FeatureKind::Obelisk => Some(
+                    self.model.as_ref().map_or(registration::features::EMBEDDED_SOURCE, |m| m.source()).to_string(),
+                ),
                 _ => None,
             },
             exact: self.exact,
-            feature_spacing_mm: frame.spacing,
-            init: self.init,
+            feature_spacing_mm: outcome.feature_spacing_mm,
+            init: self.config.start,
             init_translation_mm: init_t,
-            init_search,
+            init_search: outcome.search,
             dice_before,
             dice_after_init,
             dice_after_affine,
             dice_after_discrete,
-            affine_starts,
+            affine_starts: outcome.affine_starts,
             dice_scope: if eval.is_some() { DICE_SCOPE } else { "no label maps given" },
             shared_labels: eval.map(|e| e.shared).unwrap_or_default(),
             overlap_fraction,
             metrics,
             stages: reg.stages,
             runtime_s: runtime,
-            config,
+            config: outcome.config,
         };
         let mpath = self.out.join("metrics.json");
         let json = serde_json::to_string_pretty(&summary)?;
@@ -448,261 +343,10 @@ impl RegisterJob {
     }
 }
 
-/// What the registration pipeline is doing, for progress displays.
-#[derive(Debug, Clone, Copy)]
-pub enum RegEvent<'a> {
-    /// A step without iterations starts ("features", "initialisation").
-    Step(&'a str),
-    /// An optimisation iteration of a stage finished.
-    Iteration { stage: &'a str, iteration: usize, loss: f64 },
-}
-
-/// An image pair and its feature maps (from the same extractor).
-#[derive(Clone, Copy)]
-pub struct Pair<'a> {
-    pub fixed: &'a Volume,
-    pub moving: &'a Volume,
-    pub fixed_features: &'a Volume,
-    pub moving_features: &'a Volume,
-    /// Fixed and moving label maps, where both are known (needed by [`InitKind::Labels`]).
-    pub labels: Option<(&'a Labels, &'a Labels)>,
-    /// The moving features at arbitrary points, for the exact mode (`--exact`).
-    pub moving_points: Option<&'a dyn PointFeatures>,
-}
-
-/// The outcome of [`align`].
-pub struct Aligned {
-    pub registration: Registration,
-    pub init_search: Option<SearchResult>,
-    pub init_translation_mm: [f64; 3],
-    /// The search's starts the affine stage was run from, with its final loss; empty where
-    /// there was one start.
-    pub affine_starts: Vec<AffineStart>,
-    /// "initialisation" and "optimisation" seconds.
-    pub runtime_s: BTreeMap<String, f64>,
-    /// The configuration as run (shrink factors adapted to the feature grid).
-    pub config: RegistrationConfig,
-}
-
-/// How many of the translation search's distinct starts the affine stage is run from.
-const AFFINE_STARTS: usize = 3;
-
-/// Relative margin by which a later start's affine loss must beat the kept one's.
-const AFFINE_START_MARGIN: f64 = 0.01;
-
-/// A start of the affine stage and the loss the stage ended at.
-#[derive(Debug, Clone, Serialize)]
-pub struct AffineStart {
-    pub translation_mm: [f64; 3],
-    pub affine_loss: f64,
-}
-
-/// A candidate is a competing start only if the search scored it within this factor of its
-/// best. The affine stage's loss can be lowered by a wrong start whose affine map squeezes a thin
-/// slab onto whatever matches (a test slab: 28 mm off, search score 1.9× the best, affine loss
-/// 3 % lower); on the real pairs every competitor scored within 1.18× of the best, on the
-/// synthetic ones none within 1.5×.
-const START_SCORE_RATIO: f64 = 1.25;
-
-/// The search's result first, then its other refined candidates that lie more than a coarse
-/// voxel (10 mm) from every start kept and scored within [`START_SCORE_RATIO`] of the best
-/// candidate, up to `n` in all.
-fn distinct_starts(r: &SearchResult, n: usize) -> Vec<[f64; 3]> {
-    let far = SearchConfig::default().coarse_mm;
-    let best = r.candidates.iter().map(|c| c.1).fold(f64::INFINITY, f64::min);
-    let mut v = vec![r.translation_mm];
-    for (t, score) in &r.candidates {
-        if v.len() >= n {
-            break;
-        }
-        let close = *score <= START_SCORE_RATIO * best;
-        if close && v.iter().all(|s| (0..3).map(|a| (s[a] - t[a]).powi(2)).sum::<f64>().sqrt() > far) {
-            v.push(*t);
-        }
-    }
-    v
-}
-
-/// Places the moving image (`init`) and optimises the transform on precomputed features; the
-/// field lies on the fixed image's grid.
-pub fn align(
-    pair: Pair,
-    init: InitKind,
-    config: &RegistrationConfig,
-    progress: &mut impl FnMut(RegEvent),
-) -> Result<Aligned> {
-    let mut runtime = BTreeMap::new();
-    let t1 = Instant::now();
-    progress(RegEvent::Step("initialisation"));
-    let mut init_search = None;
-    let mut starts = Vec::new();
-    let init = match init {
-        InitKind::None => Affine::default(),
-        InitKind::Com => {
-            let (cf, cm) = (centre_of_mass(pair.fixed)?, centre_of_mass(pair.moving)?);
-            Affine::translation([cm[0] - cf[0], cm[1] - cf[1], cm[2] - cf[2]])
-        }
-        InitKind::Search | InitKind::Labels => {
-            let r = match (init, pair.labels) {
-                (InitKind::Labels, Some((f, m))) => label_start(f, m)?,
-                (InitKind::Labels, None) => anyhow::bail!("--init labels needs the label maps of both images"),
-                _ => {
-                    let r = search_translation(pair.fixed_features, pair.moving_features, &SearchConfig::default())
-                        .context("translation search (--init com or --init none skip it)")?;
-                    starts = distinct_starts(&r, AFFINE_STARTS);
-                    r
-                }
-            };
-            let t = Affine::translation(r.translation_mm);
-            init_search = Some(r);
-            t
-        }
-    };
-    let mut init_t = [init.matrix[(0, 3)], init.matrix[(1, 3)], init.matrix[(2, 3)]];
-    runtime.insert("initialisation".to_string(), t1.elapsed().as_secs_f64());
-
-    let t2 = Instant::now();
-    // the pyramid counts from the spacing the features were computed at (FeatureFrame), so a
-    // 1 mm slab resampled to 3 mm for its features keeps its 12 mm and 6 mm levels
-    let min = |g: &registration::Grid| g.spacing().iter().cloned().fold(f64::INFINITY, f64::min);
-    let working = FeatureFrame::for_images(&[pair.fixed, pair.moving]).spacing.unwrap_or(min(&pair.fixed.grid));
-    let config = config_for_features(config, working, &pair.fixed_features.grid);
-    // The translation search ranks starts on 7–10 mm maps and by translation alone; patients
-    // lying differently can put the right start second. The affine stage run from each of the
-    // search's best distinct starts, scored by its final loss, settles it at little cost (the
-    // affine stage is a small part of a registration).
-    let mut affine_starts = Vec::new();
-    let mut pre = None;
-    if starts.len() > 1 && config.affine_iterations > 0 {
-        // the starts are independent and the affine stage is mostly candle's one-threaded
-        // small ops: side by side they take about half the time; each gives the same result
-        // on any number of threads
-        let outcomes: Vec<_> = starts
-            .par_iter()
-            .map(|&t| {
-                affine_stage(
-                    pair.fixed_features,
-                    pair.moving_features,
-                    &Affine::translation(t),
-                    &config,
-                    |_: &str, _: usize, _: f64| {},
-                )
-            })
-            .collect();
-        for (&t, a) in starts.iter().zip(outcomes) {
-            let a = a?;
-            affine_starts.push(AffineStart { translation_mm: t, affine_loss: a.report.final_loss });
-            // Another start must end clearly lower: from starts 30 mm apart the affine stage
-            // often converges to the same alignment, and which of two near-equal losses is
-            // lower is then noise; the search's best start is kept for such ties.
-            let kept = pre.as_ref().map_or(f64::INFINITY, |p: &registration::engine::AffineOutcome| {
-                (1.0 - AFFINE_START_MARGIN) * p.report.final_loss
-            });
-            if a.report.final_loss < kept {
-                init_t = t;
-                pre = Some(a);
-            }
-        }
-    }
-    let (start, run_config) = match &pre {
-        Some(a) => (a.affine.clone(), RegistrationConfig { affine_iterations: 0, ..config.clone() }),
-        None => (init, config.clone()),
-    };
-    let mut reg = register_with(
-        pair.fixed_features,
-        pair.moving_features,
-        pair.moving_points,
-        &pair.fixed.grid,
-        &start,
-        &run_config,
-        |stage: &str, iteration: usize, loss: f64| progress(RegEvent::Iteration { stage, iteration, loss }),
-    )?;
-    if let Some(a) = pre {
-        reg.stages.insert(0, a.report);
-        reg.losses.splice(0..0, a.losses);
-    }
-    runtime.insert("optimisation".to_string(), t2.elapsed().as_secs_f64());
-    Ok(Aligned {
-        registration: reg,
-        init_search,
-        init_translation_mm: init_t,
-        affine_starts,
-        runtime_s: runtime,
-        config,
-    })
-}
-
-/// The pyramid's shrink factors apply to the feature grid. Features that lie on a coarser grid
-/// than the image they were computed from (OBELISK: stride 4) would otherwise be shrunk twice,
-/// down to a handful of voxels, so the factors are divided by the features' own stride over
-/// `working_mm`, the spacing of that image.
-pub fn config_for_features(
-    config: &RegistrationConfig,
-    working_mm: f64,
-    features: &registration::Grid,
-) -> RegistrationConfig {
-    let min = |g: &registration::Grid| g.spacing().iter().cloned().fold(f64::INFINITY, f64::min);
-    let stride = (min(features) / working_mm).round().max(1.0) as usize;
-    let mut c = config.clone();
-    c.affine_shrink = (c.affine_shrink / stride).max(1);
-    for l in &mut c.levels {
-        l.shrink = (l.shrink / stride).max(1);
-    }
-    c
-}
-
 /// Writes an RGB picture atomically.
 pub fn save_png(path: &Path, img: &image::RgbImage) -> Result<()> {
     io::atomic::write_atomic(path, |f| {
         img.write_to(&mut std::io::BufWriter::new(f), image::ImageFormat::Png).map_err(std::io::Error::other)
     })?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use registration::Grid;
-
-    use super::*;
-
-    fn image(shape: [usize; 3], spacing: [f64; 3]) -> Volume {
-        Volume::zeros(Grid::from_spacing(shape, spacing, [0.0; 3]).unwrap())
-    }
-
-    #[test]
-    fn distinct_starts_keep_the_best_and_skip_near_duplicates() {
-        let r = SearchResult {
-            translation_mm: [0.0, 0.0, 1.0],
-            score: 0.1,
-            overlap_fraction: 1.0,
-            candidates: vec![
-                ([0.0, 0.0, 0.0], 0.1),
-                ([0.0, 0.0, 9.0], 0.11),
-                ([0.0, 30.0, 0.0], 0.12),
-                ([0.0, 31.0, 0.0], 0.121),
-                ([50.0, 0.0, 0.0], 0.2),
-                ([40.0, 0.0, 0.0], 0.124),
-            ],
-            evaluations: 0,
-        };
-        // (50, 0, 0) scored twice the best: no competitor
-        assert_eq!(distinct_starts(&r, 3), vec![[0.0, 0.0, 1.0], [0.0, 30.0, 0.0], [40.0, 0.0, 0.0]]);
-        assert_eq!(distinct_starts(&r, 1), vec![[0.0, 0.0, 1.0]]);
-        let far_worse = SearchResult { candidates: vec![([0.0; 3], 0.1), ([0.0, 0.0, 30.0], 0.13)], ..r };
-        assert_eq!(distinct_starts(&far_worse, 3), vec![[0.0, 0.0, 1.0]]);
-    }
-
-    #[test]
-    fn feature_frame_resamples_only_images_of_different_spacing() {
-        let a = image([10, 10, 10], [3.0; 3]);
-        let b = image([40, 40, 15], [1.0, 1.0, 2.0]);
-        assert_eq!(FeatureFrame::for_images(&[&a, &image([5, 6, 7], [3.0, 3.0, 3.01])]).spacing, None);
-        assert_eq!(FeatureFrame::for_images(&[&b, &b]).spacing, None);
-        let s = FeatureFrame::for_images(&[&b, &a]).spacing.unwrap();
-        assert!((s - 3.0).abs() < 1e-12, "the coarser image's spacing: {s}");
-        let f = FeatureFrame { spacing: Some(s) }.extract(&IntensityFeatures, &b).unwrap();
-        assert_eq!(f.grid.shape(), [13, 13, 10]);
-        let flat = image([8, 8, 1], [1.0; 3]);
-        assert_eq!(FeatureFrame::for_images(&[&flat, &image([4, 4, 1], [2.0; 3])]).spacing, None);
-    }
 }

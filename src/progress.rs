@@ -6,9 +6,7 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use registration::engine::RegistrationConfig;
-
-use crate::pipeline::RegEvent;
+use registration::method::{Event, LossRecord, MethodConfig, Observer, Stage};
 
 /// Where bars go: a set of lines on stderr, or nowhere.
 #[derive(Clone)]
@@ -74,16 +72,16 @@ impl Progress {
     }
 
     /// Shows the iterations of a registration's stages, one bar per stage.
-    pub fn registration(&self, config: &RegistrationConfig) -> RegistrationProgress {
+    pub fn registration(&self, config: &MethodConfig) -> RegistrationProgress {
         RegistrationProgress { progress: self.clone(), config: config.clone(), stage: None, step: None, log: None }
     }
 }
 
-/// Follows the engine's `(stage, iteration, loss)` callback.
+/// Follows the method's events: a spinner per single step, a bar per optimised stage.
 pub struct RegistrationProgress {
     progress: Progress,
-    config: RegistrationConfig,
-    stage: Option<(String, ProgressBar)>,
+    config: MethodConfig,
+    stage: Option<(Stage, ProgressBar)>,
     step: Option<ProgressBar>,
     log: Option<usize>,
 }
@@ -95,47 +93,27 @@ impl RegistrationProgress {
         self
     }
 
-    /// The most iterations stage `name` can run (affine, deformable-K), for the bar's length.
-    fn stage_len(&self, name: &str) -> u64 {
-        let n = match name.strip_prefix("deformable-").and_then(|k| k.parse::<usize>().ok()) {
-            Some(k) => self.config.levels.get(k.wrapping_sub(1)).map_or(0, |l| l.iterations),
-            None if name == "affine" => self.config.affine_iterations,
-            None => 0,
-        };
-        n as u64
-    }
-
-    /// Follows the registration pipeline: a spinner per step, a bar per optimisation stage.
-    pub fn event(&mut self, e: RegEvent) {
-        match e {
-            RegEvent::Step(name) => {
-                self.finish();
-                self.step = Some(self.progress.spinner(name));
-            }
-            RegEvent::Iteration { stage, iteration, loss } => self.update(stage, iteration, loss),
-        }
-    }
-
-    pub fn update(&mut self, stage: &str, iteration: usize, loss: f64) {
+    fn update(&mut self, r: LossRecord) {
         if let Some(s) = self.step.take() {
             s.finish_and_clear();
         }
         if !self.progress.visible() {
             if let Some(every) = self.log {
-                if iteration % every == 0 {
-                    eprintln!("{stage:<14} iteration {iteration:>4}  loss {loss:.5}");
+                if r.iteration % every == 0 {
+                    eprintln!("{:<14} iteration {:>4}  loss {:.5}", r.stage.to_string(), r.iteration, r.loss);
                 }
             }
             return;
         }
-        if self.stage.as_ref().is_none_or(|(s, _)| s != stage) {
+        if self.stage.as_ref().is_none_or(|(s, _)| *s != r.stage) {
             self.finish();
-            let bar = self.progress.bar(self.stage_len(stage), stage, "it");
-            self.stage = Some((stage.to_string(), bar));
+            let len = self.config.max_iterations(r.stage) as u64;
+            let bar = self.progress.bar(len, &r.stage.to_string(), "it");
+            self.stage = Some((r.stage, bar));
         }
         if let Some((_, bar)) = &self.stage {
-            bar.set_position(iteration as u64 + 1);
-            bar.set_message(format!("loss {loss:.5}"));
+            bar.set_position(r.iteration as u64 + 1);
+            bar.set_message(format!("loss {:.5}", r.loss));
         }
     }
 
@@ -146,6 +124,20 @@ impl RegistrationProgress {
         }
         if let Some(s) = self.step.take() {
             s.finish_and_clear();
+        }
+    }
+}
+
+impl Observer for RegistrationProgress {
+    fn event(&mut self, e: Event) {
+        match e {
+            // an optimised stage gets its bar with its first iteration
+            Event::Started(stage) if stage.iterates() => {}
+            Event::Started(stage) => {
+                self.finish();
+                self.step = Some(self.progress.spinner(&stage.to_string()));
+            }
+            Event::Iteration(r) => self.update(r),
         }
     }
 }

@@ -119,6 +119,30 @@ impl Grid {
         [l.column(0).norm(), l.column(1).norm(), l.column(2).norm()]
     }
 
+    /// The smallest voxel spacing (mm): the resolution the pyramid counts from.
+    pub fn min_spacing(&self) -> f64 {
+        self.spacing().iter().cloned().fold(f64::INFINITY, f64::min)
+    }
+
+    /// Shape of a pyramid level `shrink` times coarser than the finest spacing: each axis is
+    /// shrunk by the factor that brings its spacing nearest to `shrink` times the finest one, so
+    /// anisotropic grids become about isotropic (never below one voxel).
+    pub fn level_shape(&self, shrink: usize) -> [usize; 3] {
+        let (sp, smin) = (self.spacing(), self.min_spacing());
+        [0, 1, 2].map(|a| {
+            let f = ((shrink as f64 * smin / sp[a]).round() as usize).max(1);
+            self.shape[a].div_ceil(f).max(1)
+        })
+    }
+
+    /// Whether a voxel position lies inside the grid's extent: half a voxel beyond the outer
+    /// voxel centres on every axis, where resampling with ITK's convention still has data. The
+    /// one rule for "inside the image" in voxel units (normalised coordinates use the same
+    /// extent: `segmentation::ops::inside_extent`).
+    pub fn contains_voxel(&self, v: [f64; 3]) -> bool {
+        (0..3).all(|a| in_extent(v[a], self.shape[a]))
+    }
+
     /// RAS position of voxel (0, 0, 0).
     pub fn origin_ras(&self) -> [f64; 3] {
         [self.affine[(0, 3)], self.affine[(1, 3)], self.affine[(2, 3)]]
@@ -290,6 +314,12 @@ impl Reorientation {
     pub fn is_identity(&self) -> bool {
         self.source == [0, 1, 2] && self.flip == [false; 3]
     }
+}
+
+/// Whether voxel coordinate `x` lies within `[-0.5, n - 0.5]`, the extent of an axis of `n`
+/// voxels ([`Grid::contains_voxel`]).
+pub fn in_extent(x: f64, n: usize) -> bool {
+    x.is_finite() && x >= -0.5 && x <= n as f64 - 0.5
 }
 
 /// Applies a homogeneous 4x4 matrix to a 3D point.

@@ -31,7 +31,7 @@ use serde::Serialize;
 use crate::{Error, Grid, Result, Space, Volume};
 
 /// Options of [`search_translation`]. The defaults suit abdominal CT/MR at 0.7–6 mm.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SearchConfig {
     /// Voxel size (mm) of the global search's feature maps; default 10 mm: coarse enough for the
     /// whole overlap range to be searched in about a second, fine enough to tell organs apart.
@@ -286,7 +286,7 @@ fn trilinear(data: &[f32], shape: [usize; 3], channels: usize, q: [f64; 3], out:
 /// Feature volumes may lie on any grids, far apart in the world; they must have the same
 /// number of channels. Errs if no translation gives the required overlap.
 pub fn search_translation(fixed_feat: &Volume, moving_feat: &Volume, cfg: &SearchConfig) -> Result<SearchResult> {
-    crate::engine::same_channels(fixed_feat, moving_feat)?;
+    crate::method::same_channels(fixed_feat, moving_feat)?;
     let positive = |x: f64| x.is_finite() && x > 0.0;
     let valid = positive(cfg.coarse_mm)
         && positive(cfg.fine_mm)
@@ -339,7 +339,7 @@ pub fn search_translation(fixed_feat: &Volume, moving_feat: &Volume, cfg: &Searc
     drop(lattice_level);
     let mut order: Vec<usize> = (0..lattice.len()).filter(|&i| scores[i].is_finite()).collect();
     if order.is_empty() {
-        return Err(Error::Registration(format!(
+        return Err(Error::NoOverlap(format!(
             "no translation overlaps {:.0}% of the smaller image; the fields of view cannot be aligned by the search",
             100.0 * cfg.min_overlap
         )));
@@ -380,7 +380,7 @@ pub fn search_translation(fixed_feat: &Volume, moving_feat: &Volume, cfg: &Searc
         }
     }
     if !unique[0].1.is_finite() {
-        return Err(Error::Registration("every refined translation lost the required overlap".into()));
+        return Err(Error::NoOverlap("every refined translation lost the required overlap".into()));
     }
 
     // Stage 3 on the fine maps, for the best few only: a fine evaluation costs as much as
@@ -409,7 +409,7 @@ pub fn search_translation(fixed_feat: &Volume, moving_feat: &Volume, cfg: &Searc
     }
     let (translation_mm, score, overlap_fraction) = best.expect("the first candidate has a finite score");
     if !score.is_finite() {
-        return Err(Error::Registration("every refined translation lost the required overlap".into()));
+        return Err(Error::NoOverlap("every refined translation lost the required overlap".into()));
     }
     Ok(SearchResult {
         translation_mm,

@@ -25,7 +25,7 @@ fn same_grid(a: &Grid, b: &Grid, what: &str) -> Result<()> {
     if a.same_as(b, GRID_TOL_MM) {
         Ok(())
     } else {
-        Err(Error::Geometry(format!("{what} are on different grids ({:?} vs {:?})", a.shape(), b.shape())))
+        Err(Error::GridMismatch { what: what.to_string(), a: a.shape(), b: b.shape() })
     }
 }
 

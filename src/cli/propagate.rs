@@ -2,16 +2,15 @@
 //! target, its label map warped onto the target grid (nearest neighbour), and the warped label
 //! maps are fused by a vote.
 
-use registration::engine::PointFeatures;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{ArgAction, Args, ValueEnum};
-use registration::engine::{RegistrationConfig, StageReport};
-use registration::features::FeatureExtractor;
+use registration::features::{FeatureExtractor, ObeliskFeatures};
 use registration::fusion::{local_distance, majority_vote, weighted_vote};
+use registration::method::{register_features, FeatureFrame, FeaturePair, MethodConfig, StageReport, Start};
 use registration::metrics::{dice_per_label, jacobian};
 use registration::warp::{warp_labels, warp_volume, Interpolation, Padding};
 use registration::{DisplacementField, Labels, Volume};
@@ -19,9 +18,8 @@ use serde::Serialize;
 
 use crate::cli::register::{check_input, same_dimensionality, RegOptions};
 use crate::cli::Output;
-use crate::features::ObeliskFeatures;
 use crate::io::{self, atomic::check_output, IoError};
-use crate::pipeline::{align, FeatureFrame, FeatureKind, InitKind, Pair};
+use crate::pipeline::FeatureKind;
 use crate::progress::Progress;
 
 /// How the warped atlas label maps are combined.
@@ -110,8 +108,8 @@ pub struct PropagateJob {
     pub model: Option<ObeliskFeatures>,
     /// `--exact`: deformable levels evaluate the model at the sampled points.
     pub exact: bool,
-    pub init: InitKind,
-    pub config: RegistrationConfig,
+    /// The method's options, its start among them.
+    pub config: MethodConfig,
 }
 
 /// The report path next to `out`: `seg.nii.gz` → `seg.report.json`.
@@ -137,7 +135,7 @@ impl PropagateArgs {
         for p in &inputs {
             check_input(p)?;
         }
-        if self.options.init == InitKind::Labels && self.target_labels.is_none() {
+        if self.options.init == Start::Labels && self.target_labels.is_none() {
             bail!("--init labels needs --target-labels (the atlases' labels are lined up with them)");
         }
         if !(self.fusion_sigma.is_finite() && self.fusion_sigma >= 0.0) {
@@ -191,7 +189,6 @@ impl PropagateArgs {
             features: self.options.features,
             model,
             exact: self.options.exact,
-            init: self.options.init,
             config,
         })
     }
@@ -242,12 +239,12 @@ pub struct PropagateReport {
     pub out: PathBuf,
     pub report: PathBuf,
     pub features: FeatureKind,
-    pub init: InitKind,
+    pub init: Start,
     pub fusion: Fusion,
     pub fusion_sigma_mm: Option<f64>,
     pub atlases: Vec<AtlasReport>,
     pub fused: FusedReport,
-    pub config: RegistrationConfig,
+    pub config: MethodConfig,
     pub runtime_s: BTreeMap<String, f64>,
 }
 
@@ -285,19 +282,24 @@ impl PropagateJob {
             let af = frame
                 .extract(extractor.as_ref(), &atlas.image)
                 .with_context(|| format!("features of {}", atlas.image_path.display()))?;
-            let points = frame
-                .point_features(self.exact, self.model.as_ref(), &atlas.image)
-                .with_context(|| format!("features of {}", atlas.image_path.display()))?;
+            let points = match self.model.as_ref().filter(|_| self.exact) {
+                Some(m) => Some(
+                    frame
+                        .point_features(m, &atlas.image)
+                        .with_context(|| format!("features of {}", atlas.image_path.display()))?,
+                ),
+                None => None,
+            };
             let mut stage_bars = progress.registration(&self.config);
-            let pair = Pair {
+            let pair = FeaturePair {
                 fixed: &self.target,
                 moving: &atlas.image,
                 fixed_features: &tf,
                 moving_features: &af,
                 labels: self.target_labels.as_ref().map(|t| (t, &atlas.labels)),
-                moving_points: points.as_ref().map(|p| p as &dyn PointFeatures),
+                moving_points: points.as_deref(),
             };
-            let aligned = align(pair, self.init, &self.config, &mut |e| stage_bars.event(e)).with_context(|| {
+            let aligned = register_features(&pair, &self.config, &mut stage_bars).with_context(|| {
                 format!("registering {} to {}", atlas.image_path.display(), self.target_path.display())
             })?;
             stage_bars.finish();
@@ -314,7 +316,7 @@ impl PropagateJob {
                 image: atlas.image_path.clone(),
                 labels: atlas.labels_path.clone(),
                 registration: AtlasRegistration {
-                    init_translation_mm: aligned.init_translation_mm,
+                    init_translation_mm: aligned.start_translation_mm,
                     final_loss: stages.last().map_or(f64::NAN, |s| s.final_loss),
                     stages,
                     folding_fraction: j.fraction_nonpositive,
@@ -348,7 +350,7 @@ impl PropagateJob {
             out: self.out.clone(),
             report: self.report.clone(),
             features: self.features,
-            init: self.init,
+            init: self.config.start,
             fusion: self.fusion,
             fusion_sigma_mm: (self.fusion == Fusion::Weighted).then_some(self.fusion_sigma_mm),
             atlases: reports,

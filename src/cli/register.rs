@@ -5,13 +5,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use clap::Args;
-use registration::engine::RegistrationConfig;
+use registration::features::ObeliskFeatures;
+use registration::method::{MethodConfig, Parameterisation, Start};
 
 use crate::cli::Output;
-use crate::features::ObeliskFeatures;
 use crate::io::{self, atomic::check_output, Format, IoError};
 use crate::pictures::SliceSpec;
-use crate::pipeline::{FeatureKind, InitKind, RegisterJob, RegisterSummary};
+use crate::pipeline::{FeatureKind, RegisterJob, RegisterSummary};
 use crate::progress::Progress;
 
 #[derive(Debug, Args)]
@@ -69,9 +69,8 @@ const MAX_DISCRETE_RADIUS: usize = 6;
 #[derive(Debug, Clone, Args)]
 pub struct RegOptions {
     /// Features that drive the registration. `obelisk` without --model uses the embedded default
-    /// model (trained on synthetic phantoms only); it stays off by default because it registered
-    /// worse than MIND on the real TotalSegmentator pairs (mean Dice 0.23 vs 0.51 for CT A←CT B,
-    /// 0.28 vs 0.50 for CT B←CT A, 0.00 vs 0.50 for CT A←MR C; see README).
+    /// model (trained on synthetic phantoms only; on real scans MIND-SSC registers better, see
+    /// BENCHMARKS.md).
     #[arg(long, value_enum, default_value_t = FeatureKind::Mind)]
     pub features: FeatureKind,
     /// Trained model folder (from `obelisk train`) for --features obelisk, instead of the
@@ -79,23 +78,23 @@ pub struct RegOptions {
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
     /// Starting position of the moving image.
-    #[arg(long, value_enum, default_value_t = InitKind::Search)]
-    pub init: InitKind,
+    #[arg(long, value_enum, default_value_t = Start::Search)]
+    pub init: Start,
     /// Weight of the B-spline smoothness penalty.
-    #[arg(long, default_value_t = RegistrationConfig::default().smoothness)]
+    #[arg(long, default_value_t = MethodConfig::default().smoothness)]
     pub smoothness: f64,
     /// Weight of the diffusion regulariser (squared field gradient).
-    #[arg(long, default_value_t = RegistrationConfig::default().diffusion)]
+    #[arg(long, default_value_t = MethodConfig::default().diffusion)]
     pub diffusion: f64,
     /// Iterations of the affine stage (0 skips it).
-    #[arg(long, default_value_t = RegistrationConfig::default().affine_iterations)]
+    #[arg(long, default_value_t = MethodConfig::default().affine_iterations)]
     pub affine_iterations: usize,
     /// Maximum iterations per deformable level.
     #[arg(long)]
     pub iterations: Option<usize>,
     /// Optimise the displacement itself instead of a stationary velocity field whose exponential
     /// (scaling and squaring) is the displacement (the default, which cannot fold): a little
-    /// faster, but it folded up to 2 % of the voxels on the real TotalSegmentator pairs.
+    /// faster, but free to fold.
     #[arg(long)]
     pub displacement: bool,
     /// The default (kept for scripts written when it was an option).
@@ -111,17 +110,17 @@ pub struct RegOptions {
     /// up to N level voxels per axis (the first level's voxels are 4 image voxels) is scored per
     /// voxel, then made smooth by coupled convex optimisation, as deeds/convexAdam do; finds
     /// structures further off than a gradient step does. 0 skips it.
-    #[arg(long, value_name = "N", default_value_t = RegistrationConfig::default().discrete.radius)]
+    #[arg(long, value_name = "N", default_value_t = MethodConfig::default().discrete.radius)]
     pub discrete_radius: usize,
 }
 
 impl Default for RegOptions {
     fn default() -> Self {
-        let c = RegistrationConfig::default();
+        let c = MethodConfig::default();
         Self {
             features: FeatureKind::Mind,
             model: None,
-            init: InitKind::Search,
+            init: c.start,
             smoothness: c.smoothness,
             diffusion: c.diffusion,
             affine_iterations: c.affine_iterations,
@@ -137,7 +136,7 @@ impl Default for RegOptions {
 impl RegOptions {
     /// Checks the numbers, loads the model of `--features obelisk` and builds the engine's
     /// configuration.
-    pub fn validate(&self) -> Result<(Option<ObeliskFeatures>, RegistrationConfig)> {
+    pub fn validate(&self) -> Result<(Option<ObeliskFeatures>, MethodConfig)> {
         for (name, v) in [("--smoothness", self.smoothness), ("--diffusion", self.diffusion)] {
             if !(v.is_finite() && v >= 0.0) {
                 bail!("{name} must be a finite number >= 0, got {v}");
@@ -151,13 +150,16 @@ impl RegOptions {
             bail!("--exact needs --features obelisk (it evaluates the learned feature layer at the sampled points)");
         }
         let model = load_model(self.features, self.model.as_deref())?;
-        let mut config = RegistrationConfig {
+        let mut config = MethodConfig {
+            start: self.init,
             smoothness: self.smoothness,
             diffusion: self.diffusion,
             affine_iterations: self.affine_iterations,
-            diffeomorphic: !self.displacement,
             ..Default::default()
         };
+        if self.displacement {
+            config.parameterisation = Parameterisation::Displacement;
+        }
         config.discrete.radius = self.discrete_radius;
         if let Some(n) = self.iterations {
             config.levels.iter_mut().for_each(|l| l.iterations = n);
@@ -275,7 +277,7 @@ impl RegisterArgs {
         for p in &inputs {
             check_input(p)?;
         }
-        if self.options.init == InitKind::Labels && (self.fixed_labels.is_none() || self.moving_labels.is_none()) {
+        if self.options.init == Start::Labels && (self.fixed_labels.is_none() || self.moving_labels.is_none()) {
             bail!("--init labels needs --fixed-labels and --moving-labels");
         }
         let (model, config) = self.options.validate()?;
@@ -284,7 +286,7 @@ impl RegisterArgs {
         let fixed = io::read_image(&self.fixed)?;
         let moving = io::read_image(&self.moving)?;
         same_dimensionality(&self.fixed, &fixed.grid, &self.moving, &moving.grid)?;
-        if self.options.init == InitKind::None && overlap_fraction(&fixed.grid, &moving.grid) == 0.0 {
+        if self.options.init == Start::None && overlap_fraction(&fixed.grid, &moving.grid) == 0.0 {
             bail!(
                 "{} does not overlap {} in world coordinates ({} vs {}); with --init none the headers must \
                  place them together (--init search finds the offset)",
@@ -325,7 +327,6 @@ impl RegisterArgs {
             features: self.options.features,
             model,
             exact: self.options.exact,
-            init: self.options.init,
             config,
             pictures: !self.no_pictures,
             slice: self.slice,
@@ -413,7 +414,7 @@ pub fn run(args: RegisterArgs, out: Output) -> Result<()> {
     if !out.silent() {
         bars = bars.log_every(20);
     }
-    let summary = job.run(|e| bars.event(e))?;
+    let summary = job.run(&mut bars)?;
     bars.finish();
     report(&summary, out)
 }

@@ -15,8 +15,9 @@ use crate::cli::synth::write_dataset;
 use crate::cli::Output;
 use crate::io::{self, atomic::check_output, IoError};
 use crate::pictures::{self, SliceSpec};
-use crate::pipeline::{save_png, InitKind};
+use crate::pipeline::save_png;
 use crate::progress::Progress;
+use registration::method::Start;
 
 #[derive(Debug, Args)]
 #[command(after_help = "Example:
@@ -57,7 +58,7 @@ pub fn demo(args: DemoArgs, out: Output) -> Result<()> {
         moving_labels: Some(data.join("pair_000_moving_labels.nii.gz")),
         truth: Some(data.join("pair_000_truth.nii.gz")),
         out: args.out.join("registration"),
-        options: RegOptions { init: InitKind::None, affine_iterations: 0, ..Default::default() },
+        options: RegOptions { init: Start::None, affine_iterations: 0, ..Default::default() },
         slice: SliceSpec { axis: pictures::Axis::Coronal, index: None },
         no_pictures: false,
         force: args.force,
@@ -68,7 +69,7 @@ pub fn demo(args: DemoArgs, out: Output) -> Result<()> {
     }
     let job = reg.into_job(quiet)?;
     let mut bars = Progress::new(quiet).registration(&job.config);
-    let summary = job.run(|e| bars.event(e))?;
+    let summary = job.run(&mut bars)?;
     bars.finish();
     report(&summary, out)
 }

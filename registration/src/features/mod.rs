@@ -6,8 +6,10 @@
 //! work across modalities.
 
 pub mod mind;
+pub mod obelisk;
 
 pub use mind::{MindConfig, MindSsc};
+pub use obelisk::{ObeliskFeatures, ObeliskPointFeatures, EMBEDDED_SOURCE};
 
 use rayon::prelude::*;
 

@@ -1,19 +1,18 @@
 //! Learned OBELISK features for registration: a trained segmentation model, frozen, used as a
-//! [`registration::features::FeatureExtractor`]; either a model folder or the default model
-//! compiled into the binary.
+//! [`FeatureExtractor`]; either a model folder or the default model compiled into the library.
 
 use std::path::Path;
 use std::sync::Arc;
 
+use super::FeatureExtractor;
+use crate::{Error, Grid, Volume};
 use candle_core::{Device, Tensor};
 use nalgebra::Matrix4;
-use registration::features::FeatureExtractor;
-use registration::{Grid, Volume};
 
 /// The default model, trained on synthetic phantoms only by `data-scripts/train-default-model.sh`
 /// (which regenerates these files; see `models/default/heldout_dice.json` for its Dice).
-const EMBEDDED_CONFIG: &str = include_str!("../models/default/config.json");
-const EMBEDDED_WEIGHTS: &[u8] = include_bytes!("../models/default/model.safetensors");
+const EMBEDDED_CONFIG: &str = include_str!("../../../models/default/config.json");
+const EMBEDDED_WEIGHTS: &[u8] = include_bytes!("../../../models/default/model.safetensors");
 
 /// How the embedded model is named in messages.
 pub const EMBEDDED_SOURCE: &str = "embedded default model";
@@ -28,23 +27,23 @@ pub struct ObeliskFeatures {
 
 impl ObeliskFeatures {
     /// Loads the model folder `dir` (`config.json` + `model.safetensors`); errors name the folder.
-    pub fn load(dir: &Path) -> anyhow::Result<Self> {
+    pub fn load(dir: &Path) -> crate::Result<Self> {
+        let model = |message: String| Error::Model { model: dir.display().to_string(), message };
         if !dir.is_dir() {
-            anyhow::bail!("{}: model folder not found", dir.display());
+            return Err(model("model folder not found".into()));
         }
         let inner = segmentation::FeatureExtractor::load(dir, &Device::Cpu)
-            .map_err(|e| anyhow::anyhow!("{}: cannot load the model: {e}", dir.display()))?;
+            .map_err(|e| model(format!("cannot load the model: {e}")))?;
         Ok(Self { inner: Arc::new(inner), source: dir.display().to_string() })
     }
 
     /// The default model compiled into the binary.
-    pub fn embedded() -> anyhow::Result<Self> {
+    pub fn embedded() -> crate::Result<Self> {
         let inner = segmentation::FeatureExtractor::load_from_bytes(EMBEDDED_CONFIG, EMBEDDED_WEIGHTS, &Device::Cpu)
             // only a build whose models/default does not match the model format can get here
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "the {EMBEDDED_SOURCE} cannot be loaded ({e}); rerun data-scripts/train-default-model.sh and rebuild"
-                )
+            .map_err(|e| Error::Model {
+                model: EMBEDDED_SOURCE.into(),
+                message: format!("cannot be loaded ({e}); rerun data-scripts/train-default-model.sh and rebuild"),
             })?;
         Ok(Self { inner: Arc::new(inner), source: EMBEDDED_SOURCE.to_string() })
     }
@@ -77,31 +76,24 @@ impl ObeliskFeatures {
     /// Point features of `image` (one channel), whose normalised coordinates the points use.
     /// Pass the image as it was presented to [`FeatureExtractor::extract`] (same voxel order and
     /// spacing), so that the values at the feature grid's points are those of the maps.
-    pub fn at_points(&self, image: &Volume) -> registration::Result<ObeliskPointFeatures> {
+    pub fn at_points(&self, image: &Volume) -> crate::Result<ObeliskPointFeatures> {
         let prepared = self.run(image, |x| self.inner.prepare(x))?;
         Ok(ObeliskPointFeatures { inner: self.inner.clone(), grid: image.grid.clone(), prepared })
     }
 
     /// `f` on the checked one-channel image as a `(1, 1, D, H, W)` tensor; errors name the model.
-    fn run(
-        &self,
-        image: &Volume,
-        f: impl FnOnce(&Tensor) -> segmentation::Result<Tensor>,
-    ) -> registration::Result<Tensor> {
+    fn run(&self, image: &Volume, f: impl FnOnce(&Tensor) -> segmentation::Result<Tensor>) -> crate::Result<Tensor> {
         if image.channels != 1 {
-            return Err(registration::Error::Data(format!(
-                "OBELISK features need a 1-channel image, got {}",
-                image.channels
-            )));
+            return Err(Error::Data(format!("OBELISK features need a 1-channel image, got {}", image.channels)));
         }
         image.check_finite()?;
         let (d, h, w) = image.grid.dhw();
         let x = Tensor::from_slice(&image.data, (1, 1, d, h, w), &Device::Cpu)?;
-        f(&x).map_err(|e| registration::Error::Data(format!("OBELISK features (model {}): {e}", self.source)))
+        f(&x).map_err(|e| Error::Data(format!("OBELISK features (model {}): {e}", self.source)))
     }
 }
 
-impl registration::engine::PointFeatures for ObeliskPointFeatures {
+impl crate::method::PointFeatures for ObeliskPointFeatures {
     fn grid(&self) -> &Grid {
         &self.grid
     }
@@ -110,10 +102,10 @@ impl registration::engine::PointFeatures for ObeliskPointFeatures {
         self.inner.spec().channels
     }
 
-    fn at(&self, points: &Tensor) -> registration::Result<Tensor> {
+    fn at(&self, points: &Tensor) -> crate::Result<Tensor> {
         self.inner
             .features_at_prepared_points(&self.prepared, points)
-            .map_err(|e| registration::Error::Registration(format!("OBELISK point features: {e}")))
+            .map_err(|e| Error::Registration(format!("OBELISK point features: {e}")))
     }
 }
 
@@ -121,7 +113,7 @@ impl registration::engine::PointFeatures for ObeliskPointFeatures {
 /// on `image`. The network samples its feature grid at `align_corners = true` positions of the
 /// `[-1, 1]` cube, so feature voxel `c` sits at image voxel `c·(N−1)/(n−1)` per axis (and at the
 /// centre `(N−1)/2` for an axis of one feature voxel).
-pub fn feature_grid(image: &Grid, feature_shape: [usize; 3]) -> Result<Grid, registration::Error> {
+pub fn feature_grid(image: &Grid, feature_shape: [usize; 3]) -> Result<Grid, Error> {
     let shape = image.shape();
     let mut m = Matrix4::identity();
     for a in 0..3 {
@@ -147,7 +139,7 @@ impl FeatureExtractor for ObeliskFeatures {
         self.inner.spec().channels
     }
 
-    fn extract(&self, image: &Volume) -> registration::Result<Volume> {
+    fn extract(&self, image: &Volume) -> crate::Result<Volume> {
         let f = self.run(image, |x| self.inner.features(x))?;
         let (_, c, fd, fh, fw) = f.dims5()?;
         let data: Vec<f32> = f.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
@@ -157,7 +149,7 @@ impl FeatureExtractor for ObeliskFeatures {
 
 #[cfg(test)]
 mod tests {
-    use registration::Space;
+    use crate::Space;
     use segmentation::{Architecture, InputNorm, Model, ModelConfig, ObeliskNetConfig};
 
     use super::*;
@@ -252,7 +244,7 @@ mod tests {
     /// `extract` computes: same coordinates, same values.
     #[test]
     fn point_features_at_the_feature_grid_equal_the_maps() {
-        use registration::engine::PointFeatures;
+        use crate::method::PointFeatures;
         let fe = ObeliskFeatures::embedded().unwrap();
         let grid = Grid::from_spacing([28, 24, 20], [4.0, 3.0, 5.0], [3.0, -7.0, 2.0]).unwrap();
         let data = (0..grid.num_voxels()).map(|i| ((i * 7919 % 211) as f32 - 100.0) * 8.0).collect();
@@ -265,7 +257,7 @@ mod tests {
         let pts: Vec<f32> = (0..nx * ny * nz)
             .flat_map(|v| {
                 let p = [(v % nx) as f64, ((v / nx) % ny) as f64, (v / (nx * ny)) as f64];
-                registration::grid::apply(&to_norm, p).map(|c| c as f32)
+                crate::grid::apply(&to_norm, p).map(|c| c as f32)
             })
             .collect();
         let n = nx * ny * nz;

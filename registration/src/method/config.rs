@@ -1,0 +1,162 @@
+//! The options of the whole method in one place: start, affine stage, discrete search,
+//! deformable levels and regularisation.
+
+use serde::Serialize;
+
+use crate::discrete::DiscreteConfig;
+use crate::init::SearchConfig;
+
+/// How the moving image is placed before optimisation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum Start {
+    /// Trust the headers: world coordinates already correspond.
+    None,
+    /// Translate so that the intensity centres of mass coincide.
+    Com,
+    /// Search every translation over which the fields of view overlap, scored on coarse feature
+    /// maps (finds a thin slab in a whole-body atlas whatever its header says).
+    #[default]
+    Search,
+    /// The same search scored on the label maps' shared structures instead of image features
+    /// (needs both label maps; a reference start for comparisons).
+    Labels,
+}
+
+/// What the deformable levels optimise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Parameterisation {
+    /// The displacement itself: a little faster, but free to fold.
+    Displacement,
+    /// A stationary velocity field whose exponential (scaling and squaring, the velocity
+    /// divided by `2^squarings`) is the displacement: each small step is invertible, so the
+    /// deformable part cannot fold.
+    Velocity { squarings: usize },
+}
+
+impl Default for Parameterisation {
+    fn default() -> Self {
+        Parameterisation::Velocity { squarings: 6 }
+    }
+}
+
+/// One resolution level of the deformable stage.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LevelConfig {
+    /// Feature maps are area-downsampled by this factor (relative to the finest spacing).
+    pub shrink: usize,
+    /// The control grid is this many times coarser than the level's feature grid.
+    pub control_shrink: usize,
+    /// Upper bound on Adam iterations (convergence may stop earlier).
+    pub iterations: usize,
+}
+
+/// How the translation search's candidates become competing starts of the affine stage.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AffineStartsConfig {
+    /// How many of the search's distinct starts the affine stage is run from (1: the best only).
+    pub count: usize,
+    /// Relative margin by which a later start's affine loss must beat the kept one's: from
+    /// starts 30 mm apart the affine stage often converges to the same alignment, and which of
+    /// two near-equal losses is lower is then noise.
+    pub margin: f64,
+    /// A candidate competes only if the search scored it within this factor of its best: the
+    /// affine loss can be lowered by a wrong start whose affine map squeezes a thin slab onto
+    /// whatever matches.
+    pub score_ratio: f64,
+}
+
+impl Default for AffineStartsConfig {
+    fn default() -> Self {
+        Self { count: 3, margin: 0.01, score_ratio: 1.25 }
+    }
+}
+
+/// Options of the whole registration method ([`super::register_pair`]). The defaults suit
+/// abdominal CT/MR at 1.5–3 mm (the pairs they were chosen on are listed in BENCHMARKS.md).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MethodConfig {
+    /// How the moving image is placed before optimisation.
+    pub start: Start,
+    /// The translation search behind [`Start::Search`] (and, scored by Dice, [`Start::Labels`]).
+    pub search: SearchConfig,
+    /// The affine stage's competing starts.
+    pub affine_starts: AffineStartsConfig,
+    /// Iterations of the affine stage (0 skips it).
+    pub affine_iterations: usize,
+    /// Feature downsampling of the affine stage.
+    pub affine_shrink: usize,
+    /// Factor on the affine stage's Adam step per iteration: on coarse maps the L1 landscape is
+    /// rough, and at a constant step Adam hops around the minimum.
+    pub affine_lr_decay: f64,
+    pub levels: Vec<LevelConfig>,
+    /// Weight of the B-spline penalty.
+    pub smoothness: f64,
+    /// Weight of the diffusion regulariser (squared gradient of the field).
+    pub diffusion: f64,
+    /// Knot spacing of the penalty's B-spline in control-grid voxels.
+    pub bspline_width: f64,
+    /// Adam step in voxels of the level's feature grid.
+    pub learning_rate: f64,
+    /// Adam's epsilon of the deformable levels, relative to the RMS of the first gradient.
+    pub adam_epsilon: f64,
+    /// Stop a stage when the loss improved by less than this fraction over 10 iterations.
+    pub tolerance: f64,
+    /// What the deformable levels optimise.
+    pub parameterisation: Parameterisation,
+    /// Discrete displacement search that starts the first deformable level (radius 0: off).
+    pub discrete: DiscreteConfig,
+}
+
+impl Default for MethodConfig {
+    fn default() -> Self {
+        Self {
+            start: Start::Search,
+            search: SearchConfig::default(),
+            affine_starts: AffineStartsConfig::default(),
+            affine_iterations: 60,
+            affine_shrink: 4,
+            affine_lr_decay: 0.96,
+            levels: vec![
+                LevelConfig { shrink: 4, control_shrink: 2, iterations: 80 },
+                LevelConfig { shrink: 2, control_shrink: 2, iterations: 30 },
+            ],
+            smoothness: 1.0,
+            diffusion: 0.3,
+            bspline_width: 2.0,
+            learning_rate: 0.3,
+            tolerance: 1e-4,
+            adam_epsilon: 0.1,
+            parameterisation: Parameterisation::default(),
+            discrete: DiscreteConfig::default(),
+        }
+    }
+}
+
+impl MethodConfig {
+    /// The most iterations `stage` can run, for progress bars.
+    pub fn max_iterations(&self, stage: super::Stage) -> usize {
+        match stage {
+            super::Stage::Affine => self.affine_iterations,
+            super::Stage::Deformable(k) => self.levels.get(k.wrapping_sub(1)).map_or(0, |l| l.iterations),
+            super::Stage::Discrete => self.discrete.coupling.len() + 1,
+            super::Stage::Features | super::Stage::Start => 0,
+        }
+    }
+
+    /// The pyramid's shrink factors apply to the feature grid. Features that lie on a coarser
+    /// grid than the image they were computed from (OBELISK: stride 4) would otherwise be shrunk
+    /// twice, down to a handful of voxels, so the factors are divided by the features' own
+    /// stride over `working_mm`, the spacing of that image.
+    pub fn for_features(&self, working_mm: f64, features: &crate::Grid) -> MethodConfig {
+        let stride = (features.min_spacing() / working_mm).round().max(1.0) as usize;
+        let mut c = self.clone();
+        c.affine_shrink = (c.affine_shrink / stride).max(1);
+        for l in &mut c.levels {
+            l.shrink = (l.shrink / stride).max(1);
+        }
+        c
+    }
+}

@@ -1,0 +1,144 @@
+//! The deformable levels: a dense displacement (or velocity) on a control grid per level,
+//! coarse to fine, under the L1 feature difference plus the B-spline and diffusion penalties.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, Var};
+use segmentation::ops::{self, SampledL1};
+
+use super::discrete::discrete_start;
+use super::optimise::{optimise, Epsilon, Schedule};
+use super::pyramid::{Level, MovingLevel};
+use super::{LossRecord, MethodConfig, Observer, Parameterisation, PointFeatures, Stage, StageReport};
+use crate::loss::{diffusion, masked_l1, overlap_mask, BsplinePenalty};
+use crate::transform::{Affine, DenseDisplacement, SamplingPlan};
+use crate::{Grid, Result, Volume};
+
+/// What the deformable levels found.
+pub(crate) struct Deformation {
+    /// The displacement (after the affine map) on the last level's control grid.
+    pub displacement: DenseDisplacement,
+    /// The displacement the first gradient level started from, when the discrete search ran
+    /// (exponentiated as a velocity in velocity mode, as the optimisation sees it).
+    pub discrete_start: Option<DenseDisplacement>,
+}
+
+/// The displacement of the optimised variable `v` on `grid`: itself, or its exponential.
+fn displacement(p: Parameterisation, v: &Tensor, grid: &Grid) -> Result<Tensor> {
+    match p {
+        Parameterisation::Velocity { squarings } => DenseDisplacement::exponentiate(v, grid, squarings),
+        Parameterisation::Displacement => Ok(v.clone()),
+    }
+}
+
+/// Runs every level of `cfg.levels` after `affine`, appending their losses and reports.
+pub(crate) fn deformable_levels(
+    fixed: &Volume,
+    moving: &Volume,
+    exact: Option<&dyn PointFeatures>,
+    affine: &Affine,
+    cfg: &MethodConfig,
+    losses: &mut Vec<LossRecord>,
+    stages: &mut Vec<StageReport>,
+    observer: &mut dyn Observer,
+) -> Result<Deformation> {
+    let dev = Device::Cpu;
+    let mut discrete_found = None;
+    // the optimised variable of the last level: the displacement, or the velocity
+    let mut field: Option<DenseDisplacement> = None;
+    for (li, level) in cfg.levels.iter().enumerate() {
+        let t0 = Instant::now();
+        let stage = Stage::Deformable(li + 1);
+        observer.event(super::Event::Started(stage));
+        let fl = Level::new(fixed, level.shrink)?;
+        let ml = match exact {
+            Some(e) => MovingLevel::Exact(e),
+            None => MovingLevel::Maps(Level::new(moving, level.shrink)?),
+        };
+        let moving_grid = ml.grid();
+        let cshape = fl.grid.shape().map(|n| n.div_ceil(level.control_shrink.max(1)).max(1));
+        let cgrid = fl.grid.resized(cshape);
+        let plan = SamplingPlan::new(&fl.grid, moving_grid, affine, &dev)?;
+        let init_u = match &field {
+            Some(f) => f.resampled(&cgrid)?,
+            None if cfg.discrete.radius > 0 => {
+                let t0 = Instant::now();
+                observer.event(super::Event::Started(Stage::Discrete));
+                let found = discrete_start(&fl, &ml, &plan, affine, &cfg.discrete)?;
+                stages.push(StageReport {
+                    name: Stage::Discrete,
+                    iterations: cfg.discrete.coupling.len() + 1,
+                    initial_loss: found.cost_before,
+                    final_loss: found.cost_after,
+                    seconds: t0.elapsed().as_secs_f64(),
+                    feature_shape: fl.grid.shape(),
+                    control_shape: fl.grid.shape(),
+                    overlap: found.overlap,
+                });
+                let u = found.displacement.resampled(&cgrid)?;
+                let start = displacement(cfg.parameterisation, &u.tensor, &cgrid)?;
+                discrete_found = Some(DenseDisplacement { grid: cgrid.clone(), tensor: start });
+                u
+            }
+            None => DenseDisplacement::zeros(cgrid.clone(), &dev)?,
+        };
+        let u = Var::from_tensor(&init_u.tensor)?;
+        let spacing = fl.grid.min_spacing();
+        let cspacing = cgrid.min_spacing();
+        let penalty = BsplinePenalty { width: [cfg.bspline_width; 3], voxel_mm: cspacing };
+        let ffeat = fl.tensor.reshape((1, fixed.channels, plan.points))?;
+        // the maps' loss fused into one op; the exact mode's point features go through candle
+        let similarity = match &ml {
+            MovingLevel::Maps(l) => Some(SampledL1::new(&l.tensor, &ffeat)?),
+            MovingLevel::Exact(_) => None,
+        };
+        let (d, h, w) = fl.grid.dhw();
+        let schedule = Schedule {
+            stage,
+            iterations: level.iterations,
+            tolerance: cfg.tolerance,
+            learning_rate: |_| cfg.learning_rate * spacing,
+            epsilon: Epsilon::RelativeToFirstGradient(cfg.adam_epsilon),
+            keep_best: false,
+        };
+        let run = optimise(
+            &u,
+            &schedule,
+            |v| {
+                let dense = ops::resize(&displacement(cfg.parameterisation, v, &cgrid)?, [d, h, w])?;
+                let p = plan.points_for(&dense)?;
+                let (sim, inside) = match &similarity {
+                    Some(s) => s.loss(&p)?,
+                    None => {
+                        let mask = overlap_mask(&p.detach(), moving_grid.dhw())?;
+                        let warped = ml.sample(&p)?;
+                        (masked_l1(&ffeat, &warped, &mask)?, mask.mean_all()?.to_scalar::<f32>()? as f64)
+                    }
+                };
+                let mut loss = (&sim + (penalty.eval(v)? * cfg.smoothness)?)?;
+                if cfg.diffusion > 0.0 {
+                    loss = (loss + (diffusion(v, cspacing)? * cfg.diffusion)?)?;
+                }
+                Ok((loss, inside))
+            },
+            losses,
+            observer,
+        )?;
+        stages.push(StageReport {
+            name: stage,
+            iterations: run.history.len(),
+            initial_loss: run.history.first().copied().unwrap_or(f64::NAN),
+            final_loss: run.history.last().copied().unwrap_or(f64::NAN),
+            seconds: t0.elapsed().as_secs_f64(),
+            feature_shape: fl.grid.shape(),
+            control_shape: cshape,
+            overlap: run.overlap,
+        });
+        field = Some(DenseDisplacement { grid: cgrid, tensor: u.as_tensor().detach() });
+    }
+    let displacement = match field {
+        Some(f) => DenseDisplacement { tensor: displacement(cfg.parameterisation, &f.tensor, &f.grid)?, ..f },
+        None => DenseDisplacement::zeros(fixed.grid.resized([1, 1, 1]), &dev)?,
+    };
+    Ok(Deformation { displacement, discrete_start: discrete_found })
+}

@@ -1,0 +1,274 @@
+//! The registration method as one API: frozen feature maps of a fixed and a moving image in, a
+//! transform out.
+//!
+//! [`register_pair`] runs the whole method on two images: their features in one
+//! [`FeatureFrame`], the start ([`Start`]: header, centre of mass, translation search or label
+//! search, then the affine stage from the search's best distinct starts), the affine stage, the
+//! discrete displacement search and the deformable levels, coarse to fine. Every stage minimises
+//! the L1 distance between the fixed feature vectors and the moving feature maps sampled at the
+//! transformed fixed points (over the overlap of the two fields of view) with Adam ([`optimise`]
+//! holds the one loop); the deformable levels add a penalty on the difference between the field
+//! and its B-spline-smoothed self and a diffusion term. [`register_features`] starts from
+//! features already computed (propagation computes the target's once), [`register_from`] from a
+//! given affine map.
+//!
+//! Progress is reported as typed [`Event`]s to an [`Observer`].
+
+mod affine;
+mod config;
+mod deformable;
+mod discrete;
+mod events;
+mod frame;
+mod optimise;
+mod pyramid;
+mod start;
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use serde::Serialize;
+
+pub use affine::{affine_stage, AffineOutcome};
+pub use config::{AffineStartsConfig, LevelConfig, MethodConfig, Parameterisation, Start};
+pub use events::{silent, Event, LossRecord, Observer, Stage};
+pub use frame::FeatureFrame;
+pub use start::{centre_of_mass, label_start, AffineStart};
+
+use crate::features::{FeatureExtractor, ObeliskFeatures};
+use crate::init::SearchResult;
+use crate::transform::{Affine, DenseDisplacement};
+use crate::{DisplacementField, Error, Grid, Labels, Result, Volume};
+
+/// Moving-image features evaluated wherever the optimiser samples, instead of interpolated from
+/// a precomputed map: the OBELISK paper's exact form, where the moving image itself is resampled
+/// through the feature layer at the displaced coordinates.
+pub trait PointFeatures {
+    /// The image grid whose normalised coordinates [`PointFeatures::at`] takes.
+    fn grid(&self) -> &Grid;
+    fn channels(&self) -> usize;
+    /// Features `(1, C, P)` at normalised points `(1, P, 3)` of [`PointFeatures::grid`],
+    /// differentiable in the points.
+    fn at(&self, points: &Tensor) -> Result<Tensor>;
+}
+
+/// How one stage went.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageReport {
+    pub name: Stage,
+    pub iterations: usize,
+    pub initial_loss: f64,
+    /// Loss of the stage's result: the last iteration's, the affine stage's best iterate's.
+    pub final_loss: f64,
+    pub seconds: f64,
+    pub feature_shape: [usize; 3],
+    pub control_shape: [usize; 3],
+    /// Fraction of fixed points that sample inside the moving image at the end.
+    pub overlap: f64,
+}
+
+/// The transform found from a given start ([`register_from`]).
+pub struct Registration {
+    /// Full transform as an ITK displacement field on the requested output grid.
+    pub field: DisplacementField,
+    /// The affine part (fixed LPS → moving LPS).
+    pub affine: Affine,
+    /// The loss of every iteration of every stage.
+    pub losses: Vec<LossRecord>,
+    pub stages: Vec<StageReport>,
+    /// The displacement (after `affine`, on the first level's control grid) that the first
+    /// gradient level starts from when the discrete search ran: its result, exponentiated in
+    /// velocity mode, where the search's displacement becomes the starting velocity. Kept so that
+    /// the label-free start can be evaluated as the optimisation sees it.
+    pub discrete_start: Option<DenseDisplacement>,
+}
+
+/// The fixed and moving images of a registration, with their label maps where both are known
+/// (needed by [`Start::Labels`]).
+#[derive(Clone, Copy)]
+pub struct ImagePair<'a> {
+    pub fixed: &'a Volume,
+    pub moving: &'a Volume,
+    pub labels: Option<(&'a Labels, &'a Labels)>,
+}
+
+/// What describes the images: an extractor, and for the exact mode the learned model evaluated
+/// at the sampled points of the moving image.
+#[derive(Clone, Copy)]
+pub struct Features<'a> {
+    pub extractor: &'a dyn FeatureExtractor,
+    /// The deformable levels evaluate this model at the displaced points (the exact mode).
+    pub exact: Option<&'a ObeliskFeatures>,
+}
+
+/// An image pair with its feature maps (from one extractor, in one [`FeatureFrame`]).
+#[derive(Clone, Copy)]
+pub struct FeaturePair<'a> {
+    pub fixed: &'a Volume,
+    pub moving: &'a Volume,
+    pub fixed_features: &'a Volume,
+    pub moving_features: &'a Volume,
+    /// Fixed and moving label maps, where both are known (needed by [`Start::Labels`]).
+    pub labels: Option<(&'a Labels, &'a Labels)>,
+    /// The moving features at arbitrary points, for the exact mode.
+    pub moving_points: Option<&'a dyn PointFeatures>,
+}
+
+/// Which image of a pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Fixed,
+    Moving,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Fixed => "fixed",
+            Role::Moving => "moving",
+        })
+    }
+}
+
+/// The outcome of the whole method.
+pub struct Outcome {
+    pub registration: Registration,
+    /// The translation search's outcome ([`Start::Search`], [`Start::Labels`]).
+    pub search: Option<SearchResult>,
+    /// The translation the optimisation started from (LPS mm).
+    pub start_translation_mm: [f64; 3],
+    /// The search's starts the affine stage was run from, with its final loss; empty where
+    /// there was one start.
+    pub affine_starts: Vec<AffineStart>,
+    /// The common isotropic spacing both images were resampled to for their features, when
+    /// their spacings differ ([`FeatureFrame`]).
+    pub feature_spacing_mm: Option<f64>,
+    /// Seconds per step ("features", "initialisation", "optimisation").
+    pub runtime_s: BTreeMap<String, f64>,
+    /// The configuration as run (shrink factors adapted to the feature grid).
+    pub config: MethodConfig,
+}
+
+/// Registers `pair.moving` to `pair.fixed`: features, start, affine, discrete and deformable
+/// stages. The field lies on the fixed image's grid.
+pub fn register_pair(
+    pair: &ImagePair,
+    features: &Features,
+    config: &MethodConfig,
+    observer: &mut dyn Observer,
+) -> Result<Outcome> {
+    let t0 = Instant::now();
+    observer.event(Event::Started(Stage::Features));
+    let frame = FeatureFrame::for_images(&[pair.fixed, pair.moving]);
+    let of = |role: Role| move |e: Error| Error::Features { image: role, source: Box::new(e) };
+    let ff = frame.extract(features.extractor, pair.fixed).map_err(of(Role::Fixed))?;
+    let mf = frame.extract(features.extractor, pair.moving).map_err(of(Role::Moving))?;
+    let points = match features.exact {
+        Some(model) => Some(frame.point_features(model, pair.moving).map_err(of(Role::Moving))?),
+        None => None,
+    };
+    let seconds = t0.elapsed().as_secs_f64();
+    let fp = FeaturePair {
+        fixed: pair.fixed,
+        moving: pair.moving,
+        fixed_features: &ff,
+        moving_features: &mf,
+        labels: pair.labels,
+        moving_points: points.as_deref(),
+    };
+    let mut outcome = register_features(&fp, config, observer)?;
+    outcome.runtime_s.insert("features".to_string(), seconds);
+    Ok(outcome)
+}
+
+/// [`register_pair`] on features already computed, in the frame of the pair's images.
+pub fn register_features(pair: &FeaturePair, config: &MethodConfig, observer: &mut dyn Observer) -> Result<Outcome> {
+    let mut runtime = BTreeMap::new();
+    let frame = FeatureFrame::for_images(&[pair.fixed, pair.moving]);
+    let config = config.for_features(frame.working_spacing(pair.fixed), &pair.fixed_features.grid);
+    let t1 = Instant::now();
+    observer.event(Event::Started(Stage::Start));
+    let placement = start::place(pair, &config)?;
+    runtime.insert("initialisation".to_string(), t1.elapsed().as_secs_f64());
+
+    let t2 = Instant::now();
+    let (from, run_config) = match &placement.affine {
+        Some(a) => (a.affine.clone(), MethodConfig { affine_iterations: 0, ..config.clone() }),
+        None => (Affine::translation(placement.translation_mm), config.clone()),
+    };
+    let mut reg = register_from(
+        pair.fixed_features,
+        pair.moving_features,
+        pair.moving_points,
+        &pair.fixed.grid,
+        &from,
+        &run_config,
+        observer,
+    )?;
+    if let Some(a) = placement.affine {
+        reg.stages.insert(0, a.report);
+        reg.losses.splice(0..0, a.losses);
+    }
+    runtime.insert("optimisation".to_string(), t2.elapsed().as_secs_f64());
+    Ok(Outcome {
+        registration: reg,
+        search: placement.search,
+        start_translation_mm: placement.translation_mm,
+        affine_starts: placement.affine_starts,
+        feature_spacing_mm: frame.spacing,
+        runtime_s: runtime,
+        config,
+    })
+}
+
+/// The optimisation from the affine map `start` (`config.start` is not used): the affine stage
+/// (unless `config.affine_iterations` is 0), the discrete search and the deformable levels, on
+/// feature maps that may lie on any grids (their headers place them in the world). With `exact`
+/// the deformable levels sample the moving features through it (at full resolution, at the
+/// displaced points) instead of interpolating the moving maps; the affine stage still uses the
+/// maps, whose values `exact` reproduces at their grid points. The transform is returned as a
+/// displacement field on `output_grid` (normally the fixed image's grid).
+pub fn register_from(
+    fixed: &Volume,
+    moving: &Volume,
+    exact: Option<&dyn PointFeatures>,
+    output_grid: &Grid,
+    start: &Affine,
+    config: &MethodConfig,
+    observer: &mut dyn Observer,
+) -> Result<Registration> {
+    same_channels(fixed, moving)?;
+    if let Some(e) = exact {
+        if e.channels() != fixed.channels {
+            return Err(Error::ChannelMismatch {
+                what: "moving point features",
+                fixed: fixed.channels,
+                moving: e.channels(),
+            });
+        }
+    }
+    let mut losses = Vec::new();
+    let mut stages = Vec::new();
+    let mut affine = start.clone();
+    if config.affine_iterations > 0 {
+        observer.event(Event::Started(Stage::Affine));
+        let a = affine_stage(fixed, moving, start, config, observer)?;
+        affine = a.affine;
+        losses.extend(a.losses);
+        stages.push(a.report);
+    }
+    let d = deformable::deformable_levels(fixed, moving, exact, &affine, config, &mut losses, &mut stages, observer)?;
+    let field = d.displacement.to_field(&affine, output_grid)?;
+    Ok(Registration { field, affine, losses, stages, discrete_start: d.discrete_start })
+}
+
+pub(crate) fn same_channels(fixed: &Volume, moving: &Volume) -> Result<()> {
+    if fixed.channels != moving.channels {
+        return Err(Error::ChannelMismatch { what: "moving features", fixed: fixed.channels, moving: moving.channels });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
