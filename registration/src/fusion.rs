@@ -60,11 +60,11 @@ fn vote(candidates: &[Labels], distances: Option<&[Volume]>) -> Result<Labels> {
     let first = candidates.first().ok_or_else(|| Error::Data("label fusion needs at least one label map".into()))?;
     for (i, c) in candidates.iter().enumerate() {
         if !c.grid.same_as(&first.grid, GRID_TOL_MM) {
-            return Err(Error::Geometry(format!(
-                "label map {i} lies on a different grid ({:?}) than label map 0 ({:?})",
-                c.grid.shape(),
-                first.grid.shape()
-            )));
+            return Err(Error::GridMismatch {
+                what: format!("label maps 0 and {i}"),
+                a: first.grid.shape(),
+                b: c.grid.shape(),
+            });
         }
     }
     let eps = match distances {
@@ -111,14 +111,11 @@ fn vote(candidates: &[Labels], distances: Option<&[Volume]>) -> Result<Labels> {
 /// in voxels of that axis's spacing; replicate padding; no smoothing along an axis one voxel
 /// long or for `sigma_mm = 0`). One channel on the features' grid.
 pub fn local_distance(a: &Volume, b: &Volume, sigma_mm: f64) -> Result<Volume> {
-    if a.channels != b.channels || !a.grid.same_as(&b.grid, GRID_TOL_MM) {
-        return Err(Error::Geometry(format!(
-            "feature maps differ: {} channel(s) on {:?} vs {} channel(s) on {:?}",
-            a.channels,
-            a.grid.shape(),
-            b.channels,
-            b.grid.shape()
-        )));
+    if a.channels != b.channels {
+        return Err(Error::ChannelMismatch { what: "compared features", fixed: a.channels, moving: b.channels });
+    }
+    if !a.grid.same_as(&b.grid, GRID_TOL_MM) {
+        return Err(Error::GridMismatch { what: "compared feature maps".into(), a: a.grid.shape(), b: b.grid.shape() });
     }
     if !(sigma_mm.is_finite() && sigma_mm >= 0.0) {
         return Err(Error::Data(format!("smoothing sigma must be a finite number >= 0 mm, got {sigma_mm}")));
@@ -188,8 +185,9 @@ mod tests {
         assert_eq!(majority_vote(&[a.clone(), c.clone()]).unwrap().data, vec![1, 2, 3, 0]);
         assert_eq!(majority_vote(&[c, a.clone()]).unwrap().data, vec![1, 2, 3, 0]);
         assert_eq!(majority_vote(std::slice::from_ref(&a)).unwrap().data, a.data);
-        assert!(majority_vote(&[]).is_err());
-        assert!(majority_vote(&[a, labels(&grid([2, 2, 1]), &[0; 4])]).is_err());
+        assert!(matches!(majority_vote(&[]), Err(Error::Data(_))));
+        let off = majority_vote(&[a, labels(&grid([2, 2, 1]), &[0; 4])]);
+        assert!(matches!(off, Err(Error::GridMismatch { a: [4, 1, 1], b: [2, 2, 1], .. })), "{off:?}");
     }
 
     #[test]
@@ -240,7 +238,9 @@ mod tests {
         assert!(smooth.data[centre] < 4.0 && smooth.data[centre] > 0.1);
         assert!(smooth.data[centre + 1] > 0.0 && smooth.data[centre + 1] < smooth.data[centre]);
         let other = Volume::new(grid([9, 7, 4]), 2, vec![0.0; 2 * 9 * 7 * 4]).unwrap();
-        assert!(local_distance(&a, &other, 1.0).is_err());
+        assert!(matches!(local_distance(&a, &other, 1.0), Err(Error::GridMismatch { .. })));
+        let one = Volume::new(g.clone(), 1, vec![0.0; n]).unwrap();
+        assert!(matches!(local_distance(&a, &one, 1.0), Err(Error::ChannelMismatch { fixed: 2, moving: 1, .. })));
         assert!(local_distance(&a, &b, f64::NAN).is_err());
     }
 }

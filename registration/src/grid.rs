@@ -135,10 +135,10 @@ impl Grid {
         })
     }
 
-    /// Whether a voxel position lies inside the grid's extent: half a voxel beyond the outer
-    /// voxel centres on every axis, where resampling with ITK's convention still has data. The
-    /// one rule for "inside the image" in voxel units (normalised coordinates use the same
-    /// extent: `segmentation::ops::inside_extent`).
+    /// Whether a continuous voxel index lies inside the grid's extent: half a voxel beyond the
+    /// outer voxel centres on every axis, where resampling with ITK's convention still has data.
+    /// The one rule for "inside the image" in voxel units; the samplers of `segmentation::ops`
+    /// and [`crate::loss::overlap_mask`] apply the same extent to normalised coordinates.
     pub fn contains_voxel(&self, v: [f64; 3]) -> bool {
         (0..3).all(|a| in_extent(v[a], self.shape[a]))
     }
@@ -316,10 +316,10 @@ impl Reorientation {
     }
 }
 
-/// Whether voxel coordinate `x` lies within `[-0.5, n - 0.5]`, the extent of an axis of `n`
-/// voxels ([`Grid::contains_voxel`]).
+/// ITK's extent test for a continuous index along an axis of `n` voxels: `x` in
+/// `[-0.5, n - 0.5)` ([`Grid::contains_voxel`]).
 pub fn in_extent(x: f64, n: usize) -> bool {
-    x.is_finite() && x >= -0.5 && x <= n as f64 - 0.5
+    x.is_finite() && x >= -0.5 && x < n as f64 - 0.5
 }
 
 /// Applies a homogeneous 4x4 matrix to a 3D point.

@@ -220,7 +220,9 @@ impl Level {
         let (mut sum, mut inter, mut count) = (0.0f64, 0.0f64, 0usize);
         for (v, p) in self.points.iter().enumerate() {
             let q = [p[0] + off[0], p[1] + off[1], p[2] + off[2]];
-            // inside the moving image's physical extent (half a voxel beyond the outer centres)
+            // inside the moving image's extent, boundary included: lattice translations land
+            // exactly on the extent's faces, where [`Grid::contains_voxel`]'s half-open rule
+            // (ITK's, for resampling) would drop the outermost samples and move the best start
             if (0..3).any(|a| !(q[a] >= -0.5 && q[a] <= lim[a])) {
                 continue;
             }
@@ -578,8 +580,9 @@ mod tests {
         let one = pool.install(|| search_translation(&a, &b, &cfg)).unwrap();
         assert_eq!((one.translation_mm, one.score, one.candidates), (r.translation_mm, r.score, r.candidates));
         let two = Volume::new(b.grid.clone(), 2, [b.data.clone(), b.data.clone()].concat()).unwrap();
-        assert!(search_translation(&a, &two, &cfg).is_err(), "channel mismatch must fail");
+        let mismatch = search_translation(&a, &two, &cfg);
+        assert!(matches!(mismatch, Err(Error::ChannelMismatch { fixed: 1, moving: 2, .. })), "{mismatch:?}");
         let bad = SearchConfig { step_voxels: 0.0, ..Default::default() };
-        assert!(search_translation(&a, &b, &bad).is_err());
+        assert!(matches!(search_translation(&a, &b, &bad), Err(Error::Registration(_))));
     }
 }

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use segmentation::ops::{sample_point, Dims};
 pub use segmentation::ops::{Interpolation, Padding};
 
-use crate::grid::Space;
+use crate::grid::{in_extent, Space};
 use crate::{DisplacementField, Labels, Volume};
 
 /// Maps fixed voxel `(i, j, k)` with displacement `u` to a moving voxel coordinate:
@@ -101,23 +101,17 @@ pub fn warp_labels(moving: &Labels, field: &DisplacementField) -> Labels {
     Labels { grid: field.grid.clone(), data: out }
 }
 
-/// ITK's extent test: a continuous index in `[-0.5, n - 0.5)`.
-fn in_extent(x: f64, n: usize) -> bool {
-    x.is_finite() && x >= -0.5 && x < n as f64 - 0.5
-}
-
 /// Which voxels of the field's (fixed) grid the moving image covers through `field`: where
 /// both images have data, the only place a registration can be judged.
 pub fn coverage(field: &DisplacementField, moving: &crate::Grid) -> Vec<bool> {
     let map = Mapping::new(field, moving);
     let [nx, ny, nz] = field.grid.shape();
-    let m = moving.shape();
     let mut out = vec![false; nx * ny * nz];
     out.par_chunks_mut(nx).enumerate().for_each(|(row, o)| {
         let (j, k) = (row % ny, row / ny);
         for (i, v) in o.iter_mut().enumerate() {
             let p = map.at(i, j, k, field.at(row * nx + i));
-            *v = (0..3).all(|a| in_extent(p[a], m[a]));
+            *v = moving.contains_voxel(p);
         }
     });
     out

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::json;
 
-use crate::cli::register::{check_input, load_model};
+use crate::cli::validate::{check_input, load_model};
 use crate::cli::Output;
 use crate::io::{self, atomic::check_output};
 use crate::pipeline::FeatureKind;

@@ -7,6 +7,7 @@ pub mod register;
 pub mod synth;
 pub mod tools;
 pub mod train;
+pub mod validate;
 pub mod warp;
 
 use clap::{Parser, Subcommand};
@@ -87,7 +88,7 @@ impl Output {
 /// Sets up the global thread pool and runs the chosen command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(n) = cli.threads {
-        anyhow::ensure!(n > 0, "--threads must be at least 1");
+        validate::at_least_one("--threads", n)?;
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global()

@@ -16,7 +16,8 @@ use registration::warp::{warp_labels, warp_volume, Interpolation, Padding};
 use registration::{DisplacementField, Labels, Volume};
 use serde::Serialize;
 
-use crate::cli::register::{check_input, same_dimensionality, RegOptions};
+use crate::cli::register::RegOptions;
+use crate::cli::validate::{check_input, non_negative, same_dimensionality};
 use crate::cli::Output;
 use crate::io::{self, atomic::check_output, IoError};
 use crate::pipeline::FeatureKind;
@@ -138,9 +139,7 @@ impl PropagateArgs {
         if self.options.init == Start::Labels && self.target_labels.is_none() {
             bail!("--init labels needs --target-labels (the atlases' labels are lined up with them)");
         }
-        if !(self.fusion_sigma.is_finite() && self.fusion_sigma >= 0.0) {
-            bail!("--fusion-sigma must be a finite number >= 0, got {}", self.fusion_sigma);
-        }
+        non_negative("--fusion-sigma", self.fusion_sigma)?;
         let (model, config) = self.options.validate()?;
         io::Format::of(&self.out)?;
         let report = self.report.clone().unwrap_or_else(|| default_report(&self.out));

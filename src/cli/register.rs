@@ -8,8 +8,11 @@ use clap::Args;
 use registration::features::ObeliskFeatures;
 use registration::method::{MethodConfig, Parameterisation, Start};
 
+use crate::cli::validate::{
+    check_input, load_model, non_negative, overlap_fraction, prepare_out_dir, same_dimensionality,
+};
 use crate::cli::Output;
-use crate::io::{self, atomic::check_output, Format, IoError};
+use crate::io::{self, atomic::check_output, IoError};
 use crate::pictures::SliceSpec;
 use crate::pipeline::{FeatureKind, RegisterJob, RegisterSummary};
 use crate::progress::Progress;
@@ -137,11 +140,8 @@ impl RegOptions {
     /// Checks the numbers, loads the model of `--features obelisk` and builds the engine's
     /// configuration.
     pub fn validate(&self) -> Result<(Option<ObeliskFeatures>, MethodConfig)> {
-        for (name, v) in [("--smoothness", self.smoothness), ("--diffusion", self.diffusion)] {
-            if !(v.is_finite() && v >= 0.0) {
-                bail!("{name} must be a finite number >= 0, got {v}");
-            }
-        }
+        non_negative("--smoothness", self.smoothness)?;
+        non_negative("--diffusion", self.diffusion)?;
         // (2N+1)³ cost maps of the first level are held at once
         if self.discrete_radius > MAX_DISCRETE_RADIUS {
             bail!("--discrete-radius must be at most {MAX_DISCRETE_RADIUS}, got {}", self.discrete_radius);
@@ -166,74 +166,6 @@ impl RegOptions {
         }
         Ok((model, config))
     }
-}
-
-pub(crate) fn check_input(path: &Path) -> Result<(), IoError> {
-    if !path.exists() {
-        return Err(IoError::new(path, "file not found"));
-    }
-    if path.is_dir() {
-        return Err(IoError::new(path, "is a folder, not a file"));
-    }
-    Format::of(path)?;
-    Ok(())
-}
-
-/// The trained model behind `--features obelisk`: `--model DIR`, else the embedded default
-/// model; `--model` is refused with other features.
-pub(crate) fn load_model(features: FeatureKind, model: Option<&Path>) -> Result<Option<ObeliskFeatures>> {
-    Ok(match (features, model) {
-        (FeatureKind::Obelisk, None) => Some(ObeliskFeatures::embedded()?),
-        (FeatureKind::Obelisk, Some(dir)) => Some(ObeliskFeatures::load(dir)?),
-        (_, Some(_)) => bail!("--model is only used with --features obelisk"),
-        (_, None) => None,
-    })
-}
-
-/// Registration needs two 2D or two 3D images.
-pub(crate) fn same_dimensionality(a: &Path, ga: &registration::Grid, b: &Path, gb: &registration::Grid) -> Result<()> {
-    let dim = |g: &registration::Grid| if g.is_2d() { 2 } else { 3 };
-    if ga.is_2d() != gb.is_2d() {
-        bail!(
-            "{} is {}D but {} is {}D: register images of the same dimensionality",
-            a.display(),
-            dim(ga),
-            b.display(),
-            dim(gb)
-        );
-    }
-    Ok(())
-}
-
-/// Fraction of the fixed image's voxels (on a lattice of at most ~16³ samples) that lie inside
-/// the moving image's field of view, both placed by their headers.
-pub(crate) fn overlap_fraction(fixed: &registration::Grid, moving: &registration::Grid) -> f64 {
-    use registration::Space;
-    let shape = fixed.shape();
-    let step = shape.map(|n| n.div_ceil(16).max(1));
-    let m = moving.shape();
-    let (mut inside, mut total) = (0usize, 0usize);
-    for k in (0..shape[2]).step_by(step[2]) {
-        for j in (0..shape[1]).step_by(step[1]) {
-            for i in (0..shape[0]).step_by(step[0]) {
-                let w = fixed.map([i as f64, j as f64, k as f64], Space::Voxel, Space::Ras);
-                let v = moving.map(w, Space::Ras, Space::Voxel);
-                inside += (0..3).all(|a| v[a] >= -0.5 && v[a] <= m[a] as f64 - 0.5) as usize;
-                total += 1;
-            }
-        }
-    }
-    inside as f64 / total as f64
-}
-
-/// Creates `dir` if needed and checks that new files can be made there.
-pub(crate) fn prepare_out_dir(dir: &Path) -> Result<()> {
-    if dir.exists() && !dir.is_dir() {
-        bail!("{}: output path exists and is not a folder", dir.display());
-    }
-    std::fs::create_dir_all(dir)
-        .map_err(|e| anyhow::anyhow!("{}: cannot create the output folder: {e}", dir.display()))?;
-    Ok(())
 }
 
 impl RegisterArgs {

@@ -7,7 +7,7 @@ use clap::{Args, ValueEnum};
 use registration::synth::{self, phantom::LABEL_NAMES, Modality, SynthConfig};
 use serde_json::json;
 
-use crate::cli::register::prepare_out_dir;
+use crate::cli::validate::prepare_out_dir;
 use crate::cli::Output;
 use crate::io::{self, atomic::check_output};
 use crate::progress::Progress;

@@ -10,8 +10,9 @@ use registration::synth::SynthConfig;
 use registration::warp::coverage;
 use serde_json::json;
 
-use crate::cli::register::{check_input, prepare_out_dir, report, RegOptions, RegisterArgs};
+use crate::cli::register::{report, RegOptions, RegisterArgs};
 use crate::cli::synth::write_dataset;
+use crate::cli::validate::{check_input, prepare_out_dir};
 use crate::cli::Output;
 use crate::io::{self, atomic::check_output, IoError};
 use crate::pictures::{self, SliceSpec};

@@ -15,7 +15,7 @@ use segmentation::{
 };
 use serde::Serialize;
 
-use crate::cli::register::{check_input, prepare_out_dir};
+use crate::cli::validate::{at_least_one, check_input, prepare_out_dir};
 use crate::cli::Output;
 use crate::io::{self, atomic::check_output, atomic::write_atomic, dataset::Dataset};
 use crate::progress::Progress;
@@ -142,12 +142,8 @@ fn robust_norm(images: &[Volume]) -> InputNorm {
 
 impl TrainArgs {
     pub fn into_job(self) -> Result<TrainJob> {
-        if self.iterations == 0 {
-            bail!("--iterations must be at least 1");
-        }
-        if self.log_every == 0 {
-            bail!("--log-every must be at least 1");
-        }
+        at_least_one("--iterations", self.iterations)?;
+        at_least_one("--log-every", self.log_every)?;
         if self.single_offset && !matches!(self.arch, ArchArg::Obelisk | ArchArg::ObeliskMidl) {
             bail!("--single-offset applies to --arch obelisk and obelisk-midl only");
         }

@@ -1,12 +1,13 @@
 //! `obelisk warp`: resample a moving image (or label map) through a displacement field.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
 use registration::warp::{warp_labels, warp_volume, Interpolation, Padding};
 use serde_json::json;
 
+use crate::cli::validate::check_input;
 use crate::cli::Output;
 use crate::io::{self, atomic::check_output, describe_grid, Format, IoError, GRID_TOL};
 
@@ -49,16 +50,6 @@ pub struct WarpJob {
     reference: Option<PathBuf>,
 }
 
-fn check_input(path: &Path) -> Result<(), IoError> {
-    if !path.exists() {
-        return Err(IoError::new(path, "file not found"));
-    }
-    if path.is_dir() {
-        return Err(IoError::new(path, "is a folder, not a file"));
-    }
-    Ok(())
-}
-
 impl WarpJob {
     /// Checks files, formats and the output location without reading any image data.
     pub fn from_args(a: WarpArgs) -> anyhow::Result<Self> {
@@ -66,7 +57,6 @@ impl WarpJob {
         inputs.extend(a.reference.as_deref());
         for p in &inputs {
             check_input(p)?;
-            Format::of(p)?;
         }
         if Format::of(&a.field)? != Format::Nifti {
             return Err(IoError::new(&a.field, "a displacement field must be a .nii or .nii.gz file").into());

@@ -21,6 +21,10 @@ pub(crate) struct Deformation {
     /// The displacement the first gradient level started from, when the discrete search ran
     /// (exponentiated as a velocity in velocity mode, as the optimisation sees it).
     pub discrete_start: Option<DenseDisplacement>,
+    /// The loss of every iteration, level after level.
+    pub losses: Vec<LossRecord>,
+    /// The discrete search's report, then one per level.
+    pub stages: Vec<StageReport>,
 }
 
 /// The displacement of the optimised variable `v` on `grid`: itself, or its exponential.
@@ -31,18 +35,17 @@ fn displacement(p: Parameterisation, v: &Tensor, grid: &Grid) -> Result<Tensor> 
     }
 }
 
-/// Runs every level of `cfg.levels` after `affine`, appending their losses and reports.
+/// Runs every level of `cfg.levels` after `affine`.
 pub(crate) fn deformable_levels(
     fixed: &Volume,
     moving: &Volume,
     exact: Option<&dyn PointFeatures>,
     affine: &Affine,
     cfg: &MethodConfig,
-    losses: &mut Vec<LossRecord>,
-    stages: &mut Vec<StageReport>,
     observer: &mut dyn Observer,
 ) -> Result<Deformation> {
     let dev = Device::Cpu;
+    let (mut losses, mut stages) = (Vec::new(), Vec::new());
     let mut discrete_found = None;
     // the optimised variable of the last level: the displacement, or the velocity
     let mut field: Option<DenseDisplacement> = None;
@@ -121,7 +124,7 @@ pub(crate) fn deformable_levels(
                 }
                 Ok((loss, inside))
             },
-            losses,
+            &mut losses,
             observer,
         )?;
         stages.push(StageReport {
@@ -140,5 +143,5 @@ pub(crate) fn deformable_levels(
         Some(f) => DenseDisplacement { tensor: displacement(cfg.parameterisation, &f.tensor, &f.grid)?, ..f },
         None => DenseDisplacement::zeros(fixed.grid.resized([1, 1, 1]), &dev)?,
     };
-    Ok(Deformation { displacement, discrete_start: discrete_found })
+    Ok(Deformation { displacement, discrete_start: discrete_found, losses, stages })
 }

@@ -258,7 +258,9 @@ pub fn register_from(
         losses.extend(a.losses);
         stages.push(a.report);
     }
-    let d = deformable::deformable_levels(fixed, moving, exact, &affine, config, &mut losses, &mut stages, observer)?;
+    let d = deformable::deformable_levels(fixed, moving, exact, &affine, config, observer)?;
+    losses.extend(d.losses);
+    stages.extend(d.stages);
     let field = d.displacement.to_field(&affine, output_grid)?;
     Ok(Registration { field, affine, losses, stages, discrete_start: d.discrete_start })
 }

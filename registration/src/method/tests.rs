@@ -261,3 +261,58 @@ fn affine_stage_recovers_a_scaling_and_shift() {
     eprintln!("affine EPE {epe}");
     assert!(epe < 1.0, "affine EPE {epe} mm");
 }
+
+/// A loss that stops being a number is reported with its stage and iteration.
+#[test]
+fn a_non_finite_loss_names_its_stage_and_iteration() {
+    let g = grid();
+    let fixed = render(&g, blobs);
+    let mut moving = fixed.clone();
+    moving.data.iter_mut().for_each(|v| *v = f32::NAN);
+    let cfg = MethodConfig { affine_iterations: 5, ..Default::default() };
+    let err = register_from(&fixed, &moving, None, &g, &Affine::default(), &cfg, &mut silent());
+    assert!(matches!(err, Err(Error::NonFiniteLoss { stage: Stage::Affine, iteration: 0, .. })), "{:?}", err.err());
+    let err = register_from(&fixed, &moving, None, &g, &Affine::default(), &quick(), &mut silent());
+    let e = err.err().expect("a NaN loss must fail");
+    assert!(matches!(e, Error::NonFiniteLoss { stage: Stage::Deformable(1), iteration: 0, .. }), "{e:?}");
+    assert!(e.to_string().contains("deformable-1"), "{e}");
+}
+
+/// The whole method on images: features that cannot be computed name the image, and a run
+/// reports its stages as typed events in order.
+#[test]
+fn register_pair_reports_typed_events_and_names_the_failing_image() {
+    let g = grid();
+    let fixed = render(&g, blobs);
+    let t = [3.0, -2.0, 1.5];
+    let moving = render(&g, |p| blobs([p[0] - t[0], p[1] - t[1], p[2] - t[2]]));
+    let extractor = crate::features::IntensityFeatures;
+    let features = Features { extractor: &extractor, exact: None };
+    let cfg = MethodConfig {
+        start: Start::Com,
+        affine_iterations: 10,
+        levels: vec![LevelConfig { shrink: 2, control_shrink: 2, iterations: 10 }],
+        ..Default::default()
+    };
+    let mut events = Vec::new();
+    let pair = ImagePair { fixed: &fixed, moving: &moving, labels: None };
+    let out = register_pair(&pair, &features, &cfg, &mut |e| events.push(e)).unwrap();
+    let started: Vec<Stage> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Started(s) => Some(*s),
+            Event::Iteration(_) => None,
+        })
+        .collect();
+    assert_eq!(started, vec![Stage::Features, Stage::Start, Stage::Affine, Stage::Deformable(1), Stage::Discrete]);
+    let iterations = events.iter().filter(|e| matches!(e, Event::Iteration(_))).count();
+    assert_eq!(iterations, out.registration.losses.len());
+    let names: Vec<String> = out.registration.stages.iter().map(|s| s.name.to_string()).collect();
+    assert_eq!(names, ["affine", "discrete", "deformable-1"]);
+    assert!(out.runtime_s.contains_key("features") && out.runtime_s.contains_key("optimisation"));
+
+    let two = Volume::new(g.clone(), 2, [moving.data.clone(), moving.data.clone()].concat()).unwrap();
+    let bad = ImagePair { fixed: &fixed, moving: &two, labels: None };
+    let err = register_pair(&bad, &features, &cfg, &mut silent());
+    assert!(matches!(err, Err(Error::Features { image: Role::Moving, .. })), "{:?}", err.err());
+}
