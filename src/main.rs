@@ -4,7 +4,7 @@ use obelisk::cli::{run, Cli};
 /// glibc serves every allocation above 128 kB–32 MB with a fresh `mmap` and gives it back on
 /// free, so each of the thousands of short-lived tensors of a registration is page-faulted in
 /// anew: a third of a 96³ registration's CPU time went to the kernel. Keeping freed memory in
-/// the heap makes it 20 % faster (15.5 s → 12.3 s wall) for about 10 % more peak memory.
+/// the heap removes that cost for a little more peak memory.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn keep_freed_memory() {
     // the largest threshold glibc accepts on 64-bit systems

@@ -14,10 +14,8 @@ use serde::Serialize;
 /// Options of [`discrete_search`].
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DiscreteConfig {
-    /// Largest displacement per axis in level voxels (0 disables the search); default 2 (on the
-    /// real TotalSegmentator pairs, MIND: final Dice 0.494 / 0.500 / 0.482 without the search,
-    /// 0.510 / 0.503 / 0.502 at radius 2, 0.486 / 0.498 / 0.504 at radius 3; the synthetic
-    /// pairs unchanged).
+    /// Largest displacement per axis in level voxels (0 disables the search); default 2 (larger
+    /// radii found no better start on the benchmark's pairs and cost (2r+1)³ cost maps).
     pub radius: usize,
     /// Half-width of the cubic patch the costs are summed over, in voxels; default 1 (3³).
     pub patch: usize,

@@ -152,7 +152,7 @@ fn extent_box(g: &Grid) -> ([f64; 3], [f64; 3]) {
 }
 
 /// One resolution of the search: fixed maps, moving maps and what scoring a translation needs.
-struct Level {
+struct SearchLevel {
     fixed_grid: Grid,
     moving_grid: Grid,
     channels: usize,
@@ -169,7 +169,7 @@ struct Level {
     score: SearchScore,
 }
 
-impl Level {
+impl SearchLevel {
     /// `stride`: every `stride[a]`-th fixed voxel along axis `a` is scored.
     fn new(
         fixed: Maps,
@@ -314,8 +314,8 @@ pub fn search_translation(fixed_feat: &Volume, moving_feat: &Volume, cfg: &Searc
     // of the cost (the lattice was a third of the search's time).
     let stride = fixed_coarse.grid.shape().map(|n| if n >= LATTICE_SUBSAMPLE_FROM { 2 } else { 1 });
     let lattice_level =
-        Level::new(fixed_coarse.clone(), moving_coarse.clone(), smaller, cfg.min_overlap, cfg.score, stride);
-    let coarse = Level::new(fixed_coarse, moving_coarse, smaller, cfg.min_overlap, cfg.score, [1; 3]);
+        SearchLevel::new(fixed_coarse.clone(), moving_coarse.clone(), smaller, cfg.min_overlap, cfg.score, stride);
+    let coarse = SearchLevel::new(fixed_coarse, moving_coarse, smaller, cfg.min_overlap, cfg.score, [1; 3]);
     let min_sp = |g: &Grid| g.spacing().into_iter().fold(f64::INFINITY, f64::min);
     let step = cfg.step_voxels * min_sp(&coarse.fixed_grid).max(min_sp(&coarse.moving_grid));
 
@@ -391,7 +391,7 @@ pub fn search_translation(fixed_feat: &Volume, moving_feat: &Volume, cfg: &Searc
     // score still sees 7 mm detail, and the step (5 mm) is what limits the precision.
     let fixed_fine = downsample(fixed_feat, cfg.fine_mm, min_slices)?;
     let stride = fixed_fine.grid.shape().map(|n| if n >= LATTICE_SUBSAMPLE_FROM { 2 } else { 1 });
-    let fine = Level::new(
+    let fine = SearchLevel::new(
         fixed_fine,
         downsample(moving_feat, cfg.fine_mm, min_slices)?,
         smaller,
@@ -424,7 +424,7 @@ pub fn search_translation(fixed_feat: &Volume, moving_feat: &Volume, cfg: &Searc
 
 /// Pattern search from `t`: move to the best of the 26 neighbours at distance `step` while that
 /// improves, then halve the step, down to `smallest`. Returns `(t, score, overlap, evaluations)`.
-fn refine(level: &Level, t: [f64; 3], step: f64, smallest: f64) -> ([f64; 3], f64, f64, usize) {
+fn refine(level: &SearchLevel, t: [f64; 3], step: f64, smallest: f64) -> ([f64; 3], f64, f64, usize) {
     /// Bound on moves per step size: a start in the right basin needs one or two.
     const MAX_MOVES: usize = 4;
     let (mut best, (mut score, mut overlap)) = (t, level.evaluate(t));

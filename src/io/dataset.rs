@@ -32,7 +32,7 @@ pub struct Subject {
 /// One registration pair (paths resolved); the labels come from the entry itself or from the
 /// subject with the same image.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Pair {
+pub struct DatasetPair {
     pub fixed: PathBuf,
     pub moving: PathBuf,
     pub fixed_label: Option<PathBuf>,
@@ -54,9 +54,9 @@ pub struct Dataset {
     pub tensor_image_shape: Option<Vec<usize>>,
     pub training: Vec<Subject>,
     pub test: Vec<Subject>,
-    pub registration_val: Vec<Pair>,
-    pub registration_test: Vec<Pair>,
-    pub training_paired_images: Vec<Pair>,
+    pub registration_val: Vec<DatasetPair>,
+    pub registration_test: Vec<DatasetPair>,
+    pub training_paired_images: Vec<DatasetPair>,
 }
 
 /// The pair lists a dataset may hold, by their JSON key.
@@ -124,7 +124,7 @@ impl Parser<'_> {
         Ok(out)
     }
 
-    fn pairs(&self, root: &Map<String, Value>, key: &str, subjects: &[&Subject]) -> Result<Vec<Pair>, IoError> {
+    fn pairs(&self, root: &Map<String, Value>, key: &str, subjects: &[&Subject]) -> Result<Vec<DatasetPair>, IoError> {
         let label_of = |image: &Path| subjects.iter().find(|s| s.image == image).and_then(|s| s.label.clone());
         let mut out = Vec::new();
         for (i, v) in self.list(root, key)?.iter().enumerate() {
@@ -135,7 +135,7 @@ impl Parser<'_> {
             let fixed_label = self.path(obj, "fixed_label", &at)?.or_else(|| label_of(&fixed));
             let moving_label = self.path(obj, "moving_label", &at)?.or_else(|| label_of(&moving));
             let truth_field = self.path(obj, "truth_field", &at)?;
-            out.push(Pair { fixed, moving, fixed_label, moving_label, truth_field, key: at });
+            out.push(DatasetPair { fixed, moving, fixed_label, moving_label, truth_field, key: at });
         }
         Ok(out)
     }
@@ -212,7 +212,7 @@ impl Dataset {
     }
 
     /// The pair list named `key` (one of [`PAIR_LISTS`]).
-    pub fn pairs(&self, key: &str) -> Option<&[Pair]> {
+    pub fn pairs(&self, key: &str) -> Option<&[DatasetPair]> {
         match key {
             "registration_val" => Some(&self.registration_val),
             "registration_test" => Some(&self.registration_test),
@@ -242,7 +242,7 @@ impl Subject {
     }
 }
 
-impl Pair {
+impl DatasetPair {
     /// Every file of the pair with its JSON location, for [`Dataset::check_files`].
     pub fn files(&self) -> Vec<(&Path, String)> {
         let mut v = vec![

@@ -28,7 +28,7 @@ pub trait FeatureExtractor: Send + Sync {
     /// Feature maps of `image` stored in RAS voxel order ([`Volume::to_canonical`]): the form to
     /// compare between images. MIND-SSC's channels and OBELISK's offsets refer to voxel
     /// directions, so an LPS-stored CT and an RAS-stored one would otherwise compare mismatched
-    /// channels (on the TotalSegmentator pairs that turned a Dice gain into a loss).
+    /// channels.
     fn extract_canonical(&self, image: &Volume) -> Result<Volume> {
         self.extract(&image.to_canonical())
     }

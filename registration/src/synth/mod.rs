@@ -194,7 +194,7 @@ where
 /// A registration pair with its ground truth: `moving(x + u(x)) ≈ fixed(x)` for the fixed-grid
 /// point `x`, with `u` = `truth` (ITK convention: LPS mm on the fixed grid).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Pair {
+pub struct SyntheticPair {
     pub fixed: Volume,
     pub fixed_labels: Labels,
     pub moving: Volume,
@@ -207,7 +207,7 @@ pub struct Pair {
 /// Subject `subject` of `cfg`'s cohort as a fixed image plus a moving image of the same anatomy
 /// deformed by a random smooth diffeomorphism. Fixed and moving share `cfg.grid()`; their noise
 /// is independent. The fixed image equals subject `subject` of [`generate_subjects`].
-pub fn make_pair(cfg: &SynthConfig, subject: u64) -> Result<Pair> {
+pub fn make_pair(cfg: &SynthConfig, subject: u64) -> Result<SyntheticPair> {
     let grid = cfg.grid()?;
     let phantom = cfg.phantom(subject);
     let (fixed, fixed_labels) = render(&phantom, &grid);
@@ -246,7 +246,7 @@ pub fn make_pair(cfg: &SynthConfig, subject: u64) -> Result<Pair> {
         },
     );
     let truth = deformation.to_field(&grid);
-    Ok(Pair { fixed, fixed_labels, moving, moving_labels, truth, deformation })
+    Ok(SyntheticPair { fixed, fixed_labels, moving, moving_labels, truth, deformation })
 }
 
 /// `n` different subjects (inter-subject variation: one [`Phantom`] each, seeds from `cfg.seed`)
