@@ -7,7 +7,7 @@
 #   PYTHON=python3.12 data-scripts/fetch_totalseg.sh
 #
 # Layout (all gitignored):
-#   data-scripts/.venv-data/   Python venv with the pinned packages below
+#   data-scripts/.venv-data/   Python venv with the pinned packages of venv-data.sh
 #   data/cache/                the sdist (downloaded once, SHA-256 checked) and its extracted
 #                              tests/reference_files
 #   data/totalseg/             converter output (see data-scripts/README.md)
@@ -15,34 +15,18 @@
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
-venv="$root/data-scripts/.venv-data"
 cache="$root/data/cache"
 out="$root/data/totalseg"
-python="${PYTHON:-python3}"
 
 version=2.18.0
 sdist="totalsegmentator-$version.tar.gz"
 # SHA-256 of totalsegmentator-2.18.0.tar.gz as downloaded from PyPI on 2026-11-27 (38,049,988 bytes).
 sdist_sha256=5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03
 
-pins=(setuptools==80.9.0 wheel==0.46.3 SimpleITK==2.5.7 numpy==2.3.5 nibabel==5.3.2 pydicom==3.0.2)
-
-# --- 1. venv with pinned packages (idempotent) -------------------------------------------------
-have_pins() {
-    [[ -x "$venv/bin/python" ]] || return 1
-    "$venv/bin/python" - "${pins[@]}" <<'PY' 2>/dev/null
-import importlib.metadata as m, sys
-ok = all(m.version(n) == v for n, v in (p.split("==") for p in sys.argv[1:]))
-sys.exit(0 if ok else 1)
-PY
-}
-if have_pins; then
-    echo "fetch_totalseg: venv $venv has ${pins[*]}"
-else
-    [[ -x "$venv/bin/python" ]] || "$python" -m venv "$venv"
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${pins[@]}"
-    echo "fetch_totalseg: installed ${pins[*]} into $venv"
-fi
+# --- 1. venv with pinned packages (idempotent; shared with fetch_corpus.sh) --------------------
+# shellcheck source=venv-data.sh
+source "$root/data-scripts/venv-data.sh"
+ensure_venv_data fetch_totalseg
 
 # --- 2. download the sdist once -----------------------------------------------------------------
 mkdir -p "$cache"

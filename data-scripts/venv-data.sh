@@ -1,0 +1,31 @@
+# Sourced (not run) by fetch_totalseg.sh and fetch_corpus.sh: makes sure data-scripts/.venv-data
+# has the pinned packages the data scripts need, creating it when missing.
+#
+#   source "$root/data-scripts/venv-data.sh"; ensure_venv_data TAG
+#
+# Sets `venv` (the folder) and `venv_python`. TAG prefixes the messages. PYTHON=... picks the
+# interpreter that creates the venv.
+
+venv="$root/data-scripts/.venv-data"
+venv_python="$venv/bin/python"
+venv_pins=(setuptools==80.9.0 wheel==0.46.3 SimpleITK==2.5.7 numpy==2.3.5 nibabel==5.3.2 pydicom==3.0.2)
+
+venv_has_pins() {
+    [[ -x "$venv_python" ]] || return 1
+    "$venv_python" - "${venv_pins[@]}" <<'PY' 2>/dev/null
+import importlib.metadata as m, sys
+ok = all(m.version(n) == v for n, v in (p.split("==") for p in sys.argv[1:]))
+sys.exit(0 if ok else 1)
+PY
+}
+
+ensure_venv_data() {
+    local tag="$1"
+    if venv_has_pins; then
+        echo "$tag: venv $venv has ${venv_pins[*]}"
+    else
+        [[ -x "$venv_python" ]] || "${PYTHON:-python3}" -m venv "$venv"
+        "$venv_python" -m pip install --quiet --disable-pip-version-check "${venv_pins[@]}"
+        echo "$tag: installed ${venv_pins[*]} into $venv"
+    fi
+}
