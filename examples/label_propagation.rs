@@ -6,7 +6,7 @@
 
 use registration::features::{FeatureExtractor, MindConfig, MindSsc};
 use registration::fusion::{local_distance, majority_vote, weighted_vote};
-use registration::method::{register_features, silent, FeaturePair, MethodConfig, Start};
+use registration::method::{register_features, silent, FeaturePair, Masks, MethodConfig, Start};
 use registration::metrics::dice_per_label;
 use registration::synth::{generate_subjects, SynthConfig};
 use registration::warp::{warp_labels, warp_volume, Interpolation, Padding};
@@ -35,6 +35,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             moving_features: &af,
             labels: None,
             moving_points: None,
+            masks: Masks::default(),
         };
         let aligned = register_features(&pair, &config, &mut silent())?;
         let field = &aligned.registration.field;

@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use registration::features::{FeatureExtractor, MindConfig, MindSsc};
-use registration::method::{register_from, silent, MethodConfig};
+use registration::method::{register_from, silent, Maps, MethodConfig};
 use registration::metrics::{dice_per_label, endpoint_error, jacobian};
 use registration::synth::{make_pair, SynthConfig};
 use registration::transform::Affine;
@@ -31,7 +31,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (ff, mf) = (mind.extract_canonical(&pair.fixed)?, mind.extract_canonical(&pair.moving)?);
     println!("{} features: {} channels in {:.2} s", mind.name(), ff.channels, t.elapsed().as_secs_f64());
 
-    let reg = register_from(&ff, &mf, None, &grid, &Affine::default(), &MethodConfig::default(), &mut silent())?;
+    let reg = register_from(&Maps::new(&ff, &mf), &grid, &Affine::default(), &MethodConfig::default(), &mut silent())?;
     for s in &reg.stages {
         println!(
             "  {:<13} {:>3} it  loss {:.4} -> {:.4}  {:.2} s",

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use registration::features::{FeatureExtractor, ObeliskFeatures};
-use registration::method::{register_features, silent, FeaturePair, MethodConfig, Start};
+use registration::method::{register_features, silent, FeaturePair, Masks, MethodConfig, Start};
 use registration::metrics::dice_per_label;
 use registration::synth::{generate_subjects, make_pair, phantom::LABEL_NAMES, SynthConfig};
 use registration::warp::warp_labels;
@@ -81,6 +81,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         moving_features: &mf,
         labels: None,
         moving_points: None,
+        masks: Masks::default(),
     };
     let config = MethodConfig { start: Start::None, ..Default::default() };
     let aligned = register_features(&p, &config, &mut silent())?;

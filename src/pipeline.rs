@@ -8,7 +8,7 @@ use anyhow::Result;
 use registration::features::{FeatureExtractor, IntensityFeatures, MindConfig, MindSsc, ObeliskFeatures};
 use registration::init::SearchResult;
 use registration::method::{
-    register_pair, AffineStart, Features, ImagePair, MethodConfig, Observer, Role, Stage, StageReport, Start,
+    register_pair, AffineStart, Features, ImagePair, Masks, MethodConfig, Observer, Role, Stage, StageReport, Start,
 };
 use registration::metrics::{dice_per_label_masked, jacobian, RegistrationMetrics};
 use registration::transform::{Affine, DenseDisplacement};
@@ -60,6 +60,10 @@ pub struct RegisterJob {
     pub fixed_labels: Option<Labels>,
     pub moving_labels: Option<Labels>,
     pub truth: Option<DisplacementField>,
+    /// Metric masks (`--fixed-mask`, `--moving-mask`), each with the fraction of its image it
+    /// covers.
+    pub fixed_mask: Option<(Volume, f64)>,
+    pub moving_mask: Option<(Volume, f64)>,
     pub label_names: BTreeMap<u32, String>,
     pub out: PathBuf,
     pub features: FeatureKind,
@@ -110,6 +114,9 @@ pub struct RegisterSummary {
     pub shared_labels: Vec<u32>,
     /// Fraction of the fixed image's voxels that the registered moving image covers.
     pub overlap_fraction: f64,
+    /// Fraction of the fixed / moving image inside its metric mask, where one was given.
+    pub fixed_mask_coverage: Option<f64>,
+    pub moving_mask_coverage: Option<f64>,
     pub metrics: RegistrationMetrics,
     pub stages: Vec<StageReport>,
     pub runtime_s: BTreeMap<String, f64>,
@@ -188,6 +195,10 @@ impl RegisterJob {
             fixed: &self.fixed,
             moving: &self.moving,
             labels: self.fixed_labels.as_ref().zip(self.moving_labels.as_ref()),
+            masks: Masks {
+                fixed: self.fixed_mask.as_ref().map(|m| &m.0),
+                moving: self.moving_mask.as_ref().map(|m| &m.0),
+            },
         };
         let features = Features { extractor: extractor.as_ref(), exact: self.model.as_ref().filter(|_| self.exact) };
         let outcome = register_pair(&pair, &features, &self.config, observer).map_err(|e| self.name_image(e))?;
@@ -319,6 +330,8 @@ impl RegisterJob {
                 _ => None,
             },
             exact: self.exact,
+            fixed_mask_coverage: self.fixed_mask.as_ref().map(|m| m.1),
+            moving_mask_coverage: self.moving_mask.as_ref().map(|m| m.1),
             feature_spacing_mm: outcome.feature_spacing_mm,
             init: self.config.start,
             init_translation_mm: init_t,

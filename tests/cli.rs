@@ -533,3 +533,61 @@ fn lps_stored_moving_image_registers_like_the_ras_one() {
     assert!((dice(&ras) - dice(&lps)).abs() < 1e-3, "RAS {} vs LPS {}", dice(&ras), dice(&lps));
     assert_eq!(ras["init_search"]["translation_mm"], lps["init_search"]["translation_mm"]);
 }
+
+/// `--fixed-mask` / `--moving-mask`: the coverage is reported, a mask over the whole image
+/// registers exactly as no mask, a mask of part of the fixed image changes the result, and a
+/// mask that is empty, unreadable or of the wrong dimensionality stops the job before any
+/// output, naming the mask.
+#[test]
+fn metric_masks() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tiny_pair(dir.path());
+    let (fixed, moving) = (data.join("pair_000_fixed.nii.gz"), data.join("pair_000_moving.nii.gz"));
+    let img = io::read_image(&fixed).unwrap();
+    let n = img.grid.num_voxels();
+    let write = |name: &str, f: &dyn Fn(usize) -> f32| {
+        let p = dir.path().join(name);
+        io::write_volume(&p, &registration::Volume::new(img.grid.clone(), 1, (0..n).map(f).collect()).unwrap())
+            .unwrap();
+        p
+    };
+    let full = write("full.nii.gz", &|_| 1.0);
+    let half = write("half.nii.gz", &|v| (v % 24 < 12) as u8 as f32);
+    let empty = write("empty.nii.gz", &|_| 0.0);
+    let run = |out: &str, extra: &[&str]| {
+        let o = dir.path().join(out);
+        let mut a = vec!["register", "--fixed", s(&fixed), "--moving", s(&moving), "--out", s(&o), "--no-pictures"];
+        a.extend_from_slice(extra);
+        let j = ok_json(&a);
+        (std::fs::read(o.join("field.nii.gz")).unwrap(), j)
+    };
+    let (plain, _) = run("plain", &[]);
+    let (whole, j) = run("whole", &["--fixed-mask", s(&full), "--moving-mask", s(&full)]);
+    assert_eq!(j["fixed_mask_coverage"].as_f64(), Some(1.0));
+    assert_eq!(plain, whole, "a mask over everything changes nothing");
+    let (halved, j) = run("half", &["--fixed-mask", s(&half)]);
+    let c = j["fixed_mask_coverage"].as_f64().unwrap();
+    assert!((c - 0.5).abs() < 0.01, "coverage {c}");
+    assert!(j["moving_mask_coverage"].is_null());
+    assert_ne!(plain, halved, "half a mask changes the field");
+
+    let png = dir.path().join("m.png");
+    image::GrayImage::from_pixel(4, 4, image::Luma([255])).save(&png).unwrap();
+    for (mask, expect) in [(&empty, "holds no voxel"), (&png, "2D mask"), (&dir.path().join("no.nii.gz"), "not found")]
+    {
+        let out = dir.path().join("bad");
+        let err = fails(&[
+            "register",
+            "--fixed",
+            s(&fixed),
+            "--moving",
+            s(&moving),
+            "--out",
+            s(&out),
+            "--moving-mask",
+            s(mask),
+        ]);
+        assert!(err.contains(s(mask)) && err.contains(expect) && !err.contains("panicked"), "{err}");
+        assert!(!out.join("field.nii.gz").exists());
+    }
+}

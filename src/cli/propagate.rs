@@ -10,14 +10,14 @@ use anyhow::{bail, Context, Result};
 use clap::{ArgAction, Args, ValueEnum};
 use registration::features::{FeatureExtractor, ObeliskFeatures};
 use registration::fusion::{local_distance, majority_vote, weighted_vote};
-use registration::method::{register_features, FeatureFrame, FeaturePair, MethodConfig, StageReport, Start};
+use registration::method::{register_features, FeatureFrame, FeaturePair, Masks, MethodConfig, StageReport, Start};
 use registration::metrics::{dice_per_label, jacobian};
 use registration::warp::{warp_labels, warp_volume, Interpolation, Padding};
 use registration::{DisplacementField, Labels, Volume};
 use serde::Serialize;
 
 use crate::cli::register::RegOptions;
-use crate::cli::validate::{check_input, non_negative, same_dimensionality};
+use crate::cli::validate::{check_input, non_negative, read_mask, same_dimensionality};
 use crate::cli::Output;
 use crate::io::{self, atomic::check_output, IoError};
 use crate::pipeline::FeatureKind;
@@ -73,6 +73,10 @@ pub struct PropagateArgs {
     /// Reference labels of the target, for Dice in the report.
     #[arg(long)]
     pub target_labels: Option<PathBuf>,
+    /// Metric mask of the target (nonzero inside): only target voxels inside count in the
+    /// similarity of every atlas registration.
+    #[arg(long, value_name = "MASK")]
+    pub target_mask: Option<PathBuf>,
     /// How the warped atlas label maps are combined.
     #[arg(long, value_enum, default_value_t = Fusion::Weighted)]
     pub fusion: Fusion,
@@ -100,6 +104,8 @@ pub struct PropagateJob {
     pub target: Volume,
     pub target_labels_path: Option<PathBuf>,
     pub target_labels: Option<Labels>,
+    /// `--target-mask` and the fraction of the target it covers.
+    pub target_mask: Option<(Volume, f64)>,
     pub atlases: Vec<Atlas>,
     pub out: PathBuf,
     pub report: PathBuf,
@@ -126,12 +132,13 @@ fn default_report(out: &Path) -> PathBuf {
 
 impl PropagateArgs {
     /// Validates everything and reads the inputs; no output is written.
-    pub fn into_job(self) -> Result<PropagateJob> {
+    pub fn into_job(self, quiet: bool) -> Result<PropagateJob> {
         if self.atlas.len() % 2 != 0 {
             bail!("--atlas takes two paths: the atlas image and its label map");
         }
         let mut inputs: Vec<&Path> = vec![&self.target];
         inputs.extend(self.target_labels.as_deref());
+        inputs.extend(self.target_mask.as_deref());
         inputs.extend(self.atlas.iter().map(PathBuf::as_path));
         for p in &inputs {
             check_input(p)?;
@@ -168,6 +175,8 @@ impl PropagateArgs {
         let target = io::read_image(&self.target)?;
         let target_labels =
             self.target_labels.as_ref().map(|p| io::read_labels_for(p, &target.grid, &self.target)).transpose()?;
+        let target_mask =
+            self.target_mask.as_ref().map(|p| read_mask(p, &target.grid, &self.target, quiet)).transpose()?;
         let mut atlases = Vec::new();
         for pair in self.atlas.chunks(2) {
             let image = io::read_image(&pair[0])?;
@@ -180,6 +189,7 @@ impl PropagateArgs {
             target,
             target_labels_path: self.target_labels,
             target_labels,
+            target_mask,
             atlases,
             out: self.out,
             report,
@@ -297,6 +307,7 @@ impl PropagateJob {
                 moving_features: &af,
                 labels: self.target_labels.as_ref().map(|t| (t, &atlas.labels)),
                 moving_points: points.as_deref(),
+                masks: Masks { fixed: self.target_mask.as_ref().map(|m| &m.0), moving: None },
             };
             let aligned = register_features(&pair, &self.config, &mut stage_bars).with_context(|| {
                 format!("registering {} to {}", atlas.image_path.display(), self.target_path.display())
@@ -401,7 +412,7 @@ fn atlas_line(i: usize, n: usize, r: &AtlasReport) -> String {
 }
 
 pub fn run(args: PropagateArgs, out: Output) -> Result<()> {
-    let job = args.into_job()?;
+    let job = args.into_job(out.silent())?;
     let report = job.run(&Progress::new(out.silent()))?;
     out.finish(&report, || {
         let n = report.atlases.len();

@@ -9,7 +9,7 @@ use registration::features::ObeliskFeatures;
 use registration::method::{MethodConfig, Parameterisation, Start};
 
 use crate::cli::validate::{
-    check_input, load_model, non_negative, overlap_fraction, prepare_out_dir, same_dimensionality,
+    check_input, load_model, non_negative, overlap_fraction, prepare_out_dir, read_mask, same_dimensionality,
 };
 use crate::cli::Output;
 use crate::io::{self, atomic::check_output, IoError};
@@ -45,6 +45,13 @@ pub struct RegisterArgs {
     /// Ground-truth field (ITK convention, on the fixed grid), for the endpoint error.
     #[arg(long)]
     pub truth: Option<PathBuf>,
+    /// Metric mask of the fixed image (nonzero inside; any grid that overlaps it): only fixed
+    /// voxels inside count in the similarity, as ANTs' and elastix's fixed masks.
+    #[arg(long, value_name = "MASK")]
+    pub fixed_mask: Option<PathBuf>,
+    /// Metric mask of the moving image: fixed points that land outside it do not count.
+    #[arg(long, value_name = "MASK")]
+    pub moving_mask: Option<PathBuf>,
     /// Output folder (created if missing).
     #[arg(long)]
     pub out: PathBuf,
@@ -206,6 +213,8 @@ impl RegisterArgs {
         inputs.extend(self.fixed_labels.as_deref());
         inputs.extend(self.moving_labels.as_deref());
         inputs.extend(self.truth.as_deref());
+        inputs.extend(self.fixed_mask.as_deref());
+        inputs.extend(self.moving_mask.as_deref());
         for p in &inputs {
             check_input(p)?;
         }
@@ -232,6 +241,9 @@ impl RegisterArgs {
             self.fixed_labels.as_ref().map(|p| io::read_labels_for(p, &fixed.grid, &self.fixed)).transpose()?;
         let moving_labels =
             self.moving_labels.as_ref().map(|p| io::read_labels_for(p, &moving.grid, &self.moving)).transpose()?;
+        let fixed_mask = self.fixed_mask.as_ref().map(|p| read_mask(p, &fixed.grid, &self.fixed, quiet)).transpose()?;
+        let moving_mask =
+            self.moving_mask.as_ref().map(|p| read_mask(p, &moving.grid, &self.moving, quiet)).transpose()?;
         let truth = match &self.truth {
             Some(p) => {
                 let t = io::read_field(p)?;
@@ -254,6 +266,8 @@ impl RegisterArgs {
             fixed_labels,
             moving_labels,
             truth,
+            fixed_mask,
+            moving_mask,
             label_names: BTreeMap::new(),
             out: self.out.clone(),
             features: self.options.features,

@@ -58,6 +58,8 @@ pub fn demo(args: DemoArgs, out: Output) -> Result<()> {
         fixed_labels: Some(data.join("pair_000_fixed_labels.nii.gz")),
         moving_labels: Some(data.join("pair_000_moving_labels.nii.gz")),
         truth: Some(data.join("pair_000_truth.nii.gz")),
+        fixed_mask: None,
+        moving_mask: None,
         out: args.out.join("registration"),
         options: RegOptions { init: Start::None, affine_iterations: 0, ..Default::default() },
         slice: SliceSpec { axis: pictures::Axis::Coronal, index: None },

@@ -5,8 +5,9 @@ use std::path::Path;
 
 use anyhow::{bail, Result};
 use registration::features::ObeliskFeatures;
+use registration::{Grid, Volume};
 
-use crate::io::{Format, IoError};
+use crate::io::{self, Format, IoError};
 use crate::pipeline::FeatureKind;
 
 /// An input file that exists, is a file and has a format we read.
@@ -91,4 +92,40 @@ pub fn at_least_one(name: &str, n: usize) -> Result<()> {
         bail!("{name} must be at least 1");
     }
     Ok(())
+}
+
+fn dims(g: &Grid) -> &'static str {
+    if g.is_2d() {
+        "2D"
+    } else {
+        "3D"
+    }
+}
+
+/// Reads a metric mask and measures how much of its image it covers (logged unless `quiet`):
+/// a mask that cannot be read, holds NaN or covers none of the image is an error.
+pub fn read_mask(path: &Path, image: &Grid, image_path: &Path, quiet: bool) -> Result<(Volume, f64)> {
+    let mask = io::read_image(path)?;
+    if mask.grid.is_2d() != image.is_2d() {
+        return Err(IoError::new(
+            path,
+            format!("is a {} mask for the {} image {}", dims(&mask.grid), dims(image), image_path.display()),
+        )
+        .into());
+    }
+    let coverage = registration::method::mask_coverage(&mask, image);
+    if coverage <= 0.0 {
+        return Err(IoError::new(
+            path,
+            format!(
+                "the mask holds no voxel of {} (all zero, or it lies elsewhere in the world)",
+                image_path.display()
+            ),
+        )
+        .into());
+    }
+    if !quiet {
+        eprintln!("mask {}: {:.1}% of {}", path.display(), 100.0 * coverage, image_path.display());
+    }
+    Ok((mask, coverage))
 }

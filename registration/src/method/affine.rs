@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use nalgebra::Matrix4;
 use segmentation::ops::SampledL1;
 
+use super::masks::{fixed_weights, moving_valid, Masks};
 use super::optimise::{optimise, Epsilon, Schedule};
 use super::pyramid::Level;
 use super::{same_channels, LossRecord, MethodConfig, Observer, Stage, StageReport};
@@ -25,13 +26,14 @@ fn dist(a: [f64; 3], b: [f64; 3]) -> f64 {
     ((a[0] - b[0]).powi(2) + (a[1] - b[1]).powi(2) + (a[2] - b[2]).powi(2)).sqrt()
 }
 
-/// The affine stage alone, starting from `init`: 12 parameters by Adam on the features
+/// The affine stage alone, starting from `init` (the similarity restricted to `masks`): 12 parameters by Adam on the features
 /// downsampled by `cfg.affine_shrink`, for up to `cfg.affine_iterations` iterations. Its final
 /// loss (mean L1 over the overlap, of the best iterate) scores a start: the method runs it from
 /// several candidate translations and keeps the best.
 pub fn affine_stage(
     fixed: &Volume,
     moving: &Volume,
+    masks: &Masks,
     init: &Affine,
     cfg: &MethodConfig,
     observer: &mut dyn Observer,
@@ -55,7 +57,8 @@ pub fn affine_stage(
     let params = Var::zeros((3, 4), DType::F32, &dev)?;
     let spacing = fl.grid.min_spacing();
     let ffeat = fl.tensor.reshape((1, fixed.channels, plan.points))?;
-    let similarity = SampledL1::new(&ml.tensor, &ffeat)?;
+    let similarity = SampledL1::new(&ml.tensor, &ffeat)?
+        .with_masks(fixed_weights(masks, &fl.grid), moving_valid(masks, &ml.grid))?;
     let schedule = Schedule {
         stage: Stage::Affine,
         iterations: cfg.affine_iterations,

@@ -7,6 +7,7 @@ use candle_core::{Device, Tensor, Var};
 use segmentation::ops::{self, SampledL1};
 
 use super::discrete::discrete_start;
+use super::masks::{fixed_weights, moving_at, moving_valid, Masks};
 use super::optimise::{optimise, Epsilon, Schedule};
 use super::pyramid::{Level, MovingLevel};
 use super::{LossRecord, MethodConfig, Observer, Parameterisation, PointFeatures, Stage, StageReport};
@@ -40,6 +41,7 @@ pub(crate) fn deformable_levels(
     fixed: &Volume,
     moving: &Volume,
     exact: Option<&dyn PointFeatures>,
+    masks: &Masks,
     affine: &Affine,
     cfg: &MethodConfig,
     observer: &mut dyn Observer,
@@ -67,7 +69,7 @@ pub(crate) fn deformable_levels(
             None if cfg.discrete.radius > 0 => {
                 let t0 = Instant::now();
                 observer.event(super::Event::Started(Stage::Discrete));
-                let found = discrete_start(&fl, &ml, &plan, affine, &cfg.discrete)?;
+                let found = discrete_start(&fl, &ml, &plan, affine, masks, &cfg.discrete)?;
                 stages.push(StageReport {
                     name: Stage::Discrete,
                     iterations: cfg.discrete.coupling.len() + 1,
@@ -92,8 +94,16 @@ pub(crate) fn deformable_levels(
         let ffeat = fl.tensor.reshape((1, fixed.channels, plan.points))?;
         // the maps' loss fused into one op; the exact mode's point features go through candle
         let similarity = match &ml {
-            MovingLevel::Maps(l) => Some(SampledL1::new(&l.tensor, &ffeat)?),
+            MovingLevel::Maps(l) => Some(
+                SampledL1::new(&l.tensor, &ffeat)?
+                    .with_masks(fixed_weights(masks, &fl.grid), moving_valid(masks, &l.grid))?,
+            ),
             MovingLevel::Exact(_) => None,
+        };
+        // the exact mode's masks as one weight per fixed point, the moving part per iteration
+        let fixed_w = match fixed_weights(masks, &fl.grid) {
+            Some(w) => Some(Tensor::from_vec(w.iter().map(|&v| v as f32).collect(), (1, 1, plan.points), &dev)?),
+            None => None,
         };
         let (d, h, w) = fl.grid.dhw();
         let schedule = Schedule {
@@ -113,7 +123,15 @@ pub(crate) fn deformable_levels(
                 let (sim, inside) = match &similarity {
                     Some(s) => s.loss(&p)?,
                     None => {
-                        let mask = overlap_mask(&p.detach(), moving_grid.dhw())?;
+                        let mut mask = overlap_mask(&p.detach(), moving_grid.dhw())?;
+                        if let Some(w) = &fixed_w {
+                            mask = mask.broadcast_mul(w)?;
+                        }
+                        if masks.moving.is_some() {
+                            let held: Vec<f32> =
+                                moving_at(masks, moving_grid, &p)?.into_iter().map(|b| b as u8 as f32).collect();
+                            mask = mask.broadcast_mul(&Tensor::from_vec(held, (1, 1, plan.points), &dev)?)?;
+                        }
                         let warped = ml.sample(&p)?;
                         (masked_l1(&ffeat, &warped, &mask)?, mask.mean_all()?.to_scalar::<f32>()? as f64)
                     }

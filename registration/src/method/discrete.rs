@@ -2,6 +2,7 @@
 
 use candle_core::{Device, Tensor};
 
+use super::masks::{mask_on, Masks};
 use super::pyramid::{Level, MovingLevel};
 use crate::discrete::{discrete_search, DiscreteConfig, LevelMaps};
 use crate::loss::overlap_mask;
@@ -20,21 +21,30 @@ pub(crate) struct DiscreteStart {
 }
 
 /// The discrete search's field on the level grid of `fl`, sampling the moving level `ml` at the
-/// fixed points mapped by `affine` (`plan`).
+/// fixed points mapped by `affine` (`plan`); patches count only over fixed voxels inside both
+/// `masks`.
 pub(crate) fn discrete_start(
     fl: &Level,
     ml: &MovingLevel,
     plan: &SamplingPlan,
     affine: &Affine,
+    masks: &Masks,
     cfg: &DiscreteConfig,
 ) -> Result<DiscreteStart> {
     let warped = ml.sample(&plan.base)?;
-    let valid: Vec<bool> = overlap_mask(&plan.base, ml.grid().dhw())?
+    let mut valid: Vec<bool> = overlap_mask(&plan.base, ml.grid().dhw())?
         .flatten_all()?
         .to_vec1::<f32>()?
         .into_iter()
         .map(|m| m > 0.5)
         .collect();
+    if let Some(m) = masks.fixed {
+        valid.iter_mut().zip(mask_on(m, &fl.grid)).for_each(|(v, w)| *v &= w >= 0.5);
+    }
+    if masks.moving.is_some() {
+        let inside = super::masks::moving_at(masks, ml.grid(), &plan.base)?;
+        valid.iter_mut().zip(inside).for_each(|(v, w)| *v &= w);
+    }
     let fixed: Vec<f32> = fl.tensor.flatten_all()?.to_vec1()?;
     let warped: Vec<f32> = warped.flatten_all()?.to_vec1()?;
     let channels = fixed.len() / plan.points;

@@ -20,6 +20,7 @@ mod deformable;
 mod discrete;
 mod events;
 mod frame;
+mod masks;
 mod optimise;
 mod pyramid;
 mod start;
@@ -34,6 +35,7 @@ pub use affine::{affine_stage, AffineOutcome};
 pub use config::{AffineStartsConfig, LevelConfig, MethodConfig, Parameterisation, Start};
 pub use events::{silent, Event, LossRecord, Observer, Stage};
 pub use frame::FeatureFrame;
+pub use masks::{mask_coverage, mask_on, Masks};
 pub use start::{centre_of_mass, label_start, AffineStart};
 
 use crate::features::{FeatureExtractor, ObeliskFeatures};
@@ -91,6 +93,8 @@ pub struct ImagePair<'a> {
     pub fixed: &'a Volume,
     pub moving: &'a Volume,
     pub labels: Option<(&'a Labels, &'a Labels)>,
+    /// Where the similarity is evaluated.
+    pub masks: Masks<'a>,
 }
 
 /// What describes the images: an extractor, and for the exact mode the learned model evaluated
@@ -113,6 +117,30 @@ pub struct FeaturePair<'a> {
     pub labels: Option<(&'a Labels, &'a Labels)>,
     /// The moving features at arbitrary points, for the exact mode.
     pub moving_points: Option<&'a dyn PointFeatures>,
+    /// Where the similarity is evaluated.
+    pub masks: Masks<'a>,
+}
+
+/// The feature maps an optimisation works on ([`register_from`]), on any grids (their headers
+/// place them in the world).
+#[derive(Clone, Copy)]
+pub struct Maps<'a> {
+    pub fixed: &'a Volume,
+    pub moving: &'a Volume,
+    /// With it, the deformable levels sample the moving features through it (at full
+    /// resolution, at the displaced points) instead of interpolating the moving maps; the affine
+    /// stage still uses the maps, whose values it reproduces at their grid points (the exact
+    /// mode).
+    pub exact: Option<&'a dyn PointFeatures>,
+    /// Where the similarity is evaluated.
+    pub masks: Masks<'a>,
+}
+
+impl<'a> Maps<'a> {
+    /// Two feature maps, no exact mode, no masks.
+    pub fn new(fixed: &'a Volume, moving: &'a Volume) -> Self {
+        Maps { fixed, moving, exact: None, masks: Masks::default() }
+    }
 }
 
 /// Which image of a pair.
@@ -176,6 +204,7 @@ pub fn register_pair(
         moving_features: &mf,
         labels: pair.labels,
         moving_points: points.as_deref(),
+        masks: pair.masks,
     };
     let mut outcome = register_features(&fp, config, observer)?;
     outcome.runtime_s.insert("features".to_string(), seconds);
@@ -197,15 +226,9 @@ pub fn register_features(pair: &FeaturePair, config: &MethodConfig, observer: &m
         Some(a) => (a.affine.clone(), MethodConfig { affine_iterations: 0, ..config.clone() }),
         None => (Affine::translation(placement.translation_mm), config.clone()),
     };
-    let mut reg = register_from(
-        pair.fixed_features,
-        pair.moving_features,
-        pair.moving_points,
-        &pair.fixed.grid,
-        &from,
-        &run_config,
-        observer,
-    )?;
+    let maps =
+        Maps { fixed: pair.fixed_features, moving: pair.moving_features, exact: pair.moving_points, masks: pair.masks };
+    let mut reg = register_from(&maps, &pair.fixed.grid, &from, &run_config, observer)?;
     if let Some(a) = placement.affine {
         reg.stages.insert(0, a.report);
         reg.losses.splice(0..0, a.losses);
@@ -222,24 +245,20 @@ pub fn register_features(pair: &FeaturePair, config: &MethodConfig, observer: &m
     })
 }
 
-/// The optimisation from the affine map `start` (`config.start` is not used): the affine stage
-/// (unless `config.affine_iterations` is 0), the discrete search and the deformable levels, on
-/// feature maps that may lie on any grids (their headers place them in the world). With `exact`
-/// the deformable levels sample the moving features through it (at full resolution, at the
-/// displaced points) instead of interpolating the moving maps; the affine stage still uses the
-/// maps, whose values `exact` reproduces at their grid points. The transform is returned as a
-/// displacement field on `output_grid` (normally the fixed image's grid).
+/// The optimisation of `maps` from the affine map `start` (`config.start` is not used): the
+/// affine stage (unless `config.affine_iterations` is 0), the discrete search and the
+/// deformable levels. The transform is returned as a displacement field on `output_grid`
+/// (normally the fixed image's grid).
 pub fn register_from(
-    fixed: &Volume,
-    moving: &Volume,
-    exact: Option<&dyn PointFeatures>,
+    maps: &Maps,
     output_grid: &Grid,
     start: &Affine,
     config: &MethodConfig,
     observer: &mut dyn Observer,
 ) -> Result<Registration> {
+    let (fixed, moving) = (maps.fixed, maps.moving);
     same_channels(fixed, moving)?;
-    if let Some(e) = exact {
+    if let Some(e) = maps.exact {
         if e.channels() != fixed.channels {
             return Err(Error::ChannelMismatch {
                 what: "moving point features",
@@ -253,12 +272,12 @@ pub fn register_from(
     let mut affine = start.clone();
     if config.affine_iterations > 0 {
         observer.event(Event::Started(Stage::Affine));
-        let a = affine_stage(fixed, moving, start, config, observer)?;
+        let a = affine_stage(fixed, moving, &maps.masks, start, config, observer)?;
         affine = a.affine;
         losses.extend(a.losses);
         stages.push(a.report);
     }
-    let d = deformable::deformable_levels(fixed, moving, exact, &affine, config, observer)?;
+    let d = deformable::deformable_levels(fixed, moving, maps.exact, &maps.masks, &affine, config, observer)?;
     losses.extend(d.losses);
     stages.extend(d.stages);
     let field = d.displacement.to_field(&affine, output_grid)?;

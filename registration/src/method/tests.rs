@@ -63,7 +63,7 @@ fn recovers_a_translation() {
     let t = [3.0, -2.0, 1.5];
     let fixed = render(&g, blobs);
     let moving = render(&g, |p| blobs([p[0] - t[0], p[1] - t[1], p[2] - t[2]]));
-    let r = register_from(&fixed, &moving, None, &g, &Affine::default(), &quick(), &mut silent()).unwrap();
+    let r = register_from(&Maps::new(&fixed, &moving), &g, &Affine::default(), &quick(), &mut silent()).unwrap();
     let epe = interior_epe(&r.field, |_| t);
     eprintln!("translation EPE {epe}");
     assert!(epe < 1.0, "EPE {epe} mm (voxel 2 mm)");
@@ -99,8 +99,15 @@ fn exact_mode_equals_map_mode_on_the_map_itself() {
         levels: vec![LevelConfig { shrink: 1, control_shrink: 3, iterations: 25 }],
         ..Default::default()
     };
-    let a = register_from(&fixed, &moving, None, &g, &Affine::default(), &cfg, &mut silent()).unwrap();
-    let b = register_from(&fixed, &moving, Some(&exact), &g, &Affine::default(), &cfg, &mut silent()).unwrap();
+    let a = register_from(&Maps::new(&fixed, &moving), &g, &Affine::default(), &cfg, &mut silent()).unwrap();
+    let b = register_from(
+        &Maps { exact: Some(&exact), ..Maps::new(&fixed, &moving) },
+        &g,
+        &Affine::default(),
+        &cfg,
+        &mut silent(),
+    )
+    .unwrap();
     assert_eq!(a.losses.len(), b.losses.len());
     // the map mode's fused loss sums in another order than candle's ops: the same values up
     // to f32 round-off, which the iterations carry on
@@ -119,7 +126,13 @@ fn exact_mode_equals_map_mode_on_the_map_itself() {
     // a source with the wrong channel count is refused
     let two = Volume::new(g.clone(), 2, [moving.data.clone(), moving.data.clone()].concat()).unwrap();
     let t2 = Tensor::from_vec(two.data.clone(), (1, 2, d, h, w), &Device::Cpu).unwrap();
-    let err = register_from(&fixed, &moving, Some(&Sampled(two, t2)), &g, &Affine::default(), &cfg, &mut silent());
+    let err = register_from(
+        &Maps { exact: Some(&Sampled(two, t2)), ..Maps::new(&fixed, &moving) },
+        &g,
+        &Affine::default(),
+        &cfg,
+        &mut silent(),
+    );
     assert!(matches!(err, Err(Error::ChannelMismatch { fixed: 1, moving: 2, .. })));
 }
 
@@ -140,7 +153,7 @@ fn recovers_a_smooth_field() {
     };
     let fixed = render(&g, blobs);
     let moving = render(&g, |y| blobs(inv(y)));
-    let r = register_from(&fixed, &moving, None, &g, &Affine::default(), &quick(), &mut silent()).unwrap();
+    let r = register_from(&Maps::new(&fixed, &moving), &g, &Affine::default(), &quick(), &mut silent()).unwrap();
     let before = interior_epe(&DisplacementField::zeros(g.clone()), u);
     let epe = interior_epe(&r.field, u);
     eprintln!(
@@ -198,7 +211,7 @@ fn velocity_mode_recovers_a_large_swirl_without_folding() {
         ],
         ..quick()
     };
-    let r = register_from(&fixed, &moving, None, &g, &Affine::default(), &cfg, &mut silent()).unwrap();
+    let r = register_from(&Maps::new(&fixed, &moving), &g, &Affine::default(), &cfg, &mut silent()).unwrap();
     let truth = |p: [f64; 3]| {
         let q = swirl(p, 1.0);
         [q[0] - p[0], q[1] - p[1], q[2] - p[2]]
@@ -229,7 +242,7 @@ fn discrete_start_is_the_start_of_the_gradient_levels() {
             levels: vec![LevelConfig { shrink: 2, control_shrink: 2, iterations: 0 }],
             ..quick()
         };
-        let r = register_from(&fixed, &moving, None, &g, &Affine::default(), &cfg, &mut silent()).unwrap();
+        let r = register_from(&Maps::new(&fixed, &moving), &g, &Affine::default(), &cfg, &mut silent()).unwrap();
         let start = r.discrete_start.expect("the discrete search runs by default").to_field(&r.affine, &g).unwrap();
         let moved = (0..g.num_voxels()).map(|v| start.at(v).iter().map(|x| x.abs()).fold(0.0f32, f32::max));
         assert!(moved.fold(0.0f32, f32::max) > 1.0, "the search found no displacement to compare");
@@ -253,7 +266,7 @@ fn affine_stage_recovers_a_scaling_and_shift() {
     let fixed = render(&g, blobs);
     let moving = render(&g, |y| blobs(crate::grid::apply(&inv, y)));
     let cfg = MethodConfig { levels: vec![], affine_iterations: 150, ..Default::default() };
-    let r = register_from(&fixed, &moving, None, &g, &Affine::default(), &cfg, &mut silent()).unwrap();
+    let r = register_from(&Maps::new(&fixed, &moving), &g, &Affine::default(), &cfg, &mut silent()).unwrap();
     let epe = interior_epe(&r.field, |p| {
         let q = a.apply(p);
         [q[0] - p[0], q[1] - p[1], q[2] - p[2]]
@@ -270,9 +283,9 @@ fn a_non_finite_loss_names_its_stage_and_iteration() {
     let mut moving = fixed.clone();
     moving.data.iter_mut().for_each(|v| *v = f32::NAN);
     let cfg = MethodConfig { affine_iterations: 5, ..Default::default() };
-    let err = register_from(&fixed, &moving, None, &g, &Affine::default(), &cfg, &mut silent());
+    let err = register_from(&Maps::new(&fixed, &moving), &g, &Affine::default(), &cfg, &mut silent());
     assert!(matches!(err, Err(Error::NonFiniteLoss { stage: Stage::Affine, iteration: 0, .. })), "{:?}", err.err());
-    let err = register_from(&fixed, &moving, None, &g, &Affine::default(), &quick(), &mut silent());
+    let err = register_from(&Maps::new(&fixed, &moving), &g, &Affine::default(), &quick(), &mut silent());
     let e = err.err().expect("a NaN loss must fail");
     assert!(matches!(e, Error::NonFiniteLoss { stage: Stage::Deformable(1), iteration: 0, .. }), "{e:?}");
     assert!(e.to_string().contains("deformable-1"), "{e}");
@@ -295,7 +308,7 @@ fn register_pair_reports_typed_events_and_names_the_failing_image() {
         ..Default::default()
     };
     let mut events = Vec::new();
-    let pair = ImagePair { fixed: &fixed, moving: &moving, labels: None };
+    let pair = ImagePair { fixed: &fixed, moving: &moving, labels: None, masks: Masks::default() };
     let out = register_pair(&pair, &features, &cfg, &mut |e| events.push(e)).unwrap();
     let started: Vec<Stage> = events
         .iter()
@@ -312,7 +325,7 @@ fn register_pair_reports_typed_events_and_names_the_failing_image() {
     assert!(out.runtime_s.contains_key("features") && out.runtime_s.contains_key("optimisation"));
 
     let two = Volume::new(g.clone(), 2, [moving.data.clone(), moving.data.clone()].concat()).unwrap();
-    let bad = ImagePair { fixed: &fixed, moving: &two, labels: None };
+    let bad = ImagePair { fixed: &fixed, moving: &two, labels: None, masks: Masks::default() };
     let err = register_pair(&bad, &features, &cfg, &mut silent());
     assert!(matches!(err, Err(Error::Features { image: Role::Moving, .. })), "{:?}", err.err());
 }

@@ -564,6 +564,32 @@ pub struct SampledL1 {
     dims: Dims,
     channels: usize,
     points: usize,
+    masks: L1Masks,
+}
+
+/// Masks of [`SampledL1`]: a weight per fixed point, and the moving voxels that count (a point
+/// whose nearest moving voxel is outside counts as outside the extent).
+#[derive(Debug, Clone, Default)]
+struct L1Masks {
+    fixed: Option<std::sync::Arc<Vec<f64>>>,
+    moving: Option<std::sync::Arc<Vec<bool>>>,
+}
+
+impl L1Masks {
+    #[inline(always)]
+    fn weight(&self, point: usize) -> f64 {
+        self.fixed.as_ref().map_or(1.0, |w| w[point])
+    }
+
+    /// Whether the moving mask (if any) holds the voxel nearest to voxel-space point `v`.
+    #[inline(always)]
+    fn moving_holds<T: Real>(&self, v: [T; 3], dims: Dims) -> bool {
+        let Some(m) = &self.moving else {
+            return true;
+        };
+        let near = |x: T, n: usize| (x.to_f64().unwrap_or(0.0).round().max(0.0) as usize).min(n - 1);
+        m[(near(v[2], dims.d) * dims.h + near(v[1], dims.h)) * dims.w + near(v[0], dims.w)]
+    }
 }
 
 /// `|p| ≤ 1 + 1/(n − 1)` per axis: inside the physical extent of `dims` (normalised points).
@@ -604,7 +630,26 @@ impl SampledL1 {
             },
             _ => return bail("sampled L1 supports f32 and f64"),
         };
-        Ok(Self { data, dims, channels: c, points: np })
+        Ok(Self { data, dims, channels: c, points: np, masks: L1Masks::default() })
+    }
+
+    /// Restricts the loss to a fixed mask, as a weight per fixed point in `[0, 1]` (`P` values),
+    /// and to a moving mask (`D·H·W` values of the moving maps' grid, true where voxels count):
+    /// a point counts with its weight, and only where it lands inside the moving extent on a
+    /// moving voxel of the mask. Both stay constant under differentiation, as the extent does.
+    pub fn with_masks(mut self, fixed: Option<Vec<f64>>, moving: Option<Vec<bool>>) -> candle_core::Result<Self> {
+        if let Some(w) = &fixed {
+            if w.len() != self.points {
+                return bail(format!("sampled L1: {} fixed mask weights for {} points", w.len(), self.points));
+            }
+        }
+        if let Some(m) = &moving {
+            if m.len() != self.dims.len() {
+                return bail(format!("sampled L1: moving mask of {} voxels for maps of {}", m.len(), self.dims.len()));
+            }
+        }
+        self.masks = L1Masks { fixed: fixed.map(Into::into), moving: moving.map(Into::into) };
+        Ok(self)
     }
 
     /// The loss (a scalar tensor, differentiable in `points`) at normalised `points` `(1, P, 3)`
@@ -617,22 +662,36 @@ impl SampledL1 {
         let points = points.contiguous()?;
         let flat = points.flatten_all()?;
         let inside = match &self.data {
-            L1Data::F32 { .. } => count_inside(&flat.to_dtype(DType::F32)?.to_vec1::<f32>()?, self.dims),
-            L1Data::F64 { .. } => count_inside(&flat.to_dtype(DType::F64)?.to_vec1::<f64>()?, self.dims),
+            L1Data::F32 { .. } => count_inside(&flat.to_dtype(DType::F32)?.to_vec1::<f32>()?, self.dims, &self.masks),
+            L1Data::F64 { .. } => count_inside(&flat.to_dtype(DType::F64)?.to_vec1::<f64>()?, self.dims, &self.masks),
         };
-        let norm = 1.0 / (self.channels as f64 * inside.max(1) as f64);
+        // the weighted count of inside points; below one point's worth, the loss is a sum
+        let norm = 1.0 / (self.channels as f64 * inside.max(1.0));
         let points = match &self.data {
             L1Data::F32 { .. } => points.to_dtype(DType::F32)?,
             L1Data::F64 { .. } => points.to_dtype(DType::F64)?,
         };
         let loss = points.apply_op1(SampledL1Op { l1: self.clone(), norm })?;
-        Ok((loss, inside as f64 / self.points.max(1) as f64))
+        Ok((loss, inside / self.points.max(1) as f64))
     }
 }
 
-fn count_inside<T: Real>(points: &[T], dims: Dims) -> usize {
+/// The weighted count of points that count ([`sample_inside`]), in chunks summed in order.
+fn count_inside<T: Real>(points: &[T], dims: Dims, masks: &L1Masks) -> f64 {
     let lim = extent_limits::<T>(dims);
-    points.par_chunks(3 * CHUNK).map(|ch| ch.chunks(3).filter(|p| inside_extent(p, lim)).count()).sum()
+    let half = dims.half_extent::<T>();
+    let partial: Vec<f64> = points
+        .par_chunks(3 * CHUNK)
+        .enumerate()
+        .map(|(ci, ch)| {
+            ch.chunks(3)
+                .enumerate()
+                .filter(|(_, p)| inside_extent(p, lim) && masks.moving_holds(to_voxel(p, half), dims))
+                .map(|(q, _)| masks.weight(ci * CHUNK + q))
+                .sum::<f64>()
+        })
+        .collect();
+    partial.into_iter().sum()
 }
 
 /// The moving maps (channels-last) at normalised point `p` into `m`, and the taps used; `None`
@@ -643,13 +702,18 @@ fn sample_inside<T: Real>(
     dims: Dims,
     half: [T; 3],
     lim: [T; 3],
+    masks: &L1Masks,
     p: &[T],
     m: &mut [T],
 ) -> Option<[Taps<T>; 3]> {
     if !inside_extent(p, lim) {
         return None;
     }
-    let taps = all_taps(to_voxel(p, half), dims, Interpolation::Linear, Padding::Border);
+    let v = to_voxel(p, half);
+    if !masks.moving_holds(v, dims) {
+        return None;
+    }
+    let taps = all_taps(v, dims, Interpolation::Linear, Padding::Border);
     m.iter_mut().for_each(|v| *v = T::zero());
     gather_into(moving, dims, &taps, m);
     Some(taps)
@@ -657,7 +721,7 @@ fn sample_inside<T: Real>(
 
 /// Σ over inside points and channels of `|f − m(p)|`, in chunks summed in order (the same
 /// result for any thread count).
-fn sampled_l1_forward<T: Real>(moving: &[T], fixed: &[T], points: &[T], c: usize, dims: Dims) -> f64 {
+fn sampled_l1_forward<T: Real>(moving: &[T], fixed: &[T], points: &[T], c: usize, dims: Dims, masks: &L1Masks) -> f64 {
     let half = dims.half_extent::<T>();
     let lim = extent_limits::<T>(dims);
     let partial: Vec<f64> = points
@@ -667,12 +731,12 @@ fn sampled_l1_forward<T: Real>(moving: &[T], fixed: &[T], points: &[T], c: usize
             let mut m = vec![T::zero(); c];
             let mut sum = 0.0f64;
             for (q, p) in pts.chunks(3).enumerate() {
-                if sample_inside(moving, dims, half, lim, p, &mut m).is_none() {
+                if sample_inside(moving, dims, half, lim, masks, p, &mut m).is_none() {
                     continue;
                 }
                 let f = &fixed[(ci * CHUNK + q) * c..][..c];
                 let s = f.iter().zip(&m).fold(T::zero(), |acc, (&a, &b)| acc + (a - b).abs());
-                sum += s.to_f64().unwrap_or(f64::NAN);
+                sum += masks.weight(ci * CHUNK + q) * s.to_f64().unwrap_or(f64::NAN);
             }
             sum
         })
@@ -681,17 +745,26 @@ fn sampled_l1_forward<T: Real>(moving: &[T], fixed: &[T], points: &[T], c: usize
 }
 
 /// `scale · d/dp Σ |f − m(p)|` for every point `(P, 3)` (zero outside the extent).
-fn sampled_l1_backward<T: Real>(moving: &[T], fixed: &[T], points: &[T], c: usize, dims: Dims, scale: T) -> Vec<T> {
+fn sampled_l1_backward<T: Real>(
+    moving: &[T],
+    fixed: &[T],
+    points: &[T],
+    c: usize,
+    dims: Dims,
+    masks: &L1Masks,
+    scale: T,
+) -> Vec<T> {
     let half = dims.half_extent::<T>();
     let lim = extent_limits::<T>(dims);
     let mut out = vec![T::zero(); points.len()];
     out.par_chunks_mut(3 * CHUNK).zip(points.par_chunks(3 * CHUNK)).enumerate().for_each(|(ci, (o, pts))| {
         let (mut m, mut go) = (vec![T::zero(); c], vec![T::zero(); c]);
         for (q, (g3, p)) in o.chunks_mut(3).zip(pts.chunks(3)).enumerate() {
-            let Some(taps) = sample_inside(moving, dims, half, lim, p, &mut m) else {
+            let Some(taps) = sample_inside(moving, dims, half, lim, masks, p, &mut m) else {
                 continue;
             };
             let f = &fixed[(ci * CHUNK + q) * c..][..c];
+            let scale = scale * T::of_f64(masks.weight(ci * CHUNK + q));
             // d|f − m|/dm = −sign(f − m)
             for ((g, &a), &b) in go.iter_mut().zip(f).zip(&m) {
                 *g = if a > b {
@@ -726,11 +799,12 @@ impl candle_core::CustomOp1 for SampledL1Op {
         let (c, dims) = (self.l1.channels, self.l1.dims);
         let st = match (s, &self.l1.data) {
             (CpuStorage::F32(p), L1Data::F32 { moving, fixed }) => {
-                CpuStorage::F32(vec![(sampled_l1_forward(moving, fixed, slice_of(p, l)?, c, dims) * self.norm) as f32])
+                let sum = sampled_l1_forward(moving, fixed, slice_of(p, l)?, c, dims, &self.l1.masks);
+                CpuStorage::F32(vec![(sum * self.norm) as f32])
             }
-            (CpuStorage::F64(p), L1Data::F64 { moving, fixed }) => {
-                CpuStorage::F64(vec![sampled_l1_forward(moving, fixed, slice_of(p, l)?, c, dims) * self.norm])
-            }
+            (CpuStorage::F64(p), L1Data::F64 { moving, fixed }) => CpuStorage::F64(vec![
+                sampled_l1_forward(moving, fixed, slice_of(p, l)?, c, dims, &self.l1.masks) * self.norm,
+            ]),
             _ => return bail("sampled L1: points and maps differ in precision"),
         };
         Ok((st, Shape::from(())))
@@ -743,11 +817,19 @@ impl candle_core::CustomOp1 for SampledL1Op {
         let out = match &self.l1.data {
             L1Data::F32 { moving, fixed } => {
                 let p = points.flatten_all()?.to_vec1::<f32>()?;
-                Tensor::from_vec(sampled_l1_backward(moving, fixed, &p, c, dims, g as f32), shape, points.device())?
+                Tensor::from_vec(
+                    sampled_l1_backward(moving, fixed, &p, c, dims, &self.l1.masks, g as f32),
+                    shape,
+                    points.device(),
+                )?
             }
             L1Data::F64 { moving, fixed } => {
                 let p = points.flatten_all()?.to_vec1::<f64>()?;
-                Tensor::from_vec(sampled_l1_backward(moving, fixed, &p, c, dims, g), shape, points.device())?
+                Tensor::from_vec(
+                    sampled_l1_backward(moving, fixed, &p, c, dims, &self.l1.masks, g),
+                    shape,
+                    points.device(),
+                )?
             }
         };
         Ok(Some(out))

@@ -500,3 +500,53 @@ fn sampled_l1_equals_the_composed_loss_and_its_gradient() {
     assert!(SampledL1::new(&moving, &fixed.narrow(1, 0, 2).unwrap()).is_err());
     assert!(l1.loss(&p.narrow(1, 0, 10).unwrap()).is_err());
 }
+
+/// With masks the fused similarity equals the composed loss weighted per fixed point and
+/// restricted to points whose nearest moving voxel is in the moving mask (normalised by the
+/// weighted count), and its gradient matches finite differences.
+#[test]
+fn sampled_l1_with_masks_equals_the_weighted_composed_loss() {
+    let (c, np) = (2, 300);
+    let (d, h, w) = (5, 6, 7);
+    let moving = volume(1, c, d, h, w);
+    let fixed = t(rand_vec(c * np, 13), &[1, c, np]);
+    let p = points(1, np, 1.1, 9);
+    let weights: Vec<f64> = (0..np).map(|i| [0.0, 0.5, 1.0][i % 3]).collect();
+    // the moving mask keeps the voxels with x < 4
+    let mmask: Vec<bool> = (0..d * h * w).map(|v| v % w < 4).collect();
+    let l1 = SampledL1::new(&moving, &fixed).unwrap().with_masks(Some(weights.clone()), Some(mmask.clone())).unwrap();
+    let composed = |q: &Tensor| -> (Tensor, f64) {
+        let lim = [w, h, d].map(|n| 1.0 + 1.0 / (n as f64 - 1.0));
+        let qv: Vec<f64> = q.flatten_all().unwrap().to_vec1().unwrap();
+        let mask: Vec<f64> = qv
+            .chunks(3)
+            .zip(&weights)
+            .map(|(x, &wt)| {
+                let inside = (0..3).all(|a| x[a].abs() <= lim[a]);
+                let vx = ((x[0] + 1.0) * (w as f64 - 1.0) / 2.0).round().clamp(0.0, w as f64 - 1.0) as usize;
+                if inside && vx < 4 {
+                    wt
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let count: f64 = mask.iter().sum();
+        let mask = t(mask, &[1, 1, np]);
+        let m = grid_sample(&moving, q, Interpolation::Linear, Padding::Border).unwrap();
+        let s = (&fixed - m).unwrap().abs().unwrap().broadcast_mul(&mask).unwrap().sum_all().unwrap();
+        ((s / (c as f64 * count)).unwrap(), count / np as f64)
+    };
+    let (fused, inside) = l1.loss(&p).unwrap();
+    let (want, want_inside) = composed(&p);
+    assert!(want_inside > 0.1 && want_inside < 0.6, "the masks must remove some points: {want_inside}");
+    assert!((inside - want_inside).abs() < 1e-12);
+    let (a, b) = (fused.to_scalar::<f64>().unwrap(), want.to_scalar::<f64>().unwrap());
+    assert!((a - b).abs() < 1e-12, "fused {a} vs composed {b}");
+    let l1c = l1.clone();
+    check_grad(&p, &move |q| l1c.loss(q).unwrap().0, 1e-6);
+    let unmasked = SampledL1::new(&moving, &fixed).unwrap();
+    assert!((unmasked.loss(&p).unwrap().0.to_scalar::<f64>().unwrap() - a).abs() > 1e-6, "the masks change the loss");
+    assert!(SampledL1::new(&moving, &fixed).unwrap().with_masks(Some(vec![1.0; 3]), None).is_err());
+    assert!(SampledL1::new(&moving, &fixed).unwrap().with_masks(None, Some(vec![true; 3])).is_err());
+}
