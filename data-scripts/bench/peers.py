@@ -6,6 +6,10 @@
 
 TOOL: ants-syn | elastix-bspline | sitk-demons | sitk-bspline | convexadam.
 
+2D images (NIfTI with dim[0] = 2, e.g. the 2D pairs of data/corpus) register in 2D with every tool
+except convexadam, which handles 3D volumes only (it exits with an error naming that); the field
+is then [X, Y, 1, 1, 2] and --init-translation's z is ignored.
+
 --init-translation: start from this translation (LPS mm, ITK convention: the fixed point x maps to
 the moving point x + t) instead of the tool's own initialisation (centre of mass or geometric
 centre); run_bench.py --start labels passes the translation that lines up the shared label maps.
@@ -54,10 +58,10 @@ def to_itk_field(transform, fixed, sitk):
 def translation_affine(fixed, t, sitk):
     """x -> x + t as an affine transform centred on the fixed image (the centre of rotation that
     CenteredTransformInitializer would choose), so the optimiser's scales are the usual ones."""
-    a = sitk.AffineTransform(3)
+    a = sitk.AffineTransform(fixed.GetDimension())
     size = fixed.GetSize()
     a.SetCenter(fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in size]))
-    a.SetTranslation([float(v) for v in t])
+    a.SetTranslation([float(v) for v in t][:fixed.GetDimension()])
     return a
 
 
@@ -66,7 +70,7 @@ def affine_init(fixed, moving, sitk, threads, start=None):
     geometries (or start from the translation `start`), then a multi-resolution affine
     registration with Mattes mutual information."""
     if start is None:
-        init = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
+        init = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(fixed.GetDimension()),
                                                  sitk.CenteredTransformInitializerFilter.GEOMETRY)
     else:
         init = translation_affine(fixed, start, sitk)
@@ -97,7 +101,8 @@ def coverage_mask(fixed_path, moving_path, start):
     moving = sitk.ReadImage(moving_path, sitk.sitkFloat32)
     ones = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
     ones.CopyInformation(moving)
-    shift = sitk.TranslationTransform(3, [float(v) for v in start])
+    dim = fixed.GetDimension()
+    shift = sitk.TranslationTransform(dim, [float(v) for v in start][:dim])
     cover = sitk.Resample(ones, fixed, shift, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     return sitk.GetArrayFromImage(cover)
 
@@ -126,7 +131,7 @@ def run_ants(fixed_path, moving_path, threads, start=None):
     seconds = time.perf_counter() - t
     # ANTs lists the transforms as [Warp, Affine] and applies them to a point as Affine(Warp(x));
     # ITK's composite applies the transform added last first, so the list goes in reversed
-    comp = sitk.CompositeTransform(3)
+    comp = sitk.CompositeTransform(fixed.GetDimension())
     for path in reversed(r["fwdtransforms"]):
         if path.endswith((".nii", ".nii.gz")):
             comp.AddTransform(sitk.DisplacementFieldTransform(sitk.ReadImage(path, sitk.sitkVectorFloat64)))
@@ -163,6 +168,7 @@ def run_elastix(fixed_path, moving_path, threads, start=None):
         # a translation is exact as a header change: the moving image with its origin moved by
         # -t satisfies M'(y) = M(y + t), so elastix registers F to M' from the identity (no
         # automatic initialisation) and t is added to the field it returns
+        # zip stops at the image's dimension: a 2D image ignores the z of the start
         m.SetOrigin([o - float(v) for o, v in zip(m.GetOrigin(), start)])
         affine["AutomaticTransformInitialization"] = ["false"]
         # elastix stops when fewer than a quarter of its samples land inside the moving image,
@@ -197,9 +203,9 @@ def run_elastix(fixed_path, moving_path, threads, start=None):
             raise RuntimeError(f"elastix: {elastix_log_reason(Path(logdir) / 'elastix.log') or e}") from None
     field = itk.transformix_deformation_field(m, params)
     seconds = time.perf_counter() - t
-    arr = np.asarray(itk.array_from_image(field), dtype=np.float32)  # (z, y, x, 3), LPS mm
+    arr = np.asarray(itk.array_from_image(field), dtype=np.float32)  # (z, y, x, 3) or (y, x, 2), LPS mm
     if start is not None:
-        arr = arr + np.asarray(start, np.float32)
+        arr = arr + np.asarray(start, np.float32)[:arr.shape[-1]]
     fixed = sitk.ReadImage(fixed_path, sitk.sitkFloat32)
     out = sitk.GetImageFromArray(arr, isVector=True)
     out.CopyInformation(fixed)
@@ -224,15 +230,16 @@ def run_sitk_demons(fixed_path, moving_path, threads, start=None):
     demons.SetSmoothDisplacementField(True)
     # coarse to fine: each level starts from the previous field, resampled
     field = None
+    dim = fixed.GetDimension()
     for shrink, iters in ((4, 40), (2, 30), (1, 20)):
-        fs = sitk.Shrink(fixed, [shrink] * 3) if shrink > 1 else fixed
-        ms = sitk.Shrink(moved, [shrink] * 3) if shrink > 1 else moved
+        fs = sitk.Shrink(fixed, [shrink] * dim) if shrink > 1 else fixed
+        ms = sitk.Shrink(moved, [shrink] * dim) if shrink > 1 else moved
         if field is not None:
             field = sitk.Resample(field, fs, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
         demons.SetNumberOfIterations(iters)
         field = demons.Execute(fs, ms) if field is None else demons.Execute(fs, ms, field)
     seconds = time.perf_counter() - t
-    comp = sitk.CompositeTransform(3)
+    comp = sitk.CompositeTransform(dim)
     comp.AddTransform(init)
     comp.AddTransform(sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64)))
     return to_itk_field(comp, fixed, sitk), seconds, {"SimpleITK": sitk.Version_VersionString()}
@@ -267,7 +274,7 @@ def run_sitk_bspline(fixed_path, moving_path, threads, start=None):
     reg.Execute(fixed, moving)
     seconds = time.perf_counter() - t
     # the moving initial transform acts after the optimised one: x -> init(bspline(x))
-    comp = sitk.CompositeTransform(3)
+    comp = sitk.CompositeTransform(fixed.GetDimension())
     comp.AddTransform(init)
     comp.AddTransform(bspline)
     return to_itk_field(comp, fixed, sitk), seconds, {"SimpleITK": sitk.Version_VersionString()}
@@ -284,6 +291,8 @@ def run_convexadam(fixed_path, moving_path, threads, start=None):
 
     fixed = sitk.ReadImage(fixed_path, sitk.sitkFloat32)
     moving = sitk.ReadImage(moving_path, sitk.sitkFloat32)
+    if fixed.GetDimension() != 3:
+        raise RuntimeError("convexAdam registers 3D volumes only; this pair is 2D")
     t = time.perf_counter()
     # convexAdam needs both images on one grid: the same affine start as the SimpleITK tools;
     # the affine goes back into the written field below, so it maps to the original moving image

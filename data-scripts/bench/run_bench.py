@@ -10,6 +10,11 @@ where a true field exists). Outputs in --out: results.json, results.md, results.
 --smoke: one tiny synthetic pair, obelisk (mind, intensity) and SimpleITK demons only; needs
 just SimpleITK, numpy and nibabel (data-scripts/setup-venv.sh).
 
+--corpus DIR (default ROOT/data/corpus when it exists; --no-corpus skips it): the pairs of the
+development corpus that data-scripts/fetch_corpus.sh builds, each in the set named by its anatomy
+(brain, head_ct, abdomen, 2d); --sets picks sets (e.g. --sets brain,2d; synthetic and real count
+as sets too). The report has one table per set with every tool side by side.
+
 --start labels: every tool starts from the same translation, the one that lines up the pair's
 shared label maps (`obelisk register --init labels` with no optimisation); the peers get it as
 their initial transform (peers.py --init-translation), obelisk runs with `--init labels`. The
@@ -46,6 +51,13 @@ PEER_MODULES = {
 }
 # rows that are no registration but the yardstick of their pair
 REFERENCES = ("identity", "truth", "label start")
+# the corpus's anatomies (data-scripts/fetch_corpus.sh), in the order of the report
+CORPUS_SETS = ["brain", "head_ct", "abdomen", "2d"]
+SET_ORDER = ["synthetic", "real", *CORPUS_SETS]
+SET_TITLES = {"synthetic": "Synthetic pairs", "real": "Real pairs", "brain": "Corpus: brain MR",
+              "head_ct": "Corpus: head CT", "abdomen": "Corpus: abdominal CT", "2d": "Corpus: 2D slices"}
+# tools that register 3D volumes only: on a 2D pair their row says so instead of failing
+THREE_D_ONLY = {"convexadam": "convexAdam registers 3D volumes only"}
 # the real pairs of data/totalseg/dataset.json that the benchmark uses: fixed <- moving
 REAL_PAIRS = [("ct_a", "ct_b"), ("ct_b", "ct_a"), ("ct_a", "mr_c")]
 SEG_ARCHS = ["obelisk", "hybrid", "unet"]
@@ -170,6 +182,28 @@ def real_pairs(data_dir):
     return pairs
 
 
+def corpus_pairs(corpus_dir, sets=None):
+    """The pairs of data/corpus/dataset.json (fetch_corpus.sh), set = their anatomy; `sets`
+    keeps only those anatomies."""
+    ds_path = corpus_dir / "dataset.json"
+    if not ds_path.exists():
+        raise Failed(f"{ds_path}: not found (run data-scripts/fetch_corpus.sh)")
+    ds = json.loads(ds_path.read_text())
+    pairs = []
+    for p in ds["registration_val"]:
+        if sets is not None and p["anatomy"] not in sets:
+            continue
+        pairs.append({
+            "name": p["name"], "set": p["anatomy"], "modality": p.get("modality"),
+            "names": {int(k): v for k, v in p.get("label_names", {}).items()},
+            "fixed": corpus_dir / p["fixed"], "moving": corpus_dir / p["moving"],
+            "fixed_labels": corpus_dir / p["fixed_label"], "moving_labels": corpus_dir / p["moving_label"],
+            "truth": corpus_dir / p["truth_field"] if p.get("truth_field") else None,
+            "is_2d": len(nib.load(str(corpus_dir / p["fixed"])).shape) == 2,
+        })
+    return pairs
+
+
 def train_feature_model(ob, out, size, spacing, subjects, iterations, seed):
     """A small OBELISK-Net trained on a synthetic cohort, for `register --features obelisk`."""
     cohort = out / "data" / "cohort"
@@ -253,13 +287,15 @@ def write_like(ref_img, data, path, dtype):
 
 def zero_field(fixed_path, path, translation=(0.0, 0.0, 0.0)):
     """The identity (or the translation x -> x + t, LPS mm) as an ITK displacement field on the
-    fixed grid (written by SimpleITK, like the peers' fields)."""
+    fixed grid (written by SimpleITK, like the peers' fields); 2D images get a 2D field (the
+    translation's z is dropped)."""
     import SimpleITK as sitk
 
     fixed = sitk.ReadImage(str(fixed_path), sitk.sitkFloat32)
     size = fixed.GetSize()
-    u = np.empty((size[2], size[1], size[0], 3), np.float32)
-    u[...] = np.asarray(translation, np.float32)
+    dim = fixed.GetDimension()
+    u = np.empty((*reversed(size), dim), np.float32)
+    u[...] = np.asarray(translation, np.float32)[:dim]
     f = sitk.GetImageFromArray(u, isVector=True)
     f.CopyInformation(fixed)
     sitk.WriteImage(f, str(path))
@@ -347,6 +383,11 @@ def bench_registration(args, ob, out, pairs, tools, model, model_info):
             log(f"{pair['name']:<14} {name:<18} Dice {fmt(row['mean_dice'])}")
         for tool in tools:
             row = {"pair": pair["name"], "set": pair["set"], "tool": tool, "start": args.start}
+            if pair.get("is_2d") and tool in THREE_D_ONLY:
+                row.update(status="n/a", error=f"{THREE_D_ONLY[tool]}; this pair is 2D")
+                log(f"{pair['name']:<14} {tool:<18} n/a: {row['error']}")
+                rows.append(row)
+                continue
             walls, regs, rsss = [], [], []
             try:
                 for r in range(args.repeats):
@@ -468,6 +509,8 @@ def summarise(rows):
         out.setdefault(key, []).append(row)
     summary = []
     for (s, tool), rs in out.items():
+        # a tool that cannot take a pair (convexAdam on 2D) is not counted for it
+        rs = [r for r in rs if r["status"] != "n/a"]
         ok = [r for r in rs if r["status"] in ("ok", "reference")]
 
         def mean(k):
@@ -503,14 +546,47 @@ def start_markdown(results):
     return "\n".join(L) + "\n"
 
 
+def sets_present(rows):
+    present = list(dict.fromkeys(r["set"] for r in rows))
+    return [s for s in SET_ORDER if s in present] + [s for s in present if s not in SET_ORDER]
+
+
+def side_by_side_markdown(reg, s):
+    """One row per pair of set `s`, one column per tool (Dice, EPE where the truth is known,
+    folding %, wall s); the identity and truth rows' Dice first."""
+    rows = [r for r in reg["rows"] if r["set"] == s]
+    tools = [t for t in dict.fromkeys(r["tool"] for r in rows) if t not in REFERENCES]
+    refs = [t for t in REFERENCES if any(r["tool"] == t for r in rows)]
+    by = {(r["pair"], r["tool"]): r for r in rows}
+    L = [f"Per pair, side by side (Dice / EPE mm / folding % / wall s; EPE only where the true field is known):\n",
+         "| pair | " + " | ".join(f"{t} Dice" for t in refs) + (" | " if refs else "") + " | ".join(tools) + " |",
+         "|---|" + "---:|" * len(refs) + "---|" * len(tools)]
+    for pair in dict.fromkeys(r["pair"] for r in rows):
+        cells = [fmt(by[(pair, t)].get("mean_dice")) if (pair, t) in by else "" for t in refs]
+        for t in tools:
+            r = by.get((pair, t))
+            if r is None:
+                cells.append("")
+            elif r["status"] == "n/a":
+                cells.append("n/a (3D only)" if t in THREE_D_ONLY else "n/a")
+            elif r["status"] == "failed":
+                cells.append(f"failed: {r['error'][:80]}")
+            else:
+                epe = f" / {fmt(r['epe_mean_mm'], 2)}" if r.get("epe_mean_mm") is not None else " / –"
+                cells.append(f"{fmt(r['mean_dice'])}{epe} / {fmt(r['folding_percent'], 2)} / "
+                             f"{fmt(r.get('wall_s'), 1)}")
+        L.append(f"| {pair} | " + " | ".join(cells) + " |")
+    return "\n".join(L) + "\n"
+
+
 def markdown(results):
     L = [start_markdown(results)]
     reg = results["registration"]
-    for s in ("synthetic", "real"):
+    for s in sets_present(reg["rows"]):
         sm = [r for r in reg["summary"] if r["set"] == s]
         if not sm:
             continue
-        L.append(f"### {s.capitalize()} pairs: mean over {sm[0]['pairs']} pair(s)\n")
+        L.append(f"### {SET_TITLES.get(s, s)}: mean over {sm[0]['pairs']} pair(s)\n")
         L.append("| tool | pairs ok | Dice | HD95 mm | SDlogJ | folding % | EPE mm | overlap % | wall s | "
                  "register s | peak RSS MB |")
         L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -520,13 +596,15 @@ def markdown(results):
                      f"{fmt(r['overlap_percent'], 1)} | {fmt(r['wall_s'], 1)} | {fmt(r['register_s'], 1)} | "
                      f"{fmt(r['peak_rss_mb'], 0)} |")
         L.append("")
+        if s in CORPUS_SETS:
+            L.append(side_by_side_markdown(reg, s))
     L.append("### Every pair\n")
     L.append("| pair | tool | Dice | HD95 mm | SDlogJ | folding % | EPE mm | overlap % | wall s | runs | "
              "peak RSS MB |")
     L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in reg["rows"]:
-        if r["status"] == "failed":
-            L.append(f"| {r['pair']} | {r['tool']} | failed: {r['error'][:140]} | | | | | | | | |")
+        if r["status"] in ("failed", "n/a"):
+            L.append(f"| {r['pair']} | {r['tool']} | {r['status']}: {r['error'][:140]} | | | | | | | | |")
             continue
         runs = len(r["wall_s_all"]) if "wall_s_all" in r else ""
         L.append(f"| {r['pair']} | {r['tool']} | {fmt(r['mean_dice'])} | {fmt(r['mean_hd95_mm'], 1)} | "
@@ -535,9 +613,11 @@ def markdown(results):
                  f"{fmt(r.get('peak_rss_mb'), 0)} |")
     L.append("")
     for pair in dict.fromkeys(r["pair"] for r in reg["rows"]):
-        rs = [r for r in reg["rows"] if r["pair"] == pair and r["status"] != "failed"]
+        rs = [r for r in reg["rows"] if r["pair"] == pair and r["status"] in ("ok", "reference")]
         organs = list(dict.fromkeys(o for r in rs for o in r["dice"]))
-        if not organs:
+        # atlases of 80-120 regions (the corpus's AAL and Desikan-Killiany pairs) would make tables
+        # wider than they are useful: their mean Dice is in the tables above, the rest in results.json
+        if not organs or len(organs) > 24:
             continue
         L.append(f"#### Dice per structure, {pair}\n")
         L.append("| tool | " + " | ".join(organs) + " |")
@@ -659,6 +739,11 @@ def benchmarks_md(results, png_rel):
     else:
         L.append("- Real pairs: **not run** in this run (`--no-real`); the TotalSegmentator pairs have no numbers "
                  "here yet.")
+    corpus = results.get("corpus")
+    if corpus:
+        L.append(f"- Corpus pairs: {corpus['pairs']} pairs of `data/corpus` (`data-scripts/fetch_corpus.sh`; brain MR, "
+                 f"head CT, abdominal CT and 2D slices from public packages, described in data-scripts/README.md), "
+                 f"sets {', '.join(corpus['sets'])}; pairs with a known field report EPE against it.")
     seg = results.get("segmentation")
     if not seg:
         L.append("- Segmentation table: **not run** in this run (`--no-segmentation`).")
@@ -697,7 +782,7 @@ def plot(results, path):
     except ImportError:
         return "matplotlib is not installed: no plot"
     summ = [r for r in results["registration"]["summary"]]
-    sets = [s for s in ("synthetic", "real") if any(r["set"] == s for r in summ)]
+    sets = sets_present(summ)
     fig, axes = plt.subplots(len(sets), 2, figsize=(12, 3.6 * len(sets)), squeeze=False)
     for i, s in enumerate(sets):
         rs = [r for r in summ if r["set"] == s]
@@ -793,6 +878,13 @@ def main():
                     help="own: every tool from its own initialisation; labels: every tool from the translation "
                          "that lines up the pair's label maps (obelisk register --init labels)")
     ap.add_argument("--real-data", default=str(ROOT / "data/totalseg"))
+    default_corpus = ROOT / "data/corpus"
+    ap.add_argument("--corpus", default=str(default_corpus) if (default_corpus / "dataset.json").exists() else None,
+                    help="the development corpus (data-scripts/fetch_corpus.sh); its pairs join the benchmark in "
+                         "sets named by their anatomy (default: data/corpus when it exists)")
+    ap.add_argument("--no-corpus", action="store_true", help="skip the corpus pairs")
+    ap.add_argument("--sets", help="comma-separated sets to run: synthetic, real, " + ", ".join(CORPUS_SETS) +
+                                   " (default: all that the other options enable)")
     ap.add_argument("--model-subjects", type=int, default=4, help="synthetic subjects for the feature model")
     ap.add_argument("--model-iterations", type=int, default=200)
     ap.add_argument("--benchmarks", help="also write this BENCHMARKS.md (and its plot next to it, under docs/)")
@@ -836,6 +928,14 @@ def main():
         sys.exit(f"--tools: unknown tool(s) {', '.join(unknown)}; choose from {', '.join(OURS + PEERS)}")
     if args.repeats < 1:
         sys.exit("--repeats must be at least 1")
+    sets = None
+    if args.sets:
+        sets = [v for v in args.sets.split(",") if v]
+        bad = [v for v in sets if v not in SET_ORDER]
+        if bad:
+            sys.exit(f"--sets: unknown set(s) {', '.join(bad)}; choose from {', '.join(SET_ORDER)}")
+    if args.smoke:
+        args.no_corpus = True
     binary = Path(args.obelisk)
     if not binary.is_file():
         sys.exit(f"{binary}: obelisk binary not found (cargo build --release, or pass --obelisk)")
@@ -869,10 +969,20 @@ def main():
 
     started = time.time()
     machine = machine_info()
-    pairs = synthetic_pairs(ob, out, args.synth_pairs, args.synth_size, args.synth_spacing, args.synth_max_disp,
-                            args.seed)
-    if not args.no_real:
+    pairs = []
+    if sets is None or "synthetic" in sets:
+        pairs += synthetic_pairs(ob, out, args.synth_pairs, args.synth_size, args.synth_spacing, args.synth_max_disp,
+                                 args.seed)
+    if not args.no_real and (sets is None or "real" in sets):
         pairs += real_pairs(Path(args.real_data).resolve())
+    corpus_info = None
+    if args.corpus and not args.no_corpus:
+        corpus_sets = None if sets is None else [s for s in sets if s in CORPUS_SETS]
+        if corpus_sets != []:
+            cp = corpus_pairs(Path(args.corpus).resolve(), corpus_sets)
+            pairs += cp
+            corpus_info = {"dir": str(Path(args.corpus).resolve()), "pairs": len(cp),
+                           "sets": list(dict.fromkeys(p["set"] for p in cp))}
     model, model_info = None, None
     if "obelisk-obelisk" in tools:
         model, model_info = train_feature_model(ob, out, args.synth_size, args.synth_spacing, args.model_subjects,
@@ -895,6 +1005,7 @@ def main():
         "synthetic": {"pairs": args.synth_pairs, "size": args.synth_size, "spacing": args.synth_spacing,
                       "max_displacement_mm": args.synth_max_disp, "seed": args.seed},
         "feature_model": model_info,
+        "corpus": corpus_info,
         "notes": notes,
         "registration": {"rows": rows, "summary": summarise(rows)},
     }
