@@ -304,7 +304,9 @@ def zero_field(fixed_path, path, translation=(0.0, 0.0, 0.0)):
 def evaluate(pair, field, workdir, ob):
     """Warps the moving labels with `field`, restricts both label maps to the fixed voxels that
     the moving image covers after warping, and runs `obelisk eval`."""
-    ones = workdir.parent.parent / "moving_ones.nii.gz"
+    # in the run's own folder: a folder shared by pairs would hand one pair's moving grid to the
+    # next (the reference rows' folders sit one level higher than the tools' run folders)
+    ones = workdir / "moving_ones.nii.gz"
     if not ones.exists():
         m = nib.load(str(pair["moving"]))
         write_like(m, np.ones(m.shape[:3], np.float32), ones, np.float32)
