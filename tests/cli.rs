@@ -591,3 +591,55 @@ fn metric_masks() {
         assert!(!out.join("field.nii.gz").exists());
     }
 }
+
+/// `--method FILE.json`: the configuration metrics.json records reproduces the run, a partial
+/// file keeps the defaults of the keys it leaves out, and a bad file is refused by name.
+#[test]
+fn method_file_round_trips_through_metrics_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tiny_pair(dir.path());
+    let (fixed, moving) = (data.join("pair_000_fixed.nii.gz"), data.join("pair_000_moving.nii.gz"));
+    let run = |out: &str, extra: &[&str]| {
+        let o = dir.path().join(out);
+        let mut a = vec!["register", "--fixed", s(&fixed), "--moving", s(&moving), "--out", s(&o), "--no-pictures"];
+        a.extend_from_slice(extra);
+        let j = ok_json(&a);
+        (std::fs::read(o.join("field.nii.gz")).unwrap(), j)
+    };
+    let (plain, j) = run("plain", &["--smoothness", "2"]);
+    let recorded = dir.path().join("recorded.json");
+    std::fs::write(&recorded, serde_json::to_string(&j["config"]).unwrap()).unwrap();
+    let (again, _) = run("again", &["--method", s(&recorded)]);
+    assert_eq!(plain, again, "metrics.json's config reproduces the field");
+    let partial = dir.path().join("partial.json");
+    std::fs::write(&partial, r#"{"smoothness": 2.0}"#).unwrap();
+    let (p, jp) = run("partial", &["--method", s(&partial)]);
+    assert_eq!(plain, p);
+    assert_eq!(jp["config"], j["config"]);
+
+    let bad = dir.path().join("bad.json");
+    for (text, expect) in
+        [(r#"{"smoothnes": 2.0}"#, "unknown field"), (r#"{"affine_shrink": 0}"#, "at least 1"), ("[", "not a method")]
+    {
+        std::fs::write(&bad, text).unwrap();
+        let o = dir.path().join("bad");
+        let err =
+            fails(&["register", "--fixed", s(&fixed), "--moving", s(&moving), "--out", s(&o), "--method", s(&bad)]);
+        assert!(err.contains(s(&bad)) && err.contains(expect) && !err.contains("panicked"), "{err}");
+        assert!(!o.join("field.nii.gz").exists());
+    }
+    let err = fails(&[
+        "register",
+        "--fixed",
+        s(&fixed),
+        "--moving",
+        s(&moving),
+        "--out",
+        s(&dir.path().join("c")),
+        "--method",
+        s(&partial),
+        "--smoothness",
+        "3",
+    ]);
+    assert!(err.contains("cannot be used with"), "{err}");
+}

@@ -12,7 +12,8 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 /// Options of [`discrete_search`].
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct DiscreteConfig {
     /// Largest displacement per axis in level voxels (0 disables the search); default 2 (larger
     /// radii found no better start on the benchmark's pairs and cost (2r+1)³ cost maps).

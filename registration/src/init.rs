@@ -31,7 +31,8 @@ use serde::Serialize;
 use crate::{Error, Grid, Result, Space, Volume};
 
 /// Options of [`search_translation`]. The defaults suit abdominal CT/MR at 0.7–6 mm.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct SearchConfig {
     /// Voxel size (mm) of the global search's feature maps; default 10 mm: coarse enough for the
     /// whole overlap range to be searched in about a second, fine enough to tell organs apart.
@@ -60,7 +61,7 @@ pub struct SearchConfig {
 }
 
 /// The score [`search_translation`] minimises over the overlap.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SearchScore {
     /// Mean absolute feature difference: for image features.

@@ -143,11 +143,11 @@ impl PropagateArgs {
         for p in &inputs {
             check_input(p)?;
         }
-        if self.options.init == Start::Labels && self.target_labels.is_none() {
-            bail!("--init labels needs --target-labels (the atlases' labels are lined up with them)");
-        }
         non_negative("--fusion-sigma", self.fusion_sigma)?;
         let (model, config) = self.options.validate()?;
+        if config.start == Start::Labels && self.target_labels.is_none() {
+            bail!("--init labels needs --target-labels (the atlases' labels are lined up with them)");
+        }
         io::Format::of(&self.out)?;
         let report = self.report.clone().unwrap_or_else(|| default_report(&self.out));
         if !report.to_string_lossy().to_ascii_lowercase().ends_with(".json") {

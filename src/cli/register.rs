@@ -87,9 +87,15 @@ pub struct RegOptions {
     /// embedded default model.
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
-    /// Starting position of the moving image.
-    #[arg(long, value_enum, default_value_t = Start::Search)]
-    pub init: Start,
+    /// The method's parameters from a JSON file: the object that metrics.json records under
+    /// `config`, any keys left out keeping their defaults (e.g. `{"smoothness": 2.0, "levels":
+    /// [{"shrink": 4, "control_shrink": 2, "iterations": 80}]}`). --init, --iterations and
+    /// --displacement still apply on top; the other tuning options conflict with it.
+    #[arg(long, value_name = "FILE.json", conflicts_with_all = ["smoothness", "diffusion", "affine_iterations", "discrete_radius"])]
+    pub method: Option<PathBuf>,
+    /// Starting position of the moving image [default: search].
+    #[arg(long, value_enum)]
+    pub init: Option<Start>,
     /// Weight of the B-spline smoothness penalty.
     #[arg(long, default_value_t = MethodConfig::default().smoothness)]
     pub smoothness: f64,
@@ -130,7 +136,8 @@ impl Default for RegOptions {
         Self {
             features: FeatureKind::Mind,
             model: None,
-            init: c.start,
+            method: None,
+            init: None,
             smoothness: c.smoothness,
             diffusion: c.diffusion,
             affine_iterations: c.affine_iterations,
@@ -157,22 +164,55 @@ impl RegOptions {
             bail!("--exact needs --features obelisk (it evaluates the learned feature layer at the sampled points)");
         }
         let model = load_model(self.features, self.model.as_deref())?;
-        let mut config = MethodConfig {
-            start: self.init,
-            smoothness: self.smoothness,
-            diffusion: self.diffusion,
-            affine_iterations: self.affine_iterations,
-            ..Default::default()
+        let mut config = match &self.method {
+            Some(path) => read_method(path)?,
+            None => {
+                let mut c = MethodConfig {
+                    smoothness: self.smoothness,
+                    diffusion: self.diffusion,
+                    affine_iterations: self.affine_iterations,
+                    ..Default::default()
+                };
+                c.discrete.radius = self.discrete_radius;
+                c
+            }
         };
+        if let Some(start) = self.init {
+            config.start = start;
+        }
         if self.displacement {
             config.parameterisation = Parameterisation::Displacement;
         }
-        config.discrete.radius = self.discrete_radius;
         if let Some(n) = self.iterations {
             config.levels.iter_mut().for_each(|l| l.iterations = n);
         }
         Ok((model, config))
     }
+}
+
+/// A method configuration file (`--method`): JSON, unknown keys and out-of-range values refused
+/// with the file's name.
+fn read_method(path: &Path) -> Result<MethodConfig> {
+    let text = std::fs::read_to_string(path).map_err(|e| IoError::new(path, format!("cannot be read: {e}")))?;
+    let c: MethodConfig =
+        serde_json::from_str(&text).map_err(|e| IoError::new(path, format!("is not a method configuration: {e}")))?;
+    let bad = |what: &str| -> anyhow::Error { IoError::new(path, what.to_string()).into() };
+    if c.levels.iter().any(|l| l.shrink == 0 || l.control_shrink == 0) {
+        return Err(bad("a level's shrink and control_shrink must be at least 1"));
+    }
+    if c.affine_shrink == 0 {
+        return Err(bad("affine_shrink must be at least 1"));
+    }
+    if c.discrete.radius > MAX_DISCRETE_RADIUS {
+        return Err(bad(&format!("discrete.radius must be at most {MAX_DISCRETE_RADIUS}")));
+    }
+    let finite = [c.smoothness, c.diffusion, c.bspline_width, c.learning_rate, c.adam_epsilon, c.tolerance];
+    if finite.iter().any(|v| !v.is_finite() || *v < 0.0) {
+        return Err(bad(
+            "smoothness, diffusion, bspline_width, learning_rate, adam_epsilon and tolerance must be finite and >= 0",
+        ));
+    }
+    Ok(c)
 }
 
 impl RegisterArgs {
@@ -218,16 +258,16 @@ impl RegisterArgs {
         for p in &inputs {
             check_input(p)?;
         }
-        if self.options.init == Start::Labels && (self.fixed_labels.is_none() || self.moving_labels.is_none()) {
+        let (model, config) = self.options.validate()?;
+        if config.start == Start::Labels && (self.fixed_labels.is_none() || self.moving_labels.is_none()) {
             bail!("--init labels needs --fixed-labels and --moving-labels");
         }
-        let (model, config) = self.options.validate()?;
         self.check_memory(model.as_ref())?;
         prepare_out_dir(&self.out)?;
         let fixed = io::read_image(&self.fixed)?;
         let moving = io::read_image(&self.moving)?;
         same_dimensionality(&self.fixed, &fixed.grid, &self.moving, &moving.grid)?;
-        if self.options.init == Start::None && overlap_fraction(&fixed.grid, &moving.grid) == 0.0 {
+        if config.start == Start::None && overlap_fraction(&fixed.grid, &moving.grid) == 0.0 {
             bail!(
                 "{} does not overlap {} in world coordinates ({} vs {}); with --init none the headers must \
                  place them together (--init search finds the offset)",

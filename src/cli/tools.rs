@@ -61,7 +61,7 @@ pub fn demo(args: DemoArgs, out: Output) -> Result<()> {
         fixed_mask: None,
         moving_mask: None,
         out: args.out.join("registration"),
-        options: RegOptions { init: Start::None, affine_iterations: 0, ..Default::default() },
+        options: RegOptions { init: Some(Start::None), affine_iterations: 0, ..Default::default() },
         slice: SliceSpec { axis: pictures::Axis::Coronal, index: None },
         no_pictures: false,
         force: args.force,

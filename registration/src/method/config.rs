@@ -1,13 +1,13 @@
 //! The options of the whole method in one place: start, affine stage, discrete search,
 //! deformable levels and regularisation.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::discrete::DiscreteConfig;
 use crate::init::SearchConfig;
 
 /// How the moving image is placed before optimisation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Start {
@@ -25,7 +25,7 @@ pub enum Start {
 }
 
 /// What the deformable levels optimise.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Parameterisation {
     /// The displacement itself: a little faster, but free to fold.
@@ -43,7 +43,8 @@ impl Default for Parameterisation {
 }
 
 /// One resolution level of the deformable stage.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LevelConfig {
     /// Feature maps are area-downsampled by this factor (relative to the finest spacing).
     pub shrink: usize,
@@ -54,7 +55,8 @@ pub struct LevelConfig {
 }
 
 /// How the translation search's candidates become competing starts of the affine stage.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AffineStartsConfig {
     /// How many of the search's distinct starts the affine stage is run from (1: the best only).
     pub count: usize,
@@ -76,7 +78,11 @@ impl Default for AffineStartsConfig {
 
 /// Options of the whole registration method ([`super::register_pair`]). The defaults suit
 /// abdominal CT/MR at 1.5–3 mm (the pairs they were chosen on are listed in BENCHMARKS.md).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+///
+/// Deserialises from the JSON that `metrics.json` records under `config` (`register
+/// --method FILE`), keys left out keeping their defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct MethodConfig {
     /// How the moving image is placed before optimisation.
     pub start: Start,
