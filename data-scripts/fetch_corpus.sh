@@ -56,6 +56,8 @@ for entry in "${debs[@]}" "${wheels[@]}"; do
     if [[ ! -f "$cache/$file" ]]; then
         # download into a scratch folder, move into place only when complete
         dl="$(mktemp -d "$cache/.download.XXXXXX")"
+        # (as root, apt-get warns that it downloads unsandboxed: the scratch folder is not the
+        # _apt user's; harmless)
         if [[ "$file" == *.deb ]]; then
             (cd "$dl" && apt-get download "$spec")
         else
