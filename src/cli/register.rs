@@ -99,9 +99,10 @@ pub struct RegOptions {
     /// Weight of the B-spline smoothness penalty.
     #[arg(long, default_value_t = MethodConfig::default().smoothness)]
     pub smoothness: f64,
-    /// Weight of the diffusion regulariser (squared field gradient).
-    #[arg(long, default_value_t = MethodConfig::default().diffusion)]
-    pub diffusion: f64,
+    /// Weight of the diffusion regulariser (squared field gradient) [default: 0.3 on 3D images,
+    /// 0.1 on 2D ones].
+    #[arg(long)]
+    pub diffusion: Option<f64>,
     /// Iterations of the affine stage (0 skips it).
     #[arg(long, default_value_t = MethodConfig::default().affine_iterations)]
     pub affine_iterations: usize,
@@ -139,7 +140,7 @@ impl Default for RegOptions {
             method: None,
             init: None,
             smoothness: c.smoothness,
-            diffusion: c.diffusion,
+            diffusion: None,
             affine_iterations: c.affine_iterations,
             iterations: None,
             displacement: false,
@@ -155,7 +156,9 @@ impl RegOptions {
     /// configuration.
     pub fn validate(&self) -> Result<(Option<ObeliskFeatures>, MethodConfig)> {
         non_negative("--smoothness", self.smoothness)?;
-        non_negative("--diffusion", self.diffusion)?;
+        if let Some(d) = self.diffusion {
+            non_negative("--diffusion", d)?;
+        }
         // (2N+1)³ cost maps of the first level are held at once
         if self.discrete_radius > MAX_DISCRETE_RADIUS {
             bail!("--discrete-radius must be at most {MAX_DISCRETE_RADIUS}, got {}", self.discrete_radius);
@@ -169,11 +172,13 @@ impl RegOptions {
             None => {
                 let mut c = MethodConfig {
                     smoothness: self.smoothness,
-                    diffusion: self.diffusion,
                     affine_iterations: self.affine_iterations,
                     ..Default::default()
                 };
                 c.discrete.radius = self.discrete_radius;
+                if let Some(d) = self.diffusion {
+                    (c.diffusion, c.diffusion_2d) = (d, d);
+                }
                 c
             }
         };
@@ -206,7 +211,9 @@ fn read_method(path: &Path) -> Result<MethodConfig> {
     if c.discrete.radius > MAX_DISCRETE_RADIUS {
         return Err(bad(&format!("discrete.radius must be at most {MAX_DISCRETE_RADIUS}")));
     }
-    let finite = [c.smoothness, c.diffusion, c.bspline_width, c.learning_rate, c.adam_epsilon, c.tolerance];
+    let mut finite =
+        vec![c.smoothness, c.diffusion, c.diffusion_2d, c.bspline_width, c.learning_rate, c.adam_epsilon, c.tolerance];
+    finite.extend(c.levels.iter().filter_map(|l| l.diffusion));
     if finite.iter().any(|v| !v.is_finite() || *v < 0.0) {
         return Err(bad(
             "smoothness, diffusion, bspline_width, learning_rate, adam_epsilon and tolerance must be finite and >= 0",

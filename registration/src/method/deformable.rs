@@ -90,6 +90,8 @@ pub(crate) fn deformable_levels(
         let u = Var::from_tensor(&init_u.tensor)?;
         let spacing = fl.grid.min_spacing();
         let cspacing = cgrid.min_spacing();
+        let base_diffusion = if fixed.grid.is_2d() { cfg.diffusion_2d } else { cfg.diffusion };
+        let weight_diffusion = level.diffusion.unwrap_or(base_diffusion);
         let penalty = BsplinePenalty { width: [cfg.bspline_width; 3], voxel_mm: cspacing };
         let ffeat = fl.tensor.reshape((1, fixed.channels, plan.points))?;
         // the maps' loss fused into one op; the exact mode's point features go through candle
@@ -137,8 +139,8 @@ pub(crate) fn deformable_levels(
                     }
                 };
                 let mut loss = (&sim + (penalty.eval(v)? * cfg.smoothness)?)?;
-                if cfg.diffusion > 0.0 {
-                    loss = (loss + (diffusion(v, cspacing)? * cfg.diffusion)?)?;
+                if weight_diffusion > 0.0 {
+                    loss = (loss + (diffusion(v, cspacing)? * weight_diffusion)?)?;
                 }
                 Ok((loss, inside))
             },

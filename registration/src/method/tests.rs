@@ -96,7 +96,7 @@ fn exact_mode_equals_map_mode_on_the_map_itself() {
     let tensor = Tensor::from_vec(moving.data.clone(), (1, 1, d, h, w), &Device::Cpu).unwrap();
     let exact = Sampled(moving.clone(), tensor);
     let cfg = MethodConfig {
-        levels: vec![LevelConfig { shrink: 1, control_shrink: 3, iterations: 25 }],
+        levels: vec![LevelConfig { shrink: 1, control_shrink: 3, iterations: 25, diffusion: None }],
         ..Default::default()
     };
     let a = register_from(&Maps::new(&fixed, &moving), &g, &Affine::default(), &cfg, &mut silent()).unwrap();
@@ -206,8 +206,8 @@ fn velocity_mode_recovers_a_large_swirl_without_folding() {
         smoothness: 0.1,
         diffusion: 0.0,
         levels: vec![
-            LevelConfig { shrink: 2, control_shrink: 2, iterations: 120 },
-            LevelConfig { shrink: 1, control_shrink: 2, iterations: 60 },
+            LevelConfig { shrink: 2, control_shrink: 2, iterations: 120, diffusion: None },
+            LevelConfig { shrink: 1, control_shrink: 2, iterations: 60, diffusion: None },
         ],
         ..quick()
     };
@@ -239,7 +239,7 @@ fn discrete_start_is_the_start_of_the_gradient_levels() {
     for parameterisation in [Parameterisation::default(), Parameterisation::Displacement] {
         let cfg = MethodConfig {
             parameterisation,
-            levels: vec![LevelConfig { shrink: 2, control_shrink: 2, iterations: 0 }],
+            levels: vec![LevelConfig { shrink: 2, control_shrink: 2, iterations: 0, diffusion: None }],
             ..quick()
         };
         let r = register_from(&Maps::new(&fixed, &moving), &g, &Affine::default(), &cfg, &mut silent()).unwrap();
@@ -304,7 +304,7 @@ fn register_pair_reports_typed_events_and_names_the_failing_image() {
     let cfg = MethodConfig {
         start: Start::Com,
         affine_iterations: 10,
-        levels: vec![LevelConfig { shrink: 2, control_shrink: 2, iterations: 10 }],
+        levels: vec![LevelConfig { shrink: 2, control_shrink: 2, iterations: 10, diffusion: None }],
         ..Default::default()
     };
     let mut events = Vec::new();
