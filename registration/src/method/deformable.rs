@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor, Var};
 use segmentation::ops::{self, SampledL1};
 
 use super::discrete::discrete_start;
-use super::masks::{fixed_weights, moving_at, moving_valid, Masks};
+use super::masks::{fixed_weights, moving_valid, Masks, MovingMask};
 use super::optimise::{optimise, Epsilon, Schedule};
 use super::pyramid::{Level, MovingLevel};
 use super::{LossRecord, MethodConfig, Observer, Parameterisation, PointFeatures, Stage, StageReport};
@@ -95,17 +95,21 @@ pub(crate) fn deformable_levels(
         let penalty = BsplinePenalty { width: [cfg.bspline_width; 3], voxel_mm: cspacing };
         let ffeat = fl.tensor.reshape((1, fixed.channels, plan.points))?;
         // the maps' loss fused into one op; the exact mode's point features go through candle
+        let weights = fixed_weights(masks, &fl.grid);
+        // the exact mode's masks: one weight per fixed point, the moving mask looked up per iteration
+        let (mut fixed_w, mut moving_mask) = (None, None);
         let similarity = match &ml {
-            MovingLevel::Maps(l) => Some(
-                SampledL1::new(&l.tensor, &ffeat)?
-                    .with_masks(fixed_weights(masks, &fl.grid), moving_valid(masks, &l.grid))?,
-            ),
-            MovingLevel::Exact(_) => None,
-        };
-        // the exact mode's masks as one weight per fixed point, the moving part per iteration
-        let fixed_w = match fixed_weights(masks, &fl.grid) {
-            Some(w) => Some(Tensor::from_vec(w.iter().map(|&v| v as f32).collect(), (1, 1, plan.points), &dev)?),
-            None => None,
+            MovingLevel::Maps(l) => {
+                Some(SampledL1::new(&l.tensor, &ffeat)?.with_masks(weights, moving_valid(masks, &l.grid))?)
+            }
+            MovingLevel::Exact(e) => {
+                if let Some(w) = weights {
+                    let w: Vec<f32> = w.iter().map(|&v| v as f32).collect();
+                    fixed_w = Some(Tensor::from_vec(w, (1, 1, plan.points), &dev)?);
+                }
+                moving_mask = MovingMask::new(masks, e.grid())?;
+                None
+            }
         };
         let (d, h, w) = fl.grid.dhw();
         let schedule = Schedule {
@@ -129,10 +133,8 @@ pub(crate) fn deformable_levels(
                         if let Some(w) = &fixed_w {
                             mask = mask.broadcast_mul(w)?;
                         }
-                        if masks.moving.is_some() {
-                            let held: Vec<f32> =
-                                moving_at(masks, moving_grid, &p)?.into_iter().map(|b| b as u8 as f32).collect();
-                            mask = mask.broadcast_mul(&Tensor::from_vec(held, (1, 1, plan.points), &dev)?)?;
+                        if let Some(m) = &moving_mask {
+                            mask = mask.broadcast_mul(&m.held(&p)?)?;
                         }
                         let warped = ml.sample(&p)?;
                         (masked_l1(&ffeat, &warped, &mask)?, mask.mean_all()?.to_scalar::<f32>()? as f64)

@@ -2,7 +2,7 @@
 
 use candle_core::{Device, Tensor};
 
-use super::masks::{mask_on, Masks};
+use super::masks::{mask_on, Masks, MovingMask};
 use super::pyramid::{Level, MovingLevel};
 use crate::discrete::{discrete_search, DiscreteConfig, LevelMaps};
 use crate::loss::overlap_mask;
@@ -41,9 +41,9 @@ pub(crate) fn discrete_start(
     if let Some(m) = masks.fixed {
         valid.iter_mut().zip(mask_on(m, &fl.grid)).for_each(|(v, w)| *v &= w >= 0.5);
     }
-    if masks.moving.is_some() {
-        let inside = super::masks::moving_at(masks, ml.grid(), &plan.base)?;
-        valid.iter_mut().zip(inside).for_each(|(v, w)| *v &= w);
+    if let Some(m) = MovingMask::new(masks, ml.grid())? {
+        let held = m.held(&plan.base)?.flatten_all()?.to_vec1::<f32>()?;
+        valid.iter_mut().zip(held).for_each(|(v, w)| *v &= w > 0.5);
     }
     let fixed: Vec<f32> = fl.tensor.flatten_all()?.to_vec1()?;
     let warped: Vec<f32> = warped.flatten_all()?.to_vec1()?;

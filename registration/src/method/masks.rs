@@ -41,15 +41,23 @@ pub fn mask_coverage(mask: &Volume, grid: &Grid) -> f64 {
     on.iter().map(|&v| v as f64).sum::<f64>() / on.len().max(1) as f64
 }
 
-/// Whether the moving mask (if any; all true without one) holds the moving voxel nearest to
-/// each normalised point `(1, P, 3)` of `grid`.
-pub(crate) fn moving_at(masks: &Masks, grid: &Grid, points: &candle_core::Tensor) -> Result<Vec<bool>> {
-    let n = points.dim(1)?;
-    let Some(m) = masks.moving else {
-        return Ok(vec![true; n]);
-    };
-    let (d, h, w) = grid.dhw();
-    let on = candle_core::Tensor::from_vec(mask_on(m, grid), (1, 1, d, h, w), points.device())?;
-    let s = segmentation::ops::grid_sample(&on, &points.detach(), Interpolation::Nearest, Padding::Zeros)?;
-    Ok(s.flatten_all()?.to_vec1::<f32>()?.into_iter().map(|v| v >= 0.5).collect())
+/// The moving mask on a moving grid, resampled once and looked up at sampled points.
+pub(crate) struct MovingMask(candle_core::Tensor);
+
+impl MovingMask {
+    /// `None` without a moving mask.
+    pub fn new(masks: &Masks, grid: &Grid) -> Result<Option<Self>> {
+        let Some(m) = masks.moving else {
+            return Ok(None);
+        };
+        let (d, h, w) = grid.dhw();
+        Ok(Some(Self(candle_core::Tensor::from_vec(mask_on(m, grid), (1, 1, d, h, w), &candle_core::Device::Cpu)?)))
+    }
+
+    /// 1 where the mask holds the moving voxel nearest to each normalised point `(1, P, 3)` of
+    /// the grid, else 0: `(1, 1, P)`, constant under differentiation.
+    pub fn held(&self, points: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+        let s = segmentation::ops::grid_sample(&self.0, &points.detach(), Interpolation::Nearest, Padding::Zeros)?;
+        Ok(s.ge(0.5)?.to_dtype(candle_core::DType::F32)?)
+    }
 }
