@@ -643,3 +643,50 @@ fn method_file_round_trips_through_metrics_json() {
     ]);
     assert!(err.contains("cannot be used with"), "{err}");
 }
+
+/// `--similarity ncc` and `l1+ncc` register (recorded in metrics.json's config, reruns
+/// byte-identical); `--exact` beside NCC and a zero window are refused.
+#[test]
+fn similarity_option_runs_ncc() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tiny_pair(dir.path());
+    let p = |n: &str| s(&data.join(n)).to_string();
+    let [fixed, moving, fixed_labels, moving_labels] =
+        ["fixed", "moving", "fixed_labels", "moving_labels"].map(|n| p(&format!("pair_000_{n}.nii.gz")));
+    let register = |out: &Path, extra: &[&str]| {
+        #[rustfmt::skip]
+        let mut args = vec!["register", "--fixed", &fixed, "--moving", &moving, "--fixed-labels", &fixed_labels,
+            "--moving-labels", &moving_labels, "--out", s(out), "--iterations", "20", "--no-pictures", "--json"];
+        args.extend(extra);
+        serde_json::from_str::<serde_json::Value>(&ok(&args)).unwrap()
+    };
+    for (name, kind) in [("ncc", 0.0), ("l1+ncc", 1.0)] {
+        let out = dir.path().join(name.replace('+', "_"));
+        let summary = register(&out, &["--similarity", name, "--ncc-radius", "1"]);
+        let metrics: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("metrics.json")).unwrap()).unwrap();
+        let sim = &metrics["config"]["similarity"];
+        assert_eq!(sim["kind"], "ncc", "{sim}");
+        assert_eq!(sim["radius"], 1, "{sim}");
+        assert_eq!(sim["features"].as_f64(), Some(kind), "{sim}");
+        // the 14 mm pair starts at Dice 0.91 and leaves NCC windows a few voxels: it must not
+        // break, accuracy is the library test's
+        let after = summary["metrics"]["mean_dice"].as_f64().unwrap();
+        assert!(after > 0.85, "{name}: Dice {after}");
+        let again = dir.path().join(format!("{}_again", name.replace('+', "_")));
+        register(&again, &["--similarity", name, "--ncc-radius", "1"]);
+        assert_eq!(
+            std::fs::read(out.join("field.nii.gz")).unwrap(),
+            std::fs::read(again.join("field.nii.gz")).unwrap(),
+            "{name}: reruns differ"
+        );
+    }
+    #[rustfmt::skip]
+    let err = fails(&["register", "--fixed", &fixed, "--moving", &moving, "--features", "obelisk", "--exact",
+        "--similarity", "ncc", "--out", s(&dir.path().join("bad"))]);
+    assert!(err.contains("--similarity l1"), "{err}");
+    #[rustfmt::skip]
+    let err = fails(&["register", "--fixed", &fixed, "--moving", &moving, "--similarity", "ncc", "--ncc-radius",
+        "0", "--out", s(&dir.path().join("bad2"))]);
+    assert!(err.contains("--ncc-radius"), "{err}");
+}

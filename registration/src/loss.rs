@@ -60,6 +60,34 @@ pub fn diffusion(u: &Tensor, voxel_mm: f64) -> Result<Tensor> {
     })
 }
 
+/// Local normalised cross-correlation loss `1 − mean(cc)` of `fixed` and `warped` `(1, C, D, H,
+/// W)`, channel by channel, over the voxels where `mask` `(1, 1, D, H, W)` is nonzero (weighted
+/// by it). `cc = cov² / (var_f · var_w)` in a `(2r+1)` box around each voxel, as ANTs' CC
+/// metric: the square makes it indifferent to the sign of the local contrast, so it tolerates
+/// inverted tissue contrasts as long as they are locally linear. The window statistics are
+/// weighted by the mask too: a window at the edge of the overlap would otherwise mix in the
+/// padded values beyond the moving image, which pull the field towards the border. Flat windows
+/// count as uncorrelated rather than dividing by zero.
+pub fn local_ncc(fixed: &Tensor, warped: &Tensor, mask: &Tensor, radius: usize) -> Result<Tensor> {
+    let (_, c, d, h, w) = fixed.dims5()?;
+    // a window never reaches across an axis of length 1 (2D images)
+    let r = [d, h, w].map(|n| if n > 1 { radius } else { 0 });
+    const EPS: f64 = 1e-5;
+    let mask = mask.detach();
+    let count = (ops::box_filter3d(&mask, r)? + EPS)?;
+    // the masked mean of `x` over each window
+    let mean =
+        |x: &Tensor| -> Result<Tensor> { Ok(ops::box_filter3d(&x.broadcast_mul(&mask)?, r)?.broadcast_div(&count)?) };
+    let (mf, mw) = (mean(fixed)?, mean(warped)?);
+    let cross = (mean(&(fixed * warped)?)? - (&mf * &mw)?)?;
+    let var_f = (mean(&fixed.sqr()?)? - mf.sqr()?)?.relu()?;
+    let var_w = (mean(&warped.sqr()?)? - mw.sqr()?)?.relu()?;
+    let cc = (cross.sqr()? / ((var_f * var_w)? + EPS * EPS)?)?;
+    let weight = mask.sum_all()?.to_scalar::<f32>()? as f64 * c as f64;
+    let mean_cc = (cc.broadcast_mul(&mask)?.sum_all()? / weight.max(1.0))?;
+    Ok(mean_cc.affine(-1.0, 1.0)?)
+}
+
 /// Fraction of sampled points inside the moving image's extent (half a voxel beyond its outer
 /// centres), from moving-normalised points `(1, P, 3)` and the moving shape `(d, h, w)`.
 pub fn overlap_mask(points: &Tensor, dhw: (usize, usize, usize)) -> Result<Tensor> {
@@ -93,6 +121,43 @@ mod tests {
         assert!(p.eval(&u).unwrap().to_scalar::<f32>().unwrap() < 1e-10);
         let bumpy = u.affine(1.0, 0.0).unwrap().sin().unwrap();
         assert!(p.eval(&bumpy).unwrap().to_scalar::<f32>().unwrap() > 1e-3);
+    }
+
+    /// A smooth random texture `(1, 1, d, h, w)`.
+    fn texture(d: usize, h: usize, w: usize, seed: u32) -> Tensor {
+        let v: Vec<f32> = (0..d * h * w)
+            .map(|n| {
+                let (i, j, k) = ((n % w) as f32, ((n / w) % h) as f32, (n / (w * h)) as f32);
+                let s = seed as f32;
+                (0.7 * i + s).sin() * (0.4 * j - 0.3 * s).cos() + (0.5 * k + 0.9 * j + s).sin()
+            })
+            .collect();
+        Tensor::from_vec(v, (1, 1, d, h, w), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn local_ncc_ignores_local_linear_intensity_changes_and_sees_misalignment() {
+        let (d, h, w) = (8, 9, 10);
+        let f = texture(d, h, w, 0);
+        let ones = Tensor::ones((1, 1, d, h, w), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let ncc = |a: &Tensor, b: &Tensor, m: &Tensor| local_ncc(a, b, m, 2).unwrap().to_scalar::<f32>().unwrap();
+        // a gain, an offset and an inverted contrast all correlate perfectly
+        assert!(ncc(&f, &f.affine(2.5, 3.0).unwrap(), &ones) < 1e-3);
+        assert!(ncc(&f, &f.affine(-0.5, 1.0).unwrap(), &ones) < 1e-3);
+        // another texture does not
+        let g = texture(d, h, w, 5);
+        let far = ncc(&f, &g, &ones);
+        assert!(far > 0.3, "unrelated textures: loss {far}");
+        // only the masked voxels count: where the mask is zero a mismatch costs nothing
+        let half: Vec<f32> = (0..d * h * w).map(|n| if n / (w * h) < d / 2 { 1.0 } else { 0.0 }).collect();
+        let half = Tensor::from_vec(half, (1, 1, d, h, w), &Device::Cpu).unwrap();
+        let top = f.narrow(2, 0, d / 2).unwrap();
+        let mixed = Tensor::cat(&[&top, &g.narrow(2, d / 2, d - d / 2).unwrap()], 2).unwrap();
+        assert!(ncc(&f, &mixed, &half) < ncc(&f, &mixed, &ones));
+        // a 2D image (d = 1) has no window across the missing axis
+        let flat = texture(1, 12, 11, 1);
+        let ones2 = Tensor::ones((1, 1, 1, 12, 11), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(ncc(&flat, &flat.affine(3.0, -1.0).unwrap(), &ones2) < 1e-3);
     }
 
     #[test]

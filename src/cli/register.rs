@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 use clap::Args;
 use registration::features::ObeliskFeatures;
-use registration::method::{MethodConfig, Parameterisation, Start};
+use registration::method::{MethodConfig, Parameterisation, Similarity, Start};
 
 use crate::cli::validate::{
     check_input, load_model, non_negative, overlap_fraction, prepare_out_dir, read_mask, same_dimensionality,
@@ -72,6 +72,15 @@ pub struct RegisterArgs {
     pub max_memory: Option<u64>,
 }
 
+/// `--similarity`: what the deformable levels compare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SimilarityKind {
+    L1,
+    Ncc,
+    #[value(name = "l1+ncc")]
+    L1Ncc,
+}
+
 /// Largest `--discrete-radius`: 13³ displacements per voxel of the first level.
 const MAX_DISCRETE_RADIUS: usize = 6;
 
@@ -96,6 +105,15 @@ pub struct RegOptions {
     /// Starting position of the moving image [default: search].
     #[arg(long, value_enum)]
     pub init: Option<Start>,
+    /// What the deformable levels compare: `l1`, the L1 distance of the --features (MIND-SSC
+    /// by default; contrast-robust); `ncc`, the local normalised cross-correlation of the
+    /// intensities (ANTs' CC metric; one modality: best on T1 → T1 brains); `l1+ncc`, both (NCC
+    /// at a tenth of the weight). The start and affine stages always use the features.
+    #[arg(long, value_enum, default_value_t = SimilarityKind::L1)]
+    pub similarity: SimilarityKind,
+    /// Radius of the NCC window in voxels of each level (the window is 2N+1 wide).
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub ncc_radius: usize,
     /// Weight of the B-spline smoothness penalty.
     #[arg(long, default_value_t = MethodConfig::default().smoothness)]
     pub smoothness: f64,
@@ -147,6 +165,8 @@ impl Default for RegOptions {
             diffeomorphic: false,
             exact: false,
             discrete_radius: c.discrete.radius,
+            similarity: SimilarityKind::L1,
+            ncc_radius: 2,
         }
     }
 }
@@ -162,6 +182,12 @@ impl RegOptions {
         // (2N+1)³ cost maps of the first level are held at once
         if self.discrete_radius > MAX_DISCRETE_RADIUS {
             bail!("--discrete-radius must be at most {MAX_DISCRETE_RADIUS}, got {}", self.discrete_radius);
+        }
+        if self.ncc_radius == 0 {
+            bail!("--ncc-radius must be at least 1");
+        }
+        if self.exact && self.similarity != SimilarityKind::L1 {
+            bail!("--exact evaluates learned features at the sampled points; it works with --similarity l1 only");
         }
         if self.exact && self.features != FeatureKind::Obelisk {
             bail!("--exact needs --features obelisk (it evaluates the learned feature layer at the sampled points)");
@@ -187,6 +213,13 @@ impl RegOptions {
         }
         if self.displacement {
             config.parameterisation = Parameterisation::Displacement;
+        }
+        match self.similarity {
+            // the method file's own choice stands unless the option asks for another
+            SimilarityKind::L1 if self.method.is_some() => {}
+            SimilarityKind::L1 => config.similarity = Similarity::L1,
+            SimilarityKind::Ncc => config.similarity = Similarity::ncc(self.ncc_radius),
+            SimilarityKind::L1Ncc => config.similarity = Similarity::l1_ncc(self.ncc_radius),
         }
         if let Some(n) = self.iterations {
             config.levels.iter_mut().for_each(|l| l.iterations = n);

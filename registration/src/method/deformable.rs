@@ -3,15 +3,15 @@
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor, Var};
-use segmentation::ops::{self, SampledL1};
+use candle_core::{DType, Device, Tensor, Var};
+use segmentation::ops::{self, grid_sample, Interpolation, Padding, SampledL1};
 
 use super::discrete::discrete_start;
 use super::masks::{fixed_weights, moving_valid, Masks, MovingMask};
 use super::optimise::{optimise, Epsilon, Schedule};
 use super::pyramid::{Level, MovingLevel};
-use super::{LossRecord, MethodConfig, Observer, Parameterisation, PointFeatures, Stage, StageReport};
-use crate::loss::{diffusion, masked_l1, overlap_mask, BsplinePenalty};
+use super::{LossRecord, MethodConfig, Observer, Parameterisation, PointFeatures, Similarity, Stage, StageReport};
+use crate::loss::{diffusion, local_ncc, masked_l1, overlap_mask, BsplinePenalty};
 use crate::transform::{Affine, DenseDisplacement, SamplingPlan};
 use crate::{Grid, Result, Volume};
 
@@ -36,10 +36,13 @@ fn displacement(p: Parameterisation, v: &Tensor, grid: &Grid) -> Result<Tensor> 
     }
 }
 
-/// Runs every level of `cfg.levels` after `affine`.
+/// Runs every level of `cfg.levels` after `affine`, comparing `fixed` with `moving` (and, for
+/// [`Similarity::Ncc`] beside the features, `intensities` on the same grids).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn deformable_levels(
     fixed: &Volume,
     moving: &Volume,
+    intensities: Option<(&Volume, &Volume)>,
     exact: Option<&dyn PointFeatures>,
     masks: &Masks,
     affine: &Affine,
@@ -94,23 +97,45 @@ pub(crate) fn deformable_levels(
         let weight_diffusion = level.diffusion.unwrap_or(base_diffusion);
         let penalty = BsplinePenalty { width: [cfg.bspline_width; 3], voxel_mm: cspacing };
         let ffeat = fl.tensor.reshape((1, fixed.channels, plan.points))?;
-        // the maps' loss fused into one op; the exact mode's point features go through candle
-        let weights = fixed_weights(masks, &fl.grid);
-        // the exact mode's masks: one weight per fixed point, the moving mask looked up per iteration
-        let (mut fixed_w, mut moving_mask) = (None, None);
-        let similarity = match &ml {
-            MovingLevel::Maps(l) => {
-                Some(SampledL1::new(&l.tensor, &ffeat)?.with_masks(weights, moving_valid(masks, &l.grid))?)
-            }
-            MovingLevel::Exact(e) => {
-                if let Some(w) = weights {
-                    let w: Vec<f32> = w.iter().map(|&v| v as f32).collect();
-                    fixed_w = Some(Tensor::from_vec(w, (1, 1, plan.points), &dev)?);
-                }
-                moving_mask = MovingMask::new(masks, e.grid())?;
-                None
+        // (radius, weight, the intensity maps: the level's own maps when there are none beside)
+        let (l1_weight, ncc) = match cfg.similarity {
+            Similarity::L1 => (1.0, None),
+            Similarity::Ncc { radius, weight, features } => {
+                let maps = match intensities {
+                    Some((fi, mi)) => {
+                        let (fil, mil) = (Level::new(fi, level.shrink)?, Level::new(mi, level.shrink)?);
+                        if fil.grid.shape() != fl.grid.shape() || mil.grid.shape() != moving_grid.shape() {
+                            return Err(crate::Error::GridMismatch {
+                                what: "intensities and features of the NCC level".into(),
+                                a: fil.grid.shape(),
+                                b: fl.grid.shape(),
+                            });
+                        }
+                        Some((fil, mil))
+                    }
+                    None => None,
+                };
+                (if intensities.is_some() { features } else { 0.0 }, Some((radius, weight, maps)))
             }
         };
+        // L1 on the maps is fused into one op; the exact mode's point features and the NCC go
+        // through candle ops, with the masks as tensors: one weight per fixed point, the moving
+        // mask looked up per iteration
+        let weights = fixed_weights(masks, &fl.grid);
+        let similarity = match &ml {
+            MovingLevel::Maps(l) if l1_weight > 0.0 => {
+                Some(SampledL1::new(&l.tensor, &ffeat)?.with_masks(weights.clone(), moving_valid(masks, &l.grid))?)
+            }
+            _ => None,
+        };
+        let (mut fixed_w, mut moving_mask) = (None, None);
+        if similarity.is_none() || ncc.is_some() {
+            if let Some(w) = &weights {
+                let w: Vec<f32> = w.iter().map(|&v| v as f32).collect();
+                fixed_w = Some(Tensor::from_vec(w, (1, 1, plan.points), &dev)?);
+            }
+            moving_mask = MovingMask::new(masks, moving_grid)?;
+        }
         let (d, h, w) = fl.grid.dhw();
         let schedule = Schedule {
             stage,
@@ -126,20 +151,43 @@ pub(crate) fn deformable_levels(
             |v| {
                 let dense = ops::resize(&displacement(cfg.parameterisation, v, &cgrid)?, [d, h, w])?;
                 let p = plan.points_for(&dense)?;
-                let (sim, inside) = match &similarity {
-                    Some(s) => s.loss(&p)?,
-                    None => {
-                        let mut mask = overlap_mask(&p.detach(), moving_grid.dhw())?;
-                        if let Some(w) = &fixed_w {
-                            mask = mask.broadcast_mul(w)?;
-                        }
-                        if let Some(m) = &moving_mask {
-                            mask = mask.broadcast_mul(&m.held(&p)?)?;
-                        }
-                        let warped = ml.sample(&p)?;
-                        (masked_l1(&ffeat, &warped, &mask)?, mask.mean_all()?.to_scalar::<f32>()? as f64)
+                let overlap = |p: &Tensor| -> Result<Tensor> {
+                    let mut mask = overlap_mask(&p.detach(), moving_grid.dhw())?;
+                    if let Some(w) = &fixed_w {
+                        mask = mask.broadcast_mul(w)?;
                     }
+                    if let Some(m) = &moving_mask {
+                        mask = mask.broadcast_mul(&m.held(p)?)?;
+                    }
+                    Ok(mask)
                 };
+                let (mut sim, mut inside) = (Tensor::zeros((), DType::F32, &dev)?, 1.0);
+                if l1_weight > 0.0 {
+                    let (s, i) = match &similarity {
+                        Some(s) => s.loss(&p)?,
+                        None => {
+                            let mask = overlap(&p)?;
+                            let i = mask.mean_all()?.to_scalar::<f32>()? as f64;
+                            (masked_l1(&ffeat, &ml.sample(&p)?, &mask)?, i)
+                        }
+                    };
+                    (sim, inside) = ((sim + (s * l1_weight)?)?, i);
+                }
+                if let Some((radius, weight, maps)) = &ncc {
+                    let mask = overlap(&p)?;
+                    if l1_weight == 0.0 {
+                        inside = mask.mean_all()?.to_scalar::<f32>()? as f64;
+                    }
+                    let (fixed_i, warped) = match maps {
+                        Some((fil, mil)) => {
+                            (&fil.tensor, grid_sample(&mil.tensor, &p, Interpolation::Linear, Padding::Border)?)
+                        }
+                        None => (&fl.tensor, ml.sample(&p)?),
+                    };
+                    let warped = warped.reshape(fixed_i.shape())?;
+                    let ncc = local_ncc(fixed_i, &warped, &mask.reshape((1, 1, d, h, w))?, *radius)?;
+                    sim = (sim + (ncc * *weight)?)?;
+                }
                 let mut loss = (&sim + (penalty.eval(v)? * cfg.smoothness)?)?;
                 if weight_diffusion > 0.0 {
                     loss = (loss + (diffusion(v, cspacing)? * weight_diffusion)?)?;

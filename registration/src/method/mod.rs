@@ -32,13 +32,13 @@ use candle_core::Tensor;
 use serde::Serialize;
 
 pub use affine::{affine_stage, AffineOutcome};
-pub use config::{AffineStartsConfig, LevelConfig, MethodConfig, Parameterisation, Start};
+pub use config::{AffineStartsConfig, LevelConfig, MethodConfig, Parameterisation, Similarity, Start};
 pub use events::{silent, Event, LossRecord, Observer, Stage};
 pub use frame::FeatureFrame;
 pub use masks::{mask_coverage, mask_on, Masks};
 pub use start::{centre_of_mass, label_start, AffineStart};
 
-use crate::features::{FeatureExtractor, ObeliskFeatures};
+use crate::features::{FeatureExtractor, IntensityFeatures, ObeliskFeatures};
 use crate::init::SearchResult;
 use crate::transform::{Affine, DenseDisplacement};
 use crate::{DisplacementField, Error, Grid, Labels, Result, Volume};
@@ -134,12 +134,15 @@ pub struct Maps<'a> {
     pub exact: Option<&'a dyn PointFeatures>,
     /// Where the similarity is evaluated.
     pub masks: Masks<'a>,
+    /// Fixed and moving maps that the deformable levels compare instead of the features (the
+    /// intensities of [`Similarity::Ncc`]); the start and affine stages keep the features.
+    pub deformable: Option<(&'a Volume, &'a Volume)>,
 }
 
 impl<'a> Maps<'a> {
     /// Two feature maps, no exact mode, no masks.
     pub fn new(fixed: &'a Volume, moving: &'a Volume) -> Self {
-        Maps { fixed, moving, exact: None, masks: Masks::default() }
+        Maps { fixed, moving, exact: None, masks: Masks::default(), deformable: None }
     }
 }
 
@@ -215,7 +218,22 @@ pub fn register_pair(
 pub fn register_features(pair: &FeaturePair, config: &MethodConfig, observer: &mut dyn Observer) -> Result<Outcome> {
     let mut runtime = BTreeMap::new();
     let frame = FeatureFrame::for_images(&[pair.fixed, pair.moving]);
-    let config = config.for_features(frame.working_spacing(pair.fixed), &pair.fixed_features.grid);
+    let working = frame.working_spacing(pair.fixed);
+    // NCC compares intensities in the features' frame; the levels count from their grid
+    let intensities = match config.similarity {
+        Similarity::Ncc { .. } => {
+            let of = |role: Role| move |e: Error| Error::Features { image: role, source: Box::new(e) };
+            let fi = frame.extract(&IntensityFeatures, pair.fixed).map_err(of(Role::Fixed))?;
+            let mi = frame.extract(&IntensityFeatures, pair.moving).map_err(of(Role::Moving))?;
+            Some((fi, mi))
+        }
+        Similarity::L1 => None,
+    };
+    let mut adapted = config.for_features(working, &pair.fixed_features.grid);
+    if let Some((fi, _)) = &intensities {
+        adapted.levels = config.for_features(working, &fi.grid).levels;
+    }
+    let config = adapted;
     let t1 = Instant::now();
     observer.event(Event::Started(Stage::Start));
     let placement = start::place(pair, &config)?;
@@ -226,8 +244,13 @@ pub fn register_features(pair: &FeaturePair, config: &MethodConfig, observer: &m
         Some(a) => (a.affine.clone(), MethodConfig { affine_iterations: 0, ..config.clone() }),
         None => (Affine::translation(placement.translation_mm), config.clone()),
     };
-    let maps =
-        Maps { fixed: pair.fixed_features, moving: pair.moving_features, exact: pair.moving_points, masks: pair.masks };
+    let maps = Maps {
+        fixed: pair.fixed_features,
+        moving: pair.moving_features,
+        exact: pair.moving_points,
+        masks: pair.masks,
+        deformable: intensities.as_ref().map(|(f, m)| (f, m)),
+    };
     let mut reg = register_from(&maps, &pair.fixed.grid, &from, &run_config, observer)?;
     if let Some(a) = placement.affine {
         reg.stages.insert(0, a.report);
@@ -277,7 +300,16 @@ pub fn register_from(
         losses.extend(a.losses);
         stages.push(a.report);
     }
-    let d = deformable::deformable_levels(fixed, moving, maps.exact, &maps.masks, &affine, config, observer)?;
+    // NCC alone compares the intensities only; beside the features' L1 it needs both
+    let (f, m, intensities) = match (maps.deformable, config.similarity) {
+        (Some((fi, mi)), Similarity::Ncc { features, .. }) if features == 0.0 => (fi, mi, None),
+        (extra, _) => (fixed, moving, extra),
+    };
+    if let Some((fi, mi)) = intensities {
+        same_channels(fi, mi)?;
+    }
+    let exact = if std::ptr::eq(f, fixed) { maps.exact } else { None };
+    let d = deformable::deformable_levels(f, m, intensities, exact, &maps.masks, &affine, config, observer)?;
     losses.extend(d.losses);
     stages.extend(d.stages);
     let field = d.displacement.to_field(&affine, output_grid)?;

@@ -69,6 +69,32 @@ fn recovers_a_translation() {
     assert!(epe < 1.0, "EPE {epe} mm (voxel 2 mm)");
 }
 
+/// NCC of the intensities recovers a translation between images of different gain and offset
+/// (the L1 of their raw values would not), alone and beside the features' L1, and refuses
+/// intensity maps off the features' grid.
+#[test]
+fn ncc_recovers_a_translation_across_a_linear_intensity_change() {
+    let g = grid();
+    let t = [3.0, -2.0, 1.5];
+    let fixed = render(&g, blobs);
+    let plain = render(&g, |p| blobs([p[0] - t[0], p[1] - t[1], p[2] - t[2]]));
+    let moving = render(&g, |p| 2.0 * blobs([p[0] - t[0], p[1] - t[1], p[2] - t[2]]) + 0.5);
+    // beside the L1, the features (here the plain images) must be comparable themselves
+    for (similarity, features) in [(Similarity::ncc(2), &moving), (Similarity::l1_ncc(2), &plain)] {
+        let cfg = MethodConfig { similarity, ..quick() };
+        let maps = Maps { deformable: Some((&fixed, &moving)), ..Maps::new(&fixed, features) };
+        let r = register_from(&maps, &g, &Affine::default(), &cfg, &mut silent()).unwrap();
+        let epe = interior_epe(&r.field, |_| t);
+        eprintln!("{similarity:?}: translation EPE {epe}");
+        assert!(epe < 1.0, "{similarity:?}: EPE {epe} mm (voxel 2 mm)");
+    }
+    let coarse = Volume::zeros(g.resized([18, 18, 18]));
+    let maps = Maps { deformable: Some((&coarse, &coarse)), ..Maps::new(&fixed, &moving) };
+    let cfg = MethodConfig { similarity: Similarity::l1_ncc(2), ..quick() };
+    let err = register_from(&maps, &g, &Affine::default(), &cfg, &mut silent()).err().expect("grid mismatch");
+    assert!(matches!(err, Error::GridMismatch { .. }), "{err}");
+}
+
 /// The moving image sampled at the points themselves, as an exact feature source.
 struct Sampled(Volume, Tensor);
 

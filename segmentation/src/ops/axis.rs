@@ -279,6 +279,18 @@ pub fn avg_pool3d(
     per_axis(x, |a, n| Some(AxisOperator::avg_pool(n, kernel[a], stride[a], padding[a])))
 }
 
+/// Mean over a `(2r+1)`-sample box centred on each sample of `(B, C, D, H, W)`, per axis `(d,
+/// h, w)` radius, the ends replicated: a local mean that keeps the shape and, unlike zero
+/// padding, maps an affine function of a signal to the same affine function of its mean.
+pub fn box_filter3d(x: &Tensor, radius: [usize; 3]) -> candle_core::Result<Tensor> {
+    per_axis(x, |a, n| {
+        (radius[a] > 0).then(|| {
+            let k = 2 * radius[a] + 1;
+            AxisOperator::filter(n, &vec![1.0 / k as f64; k], 1, radius[a], Boundary::Replicate)
+        })
+    })
+}
+
 /// Trilinear resizing of `(B, C, D, H, W)` to `(d, h, w)` (`align_corners = false`).
 pub fn resize_trilinear(x: &Tensor, size: [usize; 3]) -> candle_core::Result<Tensor> {
     per_axis(x, |a, n| (n != size[a]).then(|| AxisOperator::resize_linear(n, size[a])))

@@ -8,7 +8,8 @@ pub mod kernel_sample;
 pub mod sample;
 
 pub use axis::{
-    avg_pool3d, bspline_smooth3d, resize, resize_trilinear, resize_trilinear_aligned, AxisOperator, Boundary,
+    avg_pool3d, box_filter3d, bspline_smooth3d, resize, resize_trilinear, resize_trilinear_aligned, AxisOperator,
+    Boundary,
 };
 pub use conv3d::{conv3d, unfold3d, ConvGeometry};
 pub use kernel_sample::{kernel_sample, kernel_sample_grid};

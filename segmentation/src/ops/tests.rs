@@ -176,6 +176,20 @@ fn axis_op_gradients_match_finite_differences() {
     check_grad(&x, &|v| resize_trilinear_aligned(v, [9, 3, 14]).unwrap(), 1e-7);
     check_grad(&x, &|v| bspline_smooth3d(v, [1.5, 2.0, 1.0]).unwrap(), 1e-7);
     check_grad(&x, &|v| resize(v, [3, 9, 4]).unwrap(), 1e-7);
+    check_grad(&x, &|v| box_filter3d(v, [1, 2, 0]).unwrap(), 1e-7);
+}
+
+#[test]
+fn box_filter_replicates_the_ends_and_keeps_constants() {
+    let x = t(vec![1.0, 2.0, 4.0, 8.0], &[1, 1, 1, 1, 4]);
+    let y: Vec<f64> = box_filter3d(&x, [0, 0, 1]).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let want = [(1.0 + 1.0 + 2.0) / 3.0, 7.0 / 3.0, 14.0 / 3.0, (4.0 + 8.0 + 8.0) / 3.0];
+    for (a, b) in y.iter().zip(want) {
+        assert!((a - b).abs() < 1e-12, "{y:?}");
+    }
+    let c = Tensor::full(2.5f64, (1, 2, 3, 4, 5), &Device::Cpu).unwrap();
+    let m: Vec<f64> = box_filter3d(&c, [2, 2, 2]).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert!(m.iter().all(|v| (v - 2.5).abs() < 1e-12));
 }
 
 #[test]
