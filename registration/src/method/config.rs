@@ -43,23 +43,18 @@ impl Default for Parameterisation {
 }
 
 /// How the deformable levels compare the fixed features with the warped moving features.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Similarity {
     /// Mean absolute difference of the feature vectors: the OBELISK/MIND cost, suited to
     /// features made comparable across modalities.
+    #[default]
     L1,
     /// Local normalised cross-correlation of the intensities in a `(2·radius+1)`-voxel box
     /// (ANTs' CC), scaled by `weight` against the regularisers, plus the features' L1 scaled by
     /// `features` (0: NCC alone): invariant to local linear intensity changes, for images of
     /// one modality.
     Ncc { radius: usize, weight: f64, features: f64 },
-}
-
-impl Default for Similarity {
-    fn default() -> Self {
-        Similarity::L1
-    }
 }
 
 impl Similarity {

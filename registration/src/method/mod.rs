@@ -302,7 +302,7 @@ pub fn register_from(
     }
     // NCC alone compares the intensities only; beside the features' L1 it needs both
     let (f, m, intensities) = match (maps.deformable, config.similarity) {
-        (Some((fi, mi)), Similarity::Ncc { features, .. }) if features == 0.0 => (fi, mi, None),
+        (Some((fi, mi)), Similarity::Ncc { features: 0.0, .. }) => (fi, mi, None),
         (extra, _) => (fixed, moving, extra),
     };
     if let Some((fi, mi)) = intensities {
