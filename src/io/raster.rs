@@ -1,0 +1,355 @@
+//! What the NIfTI, NRRD, MetaImage and DICOM readers and writers share: ITK's LPS geometry,
+//! voxel values turned into images, label maps and fields under the same checks, and compressed
+//! streams read with messages a user can act on.
+
+use std::io::Read;
+use std::path::Path;
+
+use flate2::read::{MultiGzDecoder, ZlibDecoder};
+use nalgebra::{Matrix3, Matrix4, Vector3};
+use registration::grid::MAX_VOXELS;
+use registration::{DisplacementField, Grid, Labels, Volume};
+
+use super::nifti::DataType;
+use super::IoError;
+
+/// How fast writers compress: level 1 is several times faster than the default and, on
+/// medical images, within a few percent of its size.
+pub(super) fn compression() -> flate2::Compression {
+    flate2::Compression::new(1)
+}
+
+/// How the bytes of a voxel block are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Codec {
+    Raw,
+    Gzip,
+    /// zlib (RFC 1950), as MetaImage writes; a gzip stream is recognised too, as MetaIO does.
+    Zlib,
+}
+
+/// Turns read errors into messages a user can act on; `stream` names the decoder `e` came from
+/// ("gzip", "zlib"), if any.
+pub(super) fn read_error(path: &Path, e: std::io::Error, what: &str, stream: Option<&str>) -> IoError {
+    let msg = match (e.kind(), stream) {
+        (std::io::ErrorKind::UnexpectedEof, Some(z)) => format!("truncated {z} stream (while reading the {what})"),
+        (std::io::ErrorKind::UnexpectedEof, None) => format!("file is truncated (while reading the {what})"),
+        (std::io::ErrorKind::NotFound, _) => "file not found".to_string(),
+        (std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData, Some(z)) => {
+            format!("corrupt {z} stream ({e})")
+        }
+        _ => format!("cannot read the {what}: {e}"),
+    };
+    IoError::new(path, msg)
+}
+
+/// Reads `nbytes` of voxel data from `reader` (positioned at the block), decoding it by `codec`;
+/// `skip` bytes of the decoded stream come first. The buffer grows with the data actually
+/// present, so a header promising more than a compressed file holds costs no more memory than
+/// the file does.
+pub(super) fn read_block(
+    path: &Path,
+    reader: impl Read,
+    codec: Codec,
+    skip: u64,
+    nbytes: usize,
+) -> Result<Vec<u8>, IoError> {
+    let stream = match codec {
+        Codec::Raw => None,
+        Codec::Gzip => Some("gzip"),
+        Codec::Zlib => Some("zlib"),
+    };
+    let mut reader: Box<dyn Read> = match codec {
+        Codec::Raw => Box::new(reader),
+        Codec::Gzip => Box::new(MultiGzDecoder::new(std::io::BufReader::new(reader))),
+        Codec::Zlib => {
+            let mut r = std::io::BufReader::new(reader);
+            let head = std::io::BufRead::fill_buf(&mut r).map_err(|e| read_error(path, e, "voxel data", None))?;
+            if head.starts_with(&[0x1f, 0x8b]) {
+                Box::new(MultiGzDecoder::new(r))
+            } else {
+                Box::new(ZlibDecoder::new(r))
+            }
+        }
+    };
+    let skipped = std::io::copy(&mut (&mut reader).take(skip), &mut std::io::sink())
+        .map_err(|e| read_error(path, e, "voxel data", stream))?;
+    let mut bytes = Vec::new();
+    (&mut reader).take(nbytes as u64).read_to_end(&mut bytes).map_err(|e| read_error(path, e, "voxel data", stream))?;
+    if skipped < skip || bytes.len() < nbytes {
+        return Err(read_error(path, std::io::ErrorKind::UnexpectedEof.into(), "voxel data", stream));
+    }
+    // a compressed stream is only verified (checksum, length) at its end, so read on to it
+    if stream.is_some() {
+        std::io::copy(&mut reader, &mut std::io::sink()).map_err(|e| read_error(path, e, "voxel data", stream))?;
+    }
+    Ok(bytes)
+}
+
+/// `x_lps = −x_ras`, `y_lps = −y_ras`: its own inverse, so it converts both ways.
+pub(super) fn flip_xy() -> Matrix4<f64> {
+    Matrix4::from_diagonal(&nalgebra::Vector4::new(-1.0, -1.0, 1.0, 1.0))
+}
+
+/// A grid from ITK-style geometry in LPS: one vector per voxel axis (direction times spacing)
+/// and the position of the first voxel, each with one entry per axis of the space (2 or 3).
+/// A 2D image in a 2D space lies in the plane z = 0 with a unit third axis along +z, as ITK's
+/// 2D images do when they meet 3D ones; a 2D image in 3D space gets a unit third axis along the
+/// normal of its plane.
+pub(super) fn grid_from_lps(
+    path: &Path,
+    shape: [usize; 3],
+    axes: &[Vec<f64>],
+    origin: &[f64],
+) -> Result<Grid, IoError> {
+    let space = origin.len();
+    if !(2..=3).contains(&space) || !(2..=3).contains(&axes.len()) || axes.iter().any(|a| a.len() != space) {
+        return Err(IoError::new(path, format!("{}D axes in a {space}D space are not supported", axes.len())));
+    }
+    if axes.len() > space {
+        return Err(IoError::new(path, format!("a {}D image cannot lie in a {space}D space", axes.len())));
+    }
+    let pad = |v: &[f64]| Vector3::new(v[0], v[1], v.get(2).copied().unwrap_or(0.0));
+    let (a, b) = (pad(&axes[0]), pad(&axes[1]));
+    let c = match axes.get(2) {
+        Some(c) => pad(c),
+        None => a.cross(&b).try_normalize(0.0).unwrap_or(Vector3::z()),
+    };
+    let mut lps = Matrix4::identity();
+    lps.fixed_view_mut::<3, 3>(0, 0).copy_from(&Matrix3::from_columns(&[a, b, c]));
+    lps.fixed_view_mut::<3, 1>(0, 3).copy_from(&pad(origin));
+    Grid::new(shape, flip_xy() * lps).map_err(|e| IoError::new(path, format!("invalid geometry in the header: {e}")))
+}
+
+/// ITK's view of a grid, for writers: the voxel axes (direction times spacing) and the origin in
+/// LPS, with two entries each when the grid is a 2D image in the plane z = 0 with a unit third
+/// axis along +z (what a 2D ITK image becomes here, so that ITK reads it back as 2D), else three.
+pub(super) struct LpsGeometry {
+    pub axes: Vec<Vec<f64>>,
+    pub origin: Vec<f64>,
+}
+
+impl LpsGeometry {
+    pub fn of(grid: &Grid) -> Self {
+        let m = flip_xy() * grid.affine();
+        let col = |c: usize| vec![m[(0, c)], m[(1, c)], m[(2, c)]];
+        let zero = |r: usize, c: usize| m[(r, c)].abs() < 1e-9;
+        let flat = grid.is_2d()
+            && zero(2, 0)
+            && zero(2, 1)
+            && zero(2, 3)
+            && zero(0, 2)
+            && zero(1, 2)
+            && (m[(2, 2)] - 1.0).abs() < 1e-9;
+        let n = if flat { 2 } else { 3 };
+        let mut axes: Vec<Vec<f64>> = (0..n).map(col).collect();
+        axes.iter_mut().for_each(|a| a.truncate(n));
+        let mut origin = col(3);
+        origin.truncate(n);
+        Self { axes, origin }
+    }
+
+    /// Sizes of the spatial axes written.
+    pub fn dims(&self, grid: &Grid) -> Vec<usize> {
+        grid.shape()[..self.axes.len()].to_vec()
+    }
+}
+
+/// Where a reader's voxel values sit and what they may become.
+pub(super) struct Layout {
+    pub grid: Grid,
+    /// Values per voxel (1 for a plain image).
+    pub components: usize,
+    /// Distance, in values, between successive components of one voxel: 1 when they are
+    /// interleaved (ITK's vector images), the number of voxels when channel-major.
+    pub comp_stride: usize,
+    /// Whether the file stores floating-point values (a displacement field must).
+    pub float: bool,
+}
+
+impl Layout {
+    fn single(&self, path: &Path, what: &str) -> Result<(), IoError> {
+        if self.components != 1 {
+            return Err(IoError::new(
+                path,
+                format!("has {} values per voxel (a vector image); expected a single-channel {what}", self.components),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The decoded values of a block of `t` samples.
+pub(super) fn samples(bytes: &[u8], t: DataType, big_endian: bool) -> impl Iterator<Item = f64> + '_ {
+    bytes.chunks_exact(t.size()).map(move |c| super::nifti::decode(c, t, big_endian))
+}
+
+/// A single-channel image; NaN or infinite values are an error.
+pub(super) fn volume(path: &Path, l: Layout, values: impl Iterator<Item = f64>) -> Result<Volume, IoError> {
+    l.single(path, "image")?;
+    let mut data = Vec::with_capacity(l.grid.num_voxels());
+    data.extend(values.map(|v| v as f32));
+    let v = Volume::new(l.grid, 1, data).map_err(|e| IoError::new(path, e.to_string()))?;
+    checked(path, v)
+}
+
+/// Rejects NaN or infinite voxels, naming the file.
+pub(super) fn checked(path: &Path, v: Volume) -> Result<Volume, IoError> {
+    v.check_finite().map_err(|e| IoError::new(path, e.to_string().trim_start_matches("data: ").to_string()))?;
+    Ok(v)
+}
+
+/// A label map: whole numbers ≥ 0.
+pub(super) fn labels(path: &Path, l: Layout, values: impl Iterator<Item = f64>) -> Result<Labels, IoError> {
+    l.single(path, "label map")?;
+    let mut data = Vec::with_capacity(l.grid.num_voxels());
+    for (idx, v) in values.enumerate() {
+        data.push(label_value(v).map_err(|m| IoError::new(path, format!("voxel {idx}: {m}")))?);
+    }
+    Labels::new(l.grid, data).map_err(|e| IoError::new(path, e.to_string()))
+}
+
+/// A voxel value as a label, or why it cannot be one.
+pub(super) fn label_value(v: f64) -> Result<u32, String> {
+    if !v.is_finite() {
+        Err("label map holds NaN or infinite values".into())
+    } else if v.fract() != 0.0 {
+        Err(format!("label map holds the non-integer value {v}"))
+    } else if v < 0.0 {
+        Err(format!("label map holds the negative value {v}"))
+    } else if v > u32::MAX as f64 {
+        Err(format!("label {v} is too large"))
+    } else {
+        Ok(v as u32)
+    }
+}
+
+/// A displacement field in the ITK convention: floating-point vectors of 3 components (2 on a 2D
+/// grid, whose z component becomes 0), LPS mm.
+pub(super) fn field(path: &Path, l: Layout, values: impl Iterator<Item = f64>) -> Result<DisplacementField, IoError> {
+    let want: &[usize] = if l.grid.is_2d() { &[2, 3] } else { &[3] };
+    if !want.contains(&l.components) {
+        return Err(IoError::new(
+            path,
+            format!(
+                "is not a displacement field: {} value(s) per voxel on a {:?} grid, expected vectors of {}",
+                l.components,
+                l.grid.shape(),
+                if l.grid.is_2d() { "2 or 3" } else { "3" }
+            ),
+        ));
+    }
+    if !l.float {
+        return Err(IoError::new(path, "displacement field holds integers; expected float32 or float64"));
+    }
+    let n = l.grid.num_voxels();
+    let (c, stride) = (l.components, l.comp_stride);
+    let mut data = vec![0.0f32; 3 * n];
+    for (idx, v) in values.enumerate().take(c * n) {
+        if !v.is_finite() {
+            return Err(IoError::new(path, format!("voxel {}: displacement field holds NaN or infinite values", idx)));
+        }
+        // idx = (outer · c + comp) · stride + inner, with the voxel at outer · stride + inner
+        let (inner, rest) = (idx % stride, idx / stride);
+        let (comp, outer) = (rest % c, rest / c);
+        data[comp * n + outer * stride + inner] = v as f32;
+    }
+    DisplacementField::new(l.grid, data).map_err(|e| IoError::new(path, e.to_string()))
+}
+
+/// What writers store: the spatial sizes, values per voxel (interleaved, ITK's order), the
+/// on-disk type and the little-endian bytes.
+pub(super) struct Payload {
+    pub geometry: LpsGeometry,
+    pub dims: Vec<usize>,
+    pub components: usize,
+    pub datatype: DataType,
+    pub bytes: Vec<u8>,
+}
+
+impl Payload {
+    /// Float32; several channels become interleaved vectors.
+    pub fn volume(v: &Volume) -> Self {
+        let n = v.grid.num_voxels();
+        let mut bytes = Vec::with_capacity(4 * v.data.len());
+        for i in 0..n {
+            for c in 0..v.channels {
+                bytes.extend_from_slice(&v.data[c * n + i].to_le_bytes());
+            }
+        }
+        let geometry = LpsGeometry::of(&v.grid);
+        Self { dims: geometry.dims(&v.grid), geometry, components: v.channels, datatype: DataType::F32, bytes }
+    }
+
+    /// The smallest unsigned type that holds the largest label.
+    pub fn labels(l: &Labels) -> Self {
+        let (datatype, bytes) = label_bytes(l);
+        let geometry = LpsGeometry::of(&l.grid);
+        Self { dims: geometry.dims(&l.grid), geometry, components: 1, datatype, bytes }
+    }
+
+    /// Float32 vectors: 2 components on a grid written as 2D, else 3.
+    pub fn field(f: &DisplacementField) -> Self {
+        let geometry = LpsGeometry::of(&f.grid);
+        let comps = geometry.axes.len();
+        let n = f.grid.num_voxels();
+        let mut bytes = Vec::with_capacity(4 * comps * n);
+        for i in 0..n {
+            for c in 0..comps {
+                bytes.extend_from_slice(&f.data[c * n + i].to_le_bytes());
+            }
+        }
+        Self { dims: geometry.dims(&f.grid), geometry, components: comps, datatype: DataType::F32, bytes }
+    }
+}
+
+/// Little-endian labels in the smallest unsigned type that holds the largest one.
+pub(super) fn label_bytes(l: &Labels) -> (DataType, Vec<u8>) {
+    let max = l.data.iter().copied().max().unwrap_or(0);
+    if max <= u8::MAX as u32 {
+        (DataType::U8, l.data.iter().map(|&x| x as u8).collect())
+    } else if max <= u16::MAX as u32 {
+        (DataType::U16, l.data.iter().flat_map(|&x| (x as u16).to_le_bytes()).collect())
+    } else {
+        (DataType::U32, l.data.iter().flat_map(|&x| x.to_le_bytes()).collect())
+    }
+}
+
+/// Numbers for a text header: shortest round-trip form, exponent for extreme magnitudes (which
+/// `strtod` reads, as ITK's readers use).
+pub(super) fn joined(v: &[f64], sep: &str) -> String {
+    v.iter().map(|x| format!("{x:?}")).collect::<Vec<_>>().join(sep)
+}
+
+/// Parses whitespace- or comma-separated numbers, naming `what` in the error.
+pub(super) fn numbers(text: &str, what: &str) -> Result<Vec<f64>, String> {
+    text.split(|c: char| c.is_whitespace() || c == ',')
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<f64>().map_err(|_| format!("{what}: {s:?} is not a number")))
+        .collect()
+}
+
+/// Parses positive sizes, at most `MAX_VOXELS` each.
+pub(super) fn sizes(text: &str, what: &str) -> Result<Vec<usize>, String> {
+    text.split_whitespace()
+        .map(|s| match s.parse::<u64>() {
+            Ok(0) => Err(format!("{what}: sizes must be positive, got 0")),
+            Ok(n) if n as u128 <= MAX_VOXELS as u128 => Ok(n as usize),
+            Ok(n) => Err(format!("{what}: {n} is absurdly large")),
+            Err(_) => Err(format!("{what}: {s:?} is not a size")),
+        })
+        .collect()
+}
+
+/// The spatial shape `[nx, ny, nz]` (a 2D image has nz = 1) of an image whose axes have `sizes`
+/// (`spatial` of them spatial, the rest vector components); errors when the values add up to an
+/// absurd number, so that a header cannot make us allocate terabytes.
+pub(super) fn shape(sizes: &[usize], spatial: &[usize]) -> Result<[usize; 3], String> {
+    sizes
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .filter(|&n| n <= MAX_VOXELS)
+        .ok_or_else(|| format!("sizes {sizes:?} are absurdly large"))?;
+    let d = |i: usize| spatial.get(i).map_or(1, |&a| sizes[a]);
+    Ok([d(0), d(1), d(2)])
+}
