@@ -297,3 +297,28 @@ fn grid_from_the_header_alone() {
     write_image(&q, &Volume::zeros(png::png_grid(4, 3).unwrap())).unwrap();
     assert_eq!(read_grid(&q).unwrap(), png::png_grid(4, 3).unwrap());
 }
+
+/// Without qform or sform the pixdim diagonal is all the geometry there is: a zero or NaN voxel
+/// size on an axis the image has is an error naming the file, not a silent 1 mm.
+#[test]
+fn unusable_pixdim_without_forms_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tmp(&dir, "p.nii");
+    for (axis, bad) in [(1usize, 0.0f32), (2, f32::NAN), (3, -2.0)] {
+        write_volume(&p, &ramp(&oblique())).unwrap();
+        patch(&p, 252, &0i16.to_le_bytes());
+        patch(&p, 254, &0i16.to_le_bytes());
+        patch(&p, 76 + 4 * axis, &bad.to_le_bytes());
+        let e = err_of(read_volume(&p), &p);
+        assert!(e.contains(&format!("pixdim[{axis}]")) && e.contains("neither qform nor sform"), "{e}");
+        assert!(err_of(read_grid(&p), &p).contains("pixdim"));
+    }
+    // a 2D image's unused third pixdim does not matter
+    let g = Grid::from_spacing([4, 3, 1], [0.5, 0.7, 1.0], [0.0; 3]).unwrap();
+    write_volume(&p, &ramp(&g)).unwrap();
+    patch(&p, 254, &0i16.to_le_bytes());
+    patch(&p, 252, &0i16.to_le_bytes());
+    patch(&p, 76 + 12, &0f32.to_le_bytes());
+    let s = read_volume(&p).unwrap().grid.spacing();
+    assert!((s[0] - 0.5).abs() + (s[1] - 0.7).abs() + (s[2] - 1.0).abs() < 1e-6, "{s:?}");
+}
