@@ -23,9 +23,9 @@ use dicom_dictionary_std::tags;
 use dicom_object::mem::InMemElement;
 use dicom_object::{DefaultDicomObject, OpenFileOptions, Tag};
 use nalgebra::Vector3;
-use registration::{Grid, Labels, Volume};
+use registration::Grid;
 
-use super::raster::{self, Layout};
+use super::raster::{self, Decoded, Layout};
 use super::IoError;
 
 /// Transfer syntaxes whose pixel data are stored as plain samples.
@@ -210,40 +210,28 @@ fn stack(dir: &Path, pixels: bool) -> Result<(Vec<Slice>, Grid), IoError> {
                 .or(optional_float(&slices[0].object, &slices[0].file, tags::SLICE_THICKNESS, "SliceThickness")?);
         thickness.filter(|&t| t > 0.0).unwrap_or(1.0)
     };
+    let between = |w: &[Slice], msg: String| {
+        IoError::new(dir, format!("{} and {} {msg}", w[0].file.display(), w[1].file.display()))
+    };
     // duplicates first: they also make the gaps uneven, but this is the message that helps
     if let Some(w) = slices.windows(2).find(|w| (w[1].position - w[0].position).dot(&normal) < 1e-4) {
-        return Err(IoError::new(
-            dir,
-            format!(
-                "{} and {} lie at the same position: several acquisitions (echoes, time points) in one series are not supported",
-                w[0].file.display(),
-                w[1].file.display()
-            ),
-        ));
+        let msg =
+            "lie at the same position: several acquisitions (echoes, time points) in one series are not supported";
+        return Err(between(w, msg.into()));
     }
     let tol = (0.01 * gap).max(1e-3);
     for w in slices.windows(2) {
         let step = w[1].position - w[0].position;
         let d = step.dot(&normal);
         if (d - gap).abs() > tol {
-            return Err(IoError::new(
-                dir,
-                format!(
-                    "uneven slice spacing: {} and {} are {d:.4} mm apart, the series' mean is {gap:.4} mm (missing slices?)",
-                    w[0].file.display(),
-                    w[1].file.display()
-                ),
-            ));
+            let msg = format!(
+                "are {d:.4} mm apart, but the series' mean is {gap:.4} mm: uneven slice spacing (missing slices?)"
+            );
+            return Err(between(w, msg));
         }
         if (step - d * normal).norm() > tol {
-            return Err(IoError::new(
-                dir,
-                format!(
-                    "slices do not stack along their normal ({} to {}: gantry tilt?); resample the series first",
-                    w[0].file.display(),
-                    w[1].file.display()
-                ),
-            ));
+            let msg = "do not stack along the normal of their planes (gantry tilt?); resample the series first";
+            return Err(between(w, msg.into()));
         }
     }
     let f = &slices[0];
@@ -254,7 +242,7 @@ fn stack(dir: &Path, pixels: bool) -> Result<(Vec<Slice>, Grid), IoError> {
 }
 
 /// The grid of the series in `dir`, from the headers alone.
-pub fn read_grid(dir: &Path) -> Result<Grid, IoError> {
+pub(super) fn read_grid(dir: &Path) -> Result<Grid, IoError> {
     Ok(stack(dir, false)?.1)
 }
 
@@ -275,32 +263,21 @@ fn pixels(s: &Slice) -> Result<Vec<f64>, IoError> {
             ));
         }
     };
-    let get = |tag: Tag, name: &str| uint(&s.object, f, tag, name);
+    // an absent or unreadable optional attribute takes its default
+    let opt = |tag: Tag| -> Option<usize> {
+        s.object.element_opt(tag).ok().flatten().and_then(|e| e.to_int::<u32>().ok()).map(|v| v as usize)
+    };
     let frames = text(&s.object, tags::NUMBER_OF_FRAMES).and_then(|t| t.parse::<usize>().ok()).unwrap_or(1);
     if frames != 1 {
         return Err(IoError::new(f, format!("multi-frame images ({frames} frames) are not supported")));
     }
-    let samples = s.object.element_opt(tags::SAMPLES_PER_PIXEL).ok().flatten().map_or(Ok(1), |e| e.to_int::<u32>());
-    if samples.ok() != Some(1) {
+    if opt(tags::SAMPLES_PER_PIXEL).unwrap_or(1) != 1 {
         return Err(IoError::new(f, "only greyscale images (SamplesPerPixel = 1) are supported"));
     }
-    let allocated = get(tags::BITS_ALLOCATED, "BitsAllocated")?;
-    let stored = s
-        .object
-        .element_opt(tags::BITS_STORED)
-        .ok()
-        .flatten()
-        .and_then(|e| e.to_int::<u32>().ok())
-        .map_or(allocated, |v| v as usize);
-    let high = s
-        .object
-        .element_opt(tags::HIGH_BIT)
-        .ok()
-        .flatten()
-        .and_then(|e| e.to_int::<u32>().ok())
-        .map_or(stored.saturating_sub(1), |v| v as usize);
-    let signed =
-        s.object.element_opt(tags::PIXEL_REPRESENTATION).ok().flatten().and_then(|e| e.to_int::<u32>().ok()) == Some(1);
+    let allocated = uint(&s.object, f, tags::BITS_ALLOCATED, "BitsAllocated")?;
+    let stored = opt(tags::BITS_STORED).unwrap_or(allocated);
+    let high = opt(tags::HIGH_BIT).unwrap_or(stored.saturating_sub(1));
+    let signed = opt(tags::PIXEL_REPRESENTATION) == Some(1);
     if !matches!(allocated, 8 | 16 | 32) || stored == 0 || stored > allocated || high + 1 < stored || high >= allocated
     {
         return Err(IoError::new(
@@ -376,30 +353,14 @@ fn dicom_transfer_syntax_name(uid: &str) -> String {
     format!(" ({name})")
 }
 
-/// Every voxel's rescaled value, slice after slice.
-fn values(dir: &Path) -> Result<(Grid, Vec<f64>), IoError> {
+/// Reads the series in `dir`: every voxel's rescaled value, slice after slice.
+pub(super) fn read(dir: &Path) -> Result<Decoded, IoError> {
     let (slices, grid) = stack(dir, true)?;
-    let mut out = Vec::with_capacity(grid.num_voxels());
+    let mut values = Vec::with_capacity(grid.num_voxels());
     for s in &slices {
-        out.extend(pixels(s)?);
+        values.extend(pixels(s)?);
     }
-    Ok((grid, out))
-}
-
-fn layout(grid: Grid) -> Layout {
-    Layout { grid, components: 1, comp_stride: 1, float: false }
-}
-
-/// Reads the series in `dir` as an image; NaN or infinite values are an error.
-pub fn read_volume(dir: &Path) -> Result<Volume, IoError> {
-    let (grid, v) = values(dir)?;
-    raster::volume(dir, layout(grid), v.into_iter())
-}
-
-/// Reads the series in `dir` as a label map (whole numbers ≥ 0 after rescaling).
-pub fn read_labels(dir: &Path) -> Result<Labels, IoError> {
-    let (grid, v) = values(dir)?;
-    raster::labels(dir, layout(grid), v.into_iter())
+    Ok(Decoded::values(Layout { grid, components: 1, comp_stride: 1, float: false }, values))
 }
 
 #[cfg(test)]
@@ -409,6 +370,7 @@ mod tests {
     use registration::Space;
 
     use super::*;
+    use crate::io::{read_image as read_volume, read_label_map as read_labels};
 
     /// One slice of a series: `values` row by row, stored as int16 with slope 2, intercept −10.
     struct Spec<'a> {

@@ -11,47 +11,18 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
 
 use flate2::write::ZlibEncoder;
-use registration::{DisplacementField, Grid, Labels, Volume};
 
 use super::atomic::write_atomic;
 use super::nifti::DataType;
-use super::raster::{self, Codec, Layout, Payload};
+use super::raster::{self, Block, Codec, Header, Layout, Payload};
 use super::IoError;
 
 /// Headers are a few hundred bytes; this bounds what a file without `ElementDataFile` costs.
 const MAX_HEADER: u64 = 1 << 20;
-
-struct Header {
-    /// Spatial sizes, 2 or 3 of them.
-    dims: Vec<usize>,
-    components: usize,
-    datatype: DataType,
-    codec: Codec,
-    big_endian: bool,
-    grid: Grid,
-    data_file: PathBuf,
-    /// Offset of the data in `data_file`; `None`: they are its last bytes (`HeaderSize = -1`).
-    offset: Option<u64>,
-}
-
-impl Header {
-    fn layout(&self) -> Layout {
-        Layout {
-            grid: self.grid.clone(),
-            components: self.components,
-            comp_stride: 1,
-            float: matches!(self.datatype, DataType::F32 | DataType::F64),
-        }
-    }
-
-    fn nbytes(&self) -> usize {
-        self.dims.iter().product::<usize>() * self.components * self.datatype.size()
-    }
-}
 
 fn datatype(name: &str) -> Option<DataType> {
     Some(match name {
@@ -148,7 +119,8 @@ fn boolean(v: &str, key: &str) -> Result<bool, String> {
     }
 }
 
-fn parse(path: &Path) -> Result<Header, IoError> {
+/// Parses and validates a header.
+pub(super) fn parse(path: &Path) -> Result<Header, IoError> {
     let err = |m: String| IoError::new(path, m);
     let (fields, header_len) = fields(path)?;
     let get = |k: &str| fields.get(k).map(String::as_str);
@@ -225,90 +197,26 @@ fn parse(path: &Path) -> Result<Header, IoError> {
             h.parse::<i64>().ok().filter(|&n| n >= -1).ok_or_else(|| err(format!("invalid HeaderSize {h:?}")))?
         }
     };
-    let (data_file, offset) = if file.eq_ignore_ascii_case("LOCAL") {
+    let (data_file, start) = if file.eq_ignore_ascii_case("LOCAL") {
         (path.to_path_buf(), Some(header_len))
     } else if file.starts_with("LIST") || file.contains('%') || file.split_whitespace().count() > 1 {
         return Err(err(format!("data split over several files (ElementDataFile = {file}) are not supported")));
     } else {
-        let p = Path::new(file);
-        let p = if p.is_absolute() { p.to_path_buf() } else { path.parent().unwrap_or(Path::new("")).join(p) };
-        (p, if header_size == -1 { None } else { Some(header_size as u64) })
+        (raster::beside(path, file), u64::try_from(header_size).ok())
     };
-    if offset.is_none() && codec != Codec::Raw {
+    if start.is_none() && codec != Codec::Raw {
         return Err(err("HeaderSize = -1 is only valid for uncompressed data".into()));
     }
-    Ok(Header { dims, components, datatype, codec, big_endian: big_endian.unwrap_or(false), grid, data_file, offset })
+    let nbytes = dims.iter().product::<usize>() * components * datatype.size();
+    // HeaderSize counts bytes of the file, before any decompression
+    let block =
+        Block { file: data_file, start: start.unwrap_or(0), line_skip: 0, skip: start.map(|_| 0), codec, nbytes };
+    let layout = Layout { grid, components, comp_stride: 1, float: datatype.is_float() };
+    Ok(Header { layout, datatype, big_endian: big_endian.unwrap_or(false), block })
 }
 
-/// The data file opened at the start of the block; checks that uncompressed data are all there.
-fn locate(path: &Path, h: &Header) -> Result<BufReader<File>, IoError> {
-    let what = if h.data_file == path { String::new() } else { format!("data file {}: ", h.data_file.display()) };
-    let derr = |m: String| IoError::new(path, format!("{what}{m}"));
-    let file = File::open(&h.data_file).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => derr("file not found".into()),
-        _ => derr(format!("cannot open: {e}")),
-    })?;
-    let len = file.metadata().map_err(|e| derr(format!("cannot open: {e}")))?.len();
-    let nbytes = h.nbytes() as u64;
-    let offset = match h.offset {
-        Some(o) => o,
-        None => len
-            .checked_sub(nbytes)
-            .ok_or_else(|| derr(format!("file is truncated: {len} bytes, but the header needs {nbytes}")))?,
-    };
-    if h.codec == Codec::Raw && len < offset + nbytes {
-        return Err(derr(format!(
-            "file is truncated: {len} bytes, but the header needs {} ({nbytes} bytes of data from offset {offset})",
-            offset + nbytes
-        )));
-    }
-    if len < offset {
-        return Err(derr(format!("file is truncated: {len} bytes, the data should start at {offset}")));
-    }
-    let mut r = BufReader::new(file);
-    r.seek(SeekFrom::Start(offset)).map_err(|e| derr(format!("cannot read: {e}")))?;
-    Ok(r)
-}
-
-fn read_data(path: &Path) -> Result<(Header, Vec<u8>), IoError> {
-    let h = parse(path)?;
-    let r = locate(path, &h)?;
-    let bytes = raster::read_block(&h.data_file, r, h.codec, 0, h.nbytes()).map_err(|e| {
-        if h.data_file == path {
-            e
-        } else {
-            IoError::new(path, format!("data file {e}"))
-        }
-    })?;
-    Ok((h, bytes))
-}
-
-/// The grid of a MetaImage, from its header (uncompressed data's size is checked too).
-pub fn read_grid(path: &Path) -> Result<Grid, IoError> {
-    let h = parse(path)?;
-    locate(path, &h)?;
-    Ok(h.grid)
-}
-
-/// Reads a single-channel image; NaN or infinite values are an error.
-pub fn read_volume(path: &Path) -> Result<Volume, IoError> {
-    let (h, bytes) = read_data(path)?;
-    raster::volume(path, h.layout(), raster::samples(&bytes, h.datatype, h.big_endian))
-}
-
-/// Reads a label map: whole numbers ≥ 0.
-pub fn read_labels(path: &Path) -> Result<Labels, IoError> {
-    let (h, bytes) = read_data(path)?;
-    raster::labels(path, h.layout(), raster::samples(&bytes, h.datatype, h.big_endian))
-}
-
-/// Reads a displacement field (`ElementNumberOfChannels` = 3, or 2 in 2D; LPS mm).
-pub fn read_field(path: &Path) -> Result<DisplacementField, IoError> {
-    let (h, bytes) = read_data(path)?;
-    raster::field(path, h.layout(), raster::samples(&bytes, h.datatype, h.big_endian))
-}
-
-fn write(path: &Path, p: &Payload) -> Result<(), IoError> {
+/// Writes one zlib-compressed `.mha` file.
+pub(super) fn write(path: &Path, p: &Payload) -> Result<(), IoError> {
     if !path.to_string_lossy().to_ascii_lowercase().ends_with(".mha") {
         return Err(IoError::new(path, "MetaImage is written as one .mha file (not a detached .mhd)"));
     }
@@ -342,78 +250,16 @@ fn write(path: &Path, p: &Payload) -> Result<(), IoError> {
     })
 }
 
-/// Writes an image as float32 (several channels as interleaved vectors).
-pub fn write_volume(path: &Path, v: &Volume) -> Result<(), IoError> {
-    write(path, &Payload::volume(v))
-}
-
-/// Writes a label map in the smallest unsigned type that holds its largest label.
-pub fn write_labels(path: &Path, l: &Labels) -> Result<(), IoError> {
-    write(path, &Payload::labels(l))
-}
-
-/// Writes a displacement field as ITK does: float32 vectors, `ElementNumberOfChannels` = 3.
-pub fn write_field(path: &Path, f: &DisplacementField) -> Result<(), IoError> {
-    write(path, &Payload::field(f))
-}
-
 #[cfg(test)]
 mod tests {
-    use nalgebra::{Matrix3, Rotation3};
-
     use super::*;
-
-    fn oblique() -> Grid {
-        let r = Rotation3::from_euler_angles(-0.3, 0.2, 0.5).into_inner()
-            * Matrix3::from_diagonal(&[1.0, -1.0, 1.0].into());
-        Grid::from_parts([5, 4, 3], [0.8, 1.3, 2.5], [-12.0, 40.0, 7.5], r).unwrap()
-    }
-
-    fn flat() -> Grid {
-        super::super::png::png_grid(5, 3).unwrap()
-    }
-
-    fn err_of<T: std::fmt::Debug>(r: Result<T, IoError>, path: &Path) -> String {
-        let e = r.unwrap_err().to_string();
-        assert!(e.starts_with(&path.display().to_string()), "error does not start with the path: {e}");
-        e
-    }
+    use crate::io::tests::err_of;
+    use crate::io::{read_field, read_grid, read_image as read_volume, read_label_map as read_labels};
 
     fn file(path: &Path, fields: &str, data: &[u8]) {
         std::fs::write(path, [format!("ObjectType = Image\n{fields}\n").as_bytes(), data].concat()).unwrap();
     }
 
-    #[test]
-    fn round_trips() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("a.mha");
-        for g in [oblique(), flat()] {
-            let n = g.num_voxels();
-            let v = Volume::new(g.clone(), 1, (0..n).map(|x| x as f32 * 0.25 - 3.0).collect()).unwrap();
-            write_volume(&p, &v).unwrap();
-            let r = read_volume(&p).unwrap();
-            assert_eq!(r.data, v.data);
-            assert!(r.grid.same_as(&g, 1e-12), "{:?} vs {g:?}", r.grid);
-            assert_eq!(read_grid(&p).unwrap(), r.grid);
-            let l = Labels::new(g.clone(), (0..n as u32).map(|x| x * 100_000).collect()).unwrap();
-            write_labels(&p, &l).unwrap();
-            assert_eq!(read_labels(&p).unwrap(), l);
-            let mut u: Vec<f32> = (0..3 * n).map(|x| x as f32 * 0.1).collect();
-            if g.is_2d() {
-                u[2 * n..].fill(0.0);
-            }
-            let f = DisplacementField::new(g.clone(), u).unwrap();
-            write_field(&p, &f).unwrap();
-            assert_eq!(read_field(&p).unwrap(), f);
-        }
-        let text = String::from_utf8_lossy(&std::fs::read(&p).unwrap()[..150]).into_owned();
-        assert!(text.contains("NDims = 2") && text.contains("CompressedData = True"), "{text}");
-        let mhd = dir.path().join("a.mhd");
-        assert!(err_of(write_volume(&mhd, &Volume::zeros(flat())), &mhd).contains(".mha"));
-    }
-
-    /// A detached big-endian file with a header to skip, synonyms and the axis order of
-    /// TransformMatrix (one axis after the other).
     #[test]
     fn detached_big_endian_with_header_size() {
         let dir = tempfile::tempdir().unwrap();

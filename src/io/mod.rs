@@ -14,6 +14,7 @@ mod raster;
 
 use std::path::{Path, PathBuf};
 
+use raster::Payload;
 use registration::{DisplacementField, Grid, Labels, Volume};
 
 pub use nifti::{read_labels, read_volume, read_volume_channels, write_labels, write_volume};
@@ -89,9 +90,18 @@ pub fn read_image(path: &Path) -> Result<Volume, IoError> {
     match Format::of(path)? {
         Format::Nifti => nifti::read_volume(path),
         Format::Png => png::read_png(path),
-        Format::Nrrd => nrrd::read_volume(path),
-        Format::MetaImage => metaimage::read_volume(path),
-        Format::Dicom => dicom::read_volume(path),
+        f => decoded(path, f)?.volume(path),
+    }
+}
+
+/// The values of a NRRD, MetaImage or DICOM input, before they become an image, label map or
+/// field.
+fn decoded(path: &Path, format: Format) -> Result<raster::Decoded, IoError> {
+    match format {
+        Format::Nrrd => nrrd::parse(path)?.read(path),
+        Format::MetaImage => metaimage::parse(path)?.read(path),
+        Format::Dicom => dicom::read(path),
+        Format::Nifti | Format::Png => Err(IoError::new(path, "not a NRRD, MetaImage or DICOM input")),
     }
 }
 
@@ -101,9 +111,9 @@ pub fn write_image(path: &Path, v: &Volume) -> Result<(), IoError> {
     match Format::of_output(path)? {
         Format::Nifti => nifti::write_volume(path, v),
         Format::Png => png::write_png(path, v),
-        Format::Nrrd => nrrd::write_volume(path, v),
-        Format::MetaImage => metaimage::write_volume(path, v),
-        Format::Dicom => unreachable!("of_output refuses folders"),
+        Format::Nrrd => nrrd::write(path, &Payload::volume(v)),
+        Format::MetaImage => metaimage::write(path, &Payload::volume(v)),
+        Format::Dicom => Err(IoError::new(path, "DICOM is read, not written")),
     }
 }
 
@@ -112,8 +122,8 @@ pub fn read_grid(path: &Path) -> Result<Grid, IoError> {
     match Format::of(path)? {
         Format::Nifti => nifti::read_grid(path),
         Format::Png => png::read_png_grid(path),
-        Format::Nrrd => nrrd::read_grid(path),
-        Format::MetaImage => metaimage::read_grid(path),
+        Format::Nrrd => nrrd::parse(path)?.grid(path),
+        Format::MetaImage => metaimage::parse(path)?.grid(path),
         Format::Dicom => dicom::read_grid(path),
     }
 }
@@ -123,9 +133,7 @@ pub fn read_label_map(path: &Path) -> Result<Labels, IoError> {
     match Format::of(path)? {
         Format::Nifti => nifti::read_labels(path),
         Format::Png => png::read_png_labels(path),
-        Format::Nrrd => nrrd::read_labels(path),
-        Format::MetaImage => metaimage::read_labels(path),
-        Format::Dicom => dicom::read_labels(path),
+        f => decoded(path, f)?.labels(path),
     }
 }
 
@@ -134,9 +142,9 @@ pub fn write_label_map(path: &Path, l: &Labels) -> Result<(), IoError> {
     match Format::of_output(path)? {
         Format::Nifti => nifti::write_labels(path, l),
         Format::Png => png::write_png_labels(path, l),
-        Format::Nrrd => nrrd::write_labels(path, l),
-        Format::MetaImage => metaimage::write_labels(path, l),
-        Format::Dicom => unreachable!("of_output refuses folders"),
+        Format::Nrrd => nrrd::write(path, &Payload::labels(l)),
+        Format::MetaImage => metaimage::write(path, &Payload::labels(l)),
+        Format::Dicom => Err(IoError::new(path, "DICOM is read, not written")),
     }
 }
 
@@ -154,8 +162,7 @@ const FIELD_FORMATS: &str = "a displacement field is a .nii, .nii.gz, .nrrd, .nh
 pub fn read_field(path: &Path) -> Result<DisplacementField, IoError> {
     match Format::of(path)? {
         Format::Nifti => nifti::read_field(path),
-        Format::Nrrd => nrrd::read_field(path),
-        Format::MetaImage => metaimage::read_field(path),
+        f @ (Format::Nrrd | Format::MetaImage) => decoded(path, f)?.field(path),
         Format::Png | Format::Dicom => Err(IoError::new(path, FIELD_FORMATS)),
     }
 }
@@ -164,8 +171,8 @@ pub fn read_field(path: &Path) -> Result<DisplacementField, IoError> {
 pub fn write_field(path: &Path, f: &DisplacementField) -> Result<(), IoError> {
     match Format::of_output(path)? {
         Format::Nifti => nifti::write_field(path, f),
-        Format::Nrrd => nrrd::write_field(path, f),
-        Format::MetaImage => metaimage::write_field(path, f),
+        Format::Nrrd => nrrd::write(path, &Payload::field(f)),
+        Format::MetaImage => metaimage::write(path, &Payload::field(f)),
         Format::Png | Format::Dicom => Err(IoError::new(path, FIELD_FORMATS)),
     }
 }

@@ -79,7 +79,7 @@ impl DataType {
         }
     }
 
-    fn is_float(self) -> bool {
+    pub(super) fn is_float(self) -> bool {
         matches!(self, Self::F32 | Self::F64)
     }
 }

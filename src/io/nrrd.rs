@@ -14,56 +14,19 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
 
 use flate2::write::GzEncoder;
-use registration::{DisplacementField, Grid, Labels, Volume};
+use registration::Grid;
 
 use super::atomic::write_atomic;
 use super::nifti::DataType;
-use super::raster::{self, Codec, Layout, Payload};
+use super::raster::{self, Block, Codec, Header, Layout, Payload};
 use super::IoError;
 
 /// Headers are a few hundred bytes; this bounds what a file without a blank line costs.
 const MAX_HEADER: u64 = 1 << 20;
-
-/// A parsed, validated header and where its data are.
-struct Header {
-    /// Axis sizes in file order (the first axis varies fastest).
-    sizes: Vec<usize>,
-    /// The axis of vector components, if any.
-    comp_axis: Option<usize>,
-    datatype: DataType,
-    codec: Codec,
-    big_endian: bool,
-    grid: Grid,
-    data_file: PathBuf,
-    /// Where the data file's content starts: after the header when the data are attached.
-    start: u64,
-    line_skip: u64,
-    /// −1: the data are the last bytes of the (raw) file.
-    byte_skip: i64,
-}
-
-impl Header {
-    fn components(&self) -> usize {
-        self.comp_axis.map_or(1, |a| self.sizes[a])
-    }
-
-    fn layout(&self) -> Layout {
-        Layout {
-            grid: self.grid.clone(),
-            components: self.components(),
-            comp_stride: self.comp_axis.map_or(1, |a| self.sizes[..a].iter().product()),
-            float: matches!(self.datatype, DataType::F32 | DataType::F64),
-        }
-    }
-
-    fn nbytes(&self) -> usize {
-        self.sizes.iter().product::<usize>() * self.datatype.size()
-    }
-}
 
 fn open(path: &Path, what: &str) -> Result<File, IoError> {
     File::open(path).map_err(|e| match e.kind() {
@@ -168,7 +131,8 @@ fn is_range_kind(kind: &str) -> bool {
     !matches!(kind, "domain" | "space" | "time" | "???" | "none" | "")
 }
 
-fn parse(path: &Path) -> Result<Header, IoError> {
+/// Parses and validates a header.
+pub(super) fn parse(path: &Path) -> Result<Header, IoError> {
     let err = |m: String| IoError::new(path, m);
     let (lines, header_len) = header_lines(path)?;
     let mut fields: HashMap<String, String> = HashMap::new();
@@ -258,14 +222,12 @@ fn parse(path: &Path) -> Result<Header, IoError> {
 
     let grid = geometry(path, &fields, directions.as_deref(), &domain, shape)?;
 
-    let (data_file, start) = match get("data file") {
+    let (file, start) = match get("data file") {
         Some(f) => {
             if f.contains('%') || f.starts_with("LIST") || f.split_whitespace().count() > 1 {
                 return Err(err(format!("data split over several files (\"data file: {f}\") is not supported")));
             }
-            let p = Path::new(f);
-            let p = if p.is_absolute() { p.to_path_buf() } else { path.parent().unwrap_or(Path::new("")).join(p) };
-            (p, 0)
+            (raster::beside(path, f), 0)
         }
         None => (path.to_path_buf(), header_len),
     };
@@ -280,7 +242,15 @@ fn parse(path: &Path) -> Result<Header, IoError> {
     if byte_skip == -1 && codec != Codec::Raw {
         return Err(err("\"byte skip: -1\" is only valid with raw encoding".into()));
     }
-    Ok(Header { sizes, comp_axis, datatype, codec, big_endian, grid, data_file, start, line_skip, byte_skip })
+    let nbytes = sizes.iter().product::<usize>() * datatype.size();
+    let block = Block { file, start, line_skip, skip: u64::try_from(byte_skip).ok(), codec, nbytes };
+    let layout = Layout {
+        grid,
+        components: comp_axis.map_or(1, |a| sizes[a]),
+        comp_stride: comp_axis.map_or(1, |a| sizes[..a].iter().product()),
+        float: datatype.is_float(),
+    };
+    Ok(Header { layout, datatype, big_endian, block })
 }
 
 /// The grid, with the space's axes turned into LPS as ITK does.
@@ -361,85 +331,6 @@ fn geometry(
     raster::grid_from_lps(path, shape, &axes, &origin)
 }
 
-/// The data file opened at the first byte of the block (past the line skip) for a raw file, and
-/// the decoded-stream bytes to skip; checks that a raw file holds all the data.
-fn locate(path: &Path, h: &Header) -> Result<(BufReader<File>, u64), IoError> {
-    let data_path = &h.data_file;
-    let what = if data_path.as_path() == path { String::new() } else { format!("data file {}: ", data_path.display()) };
-    let derr = |m: String| IoError::new(path, format!("{what}{m}"));
-    let file = File::open(data_path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => derr("file not found".into()),
-        _ => derr(format!("cannot open: {e}")),
-    })?;
-    let len = file.metadata().map_err(|e| derr(format!("cannot open: {e}")))?.len();
-    let mut r = BufReader::new(file);
-    r.seek(SeekFrom::Start(h.start)).map_err(|e| derr(format!("cannot read: {e}")))?;
-    let mut pos = h.start;
-    for _ in 0..h.line_skip {
-        let n = r.skip_until(b'\n').map_err(|e| derr(format!("cannot read: {e}")))?;
-        if n == 0 {
-            return Err(derr(format!("file is truncated (fewer lines than \"line skip: {}\")", h.line_skip)));
-        }
-        pos += n as u64;
-    }
-    let nbytes = h.nbytes() as u64;
-    let mut skip = h.byte_skip.max(0) as u64;
-    if h.codec == Codec::Raw {
-        if h.byte_skip == -1 {
-            skip = len.checked_sub(pos + nbytes).ok_or_else(|| {
-                derr(format!("file is truncated: {len} bytes, but the header needs {nbytes} bytes of data"))
-            })?;
-        }
-        if len < pos + skip + nbytes {
-            return Err(derr(format!(
-                "file is truncated: {len} bytes, but the header needs {} ({nbytes} bytes of data from offset {})",
-                pos + skip + nbytes,
-                pos + skip
-            )));
-        }
-    }
-    Ok((r, skip))
-}
-
-fn read_data(path: &Path) -> Result<(Header, Vec<u8>), IoError> {
-    let h = parse(path)?;
-    let (r, skip) = locate(path, &h)?;
-    let name = if h.data_file == path { path.to_path_buf() } else { h.data_file.clone() };
-    let bytes = raster::read_block(&name, r, h.codec, skip, h.nbytes()).map_err(|e| {
-        if name == path {
-            e
-        } else {
-            IoError::new(path, format!("data file {e}"))
-        }
-    })?;
-    Ok((h, bytes))
-}
-
-/// The grid of a NRRD file, from its header (a raw data file's size is checked too).
-pub fn read_grid(path: &Path) -> Result<Grid, IoError> {
-    let h = parse(path)?;
-    locate(path, &h)?;
-    Ok(h.grid)
-}
-
-/// Reads a single-channel image; NaN or infinite values are an error.
-pub fn read_volume(path: &Path) -> Result<Volume, IoError> {
-    let (h, bytes) = read_data(path)?;
-    raster::volume(path, h.layout(), raster::samples(&bytes, h.datatype, h.big_endian))
-}
-
-/// Reads a label map: whole numbers ≥ 0.
-pub fn read_labels(path: &Path) -> Result<Labels, IoError> {
-    let (h, bytes) = read_data(path)?;
-    raster::labels(path, h.layout(), raster::samples(&bytes, h.datatype, h.big_endian))
-}
-
-/// Reads a displacement field (a vector image, LPS mm).
-pub fn read_field(path: &Path) -> Result<DisplacementField, IoError> {
-    let (h, bytes) = read_data(path)?;
-    raster::field(path, h.layout(), raster::samples(&bytes, h.datatype, h.big_endian))
-}
-
 fn vector(v: &[f64]) -> String {
     format!("({})", raster::joined(v, ","))
 }
@@ -471,7 +362,8 @@ fn header(p: &Payload) -> String {
     )
 }
 
-fn write(path: &Path, p: &Payload) -> Result<(), IoError> {
+/// Writes one attached, gzip-compressed `.nrrd` file.
+pub(super) fn write(path: &Path, p: &Payload) -> Result<(), IoError> {
     if !path.to_string_lossy().to_ascii_lowercase().ends_with(".nrrd") {
         return Err(IoError::new(path, "NRRD is written as one .nrrd file (not a detached .nhdr)"));
     }
@@ -485,44 +377,15 @@ fn write(path: &Path, p: &Payload) -> Result<(), IoError> {
     })
 }
 
-/// Writes an image as float32 (several channels as a vector axis).
-pub fn write_volume(path: &Path, v: &Volume) -> Result<(), IoError> {
-    write(path, &Payload::volume(v))
-}
-
-/// Writes a label map in the smallest unsigned type that holds its largest label.
-pub fn write_labels(path: &Path, l: &Labels) -> Result<(), IoError> {
-    write(path, &Payload::labels(l))
-}
-
-/// Writes a displacement field as ITK does: float32 vectors along a first `none` axis.
-pub fn write_field(path: &Path, f: &DisplacementField) -> Result<(), IoError> {
-    write(path, &Payload::field(f))
-}
-
 #[cfg(test)]
 mod tests {
     use std::io::Write;
 
-    use nalgebra::{Matrix3, Rotation3};
+    use nalgebra::Matrix3;
 
     use super::*;
-
-    fn oblique() -> Grid {
-        let r = Rotation3::from_euler_angles(0.3, -0.2, 0.7).into_inner();
-        Grid::from_parts([5, 4, 3], [0.8, 1.3, 2.5], [-12.0, 40.0, 7.5], r).unwrap()
-    }
-
-    fn flat() -> Grid {
-        let r = Rotation3::from_euler_angles(0.0, 0.0, 0.4).into_inner();
-        Grid::from_parts([6, 4, 1], [0.7, 1.1, 1.0], [3.0, -2.0, 0.0], r).unwrap()
-    }
-
-    fn err_of<T: std::fmt::Debug>(r: Result<T, IoError>, path: &Path) -> String {
-        let e = r.unwrap_err().to_string();
-        assert!(e.starts_with(&path.display().to_string()), "error does not start with the path: {e}");
-        e
-    }
+    use crate::io::tests::err_of;
+    use crate::io::{read_field, read_grid, read_image as read_volume, read_label_map as read_labels};
 
     /// A header with `fields` (then a blank line) followed by `data`.
     fn file(path: &Path, fields: &str, data: &[u8]) {
@@ -537,38 +400,6 @@ mod tests {
         e.finish().unwrap()
     }
 
-    #[test]
-    fn round_trips() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("a.nrrd");
-        for g in [oblique(), flat()] {
-            let n = g.num_voxels();
-            let v = Volume::new(g.clone(), 1, (0..n).map(|x| x as f32 * 0.25 - 3.0).collect()).unwrap();
-            write_volume(&p, &v).unwrap();
-            let r = read_volume(&p).unwrap();
-            assert_eq!(r.data, v.data);
-            assert!(r.grid.same_as(&g, 1e-12), "{:?} vs {g:?}", r.grid);
-            assert_eq!(read_grid(&p).unwrap(), r.grid);
-            let l = Labels::new(g.clone(), (0..n as u32).map(|x| x * 1000).collect()).unwrap();
-            write_labels(&p, &l).unwrap();
-            assert_eq!(read_labels(&p).unwrap(), l);
-            let mut u: Vec<f32> = (0..3 * n).map(|x| x as f32 * 0.1).collect();
-            if g.is_2d() {
-                u[2 * n..].fill(0.0);
-            }
-            let f = DisplacementField::new(g.clone(), u).unwrap();
-            write_field(&p, &f).unwrap();
-            assert_eq!(read_field(&p).unwrap(), f);
-            // a field is not an image
-            assert!(err_of(read_volume(&p), &p).contains("vector image"));
-        }
-        let text = String::from_utf8_lossy(&std::fs::read(&p).unwrap()[..200]).into_owned();
-        assert!(text.contains("space dimension: 2") && text.contains("sizes: 2 6 4"), "{text}");
-        let nhdr = dir.path().join("a.nhdr");
-        assert!(err_of(write_volume(&nhdr, &Volume::zeros(flat())), &nhdr).contains(".nrrd"));
-    }
-
-    /// Big-endian int16 in a detached gzip file after a line and byte skip, in RAS space.
     #[test]
     fn detached_big_endian_gzip_ras() {
         let dir = tempfile::tempdir().unwrap();

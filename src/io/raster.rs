@@ -2,8 +2,9 @@
 //! voxel values turned into images, label maps and fields under the same checks, and compressed
 //! streams read with messages a user can act on.
 
-use std::io::Read;
-use std::path::Path;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
 
 use flate2::read::{MultiGzDecoder, ZlibDecoder};
 use nalgebra::{Matrix3, Matrix4, Vector3};
@@ -47,13 +48,7 @@ pub(super) fn read_error(path: &Path, e: std::io::Error, what: &str, stream: Opt
 /// `skip` bytes of the decoded stream come first. The buffer grows with the data actually
 /// present, so a header promising more than a compressed file holds costs no more memory than
 /// the file does.
-pub(super) fn read_block(
-    path: &Path,
-    reader: impl Read,
-    codec: Codec,
-    skip: u64,
-    nbytes: usize,
-) -> Result<Vec<u8>, IoError> {
+fn read_block(path: &Path, reader: impl Read, codec: Codec, skip: u64, nbytes: usize) -> Result<Vec<u8>, IoError> {
     let stream = match codec {
         Codec::Raw => None,
         Codec::Gzip => Some("gzip"),
@@ -84,6 +79,108 @@ pub(super) fn read_block(
         std::io::copy(&mut reader, &mut std::io::sink()).map_err(|e| read_error(path, e, "voxel data", stream))?;
     }
     Ok(bytes)
+}
+
+/// Where a header says its voxel block lies.
+pub(super) struct Block {
+    /// The data file: the header's own file when the data are attached.
+    pub file: PathBuf,
+    /// Where the data file's content starts (past the header when attached).
+    pub start: u64,
+    /// Lines to pass over from `start` (NRRD's `line skip`).
+    pub line_skip: u64,
+    /// Bytes of the decoded stream before the data; `None`: the data are the last bytes of a
+    /// raw file.
+    pub skip: Option<u64>,
+    pub codec: Codec,
+    pub nbytes: usize,
+}
+
+impl Block {
+    /// The data file opened at the block's start (past any line skip) and the decoded bytes to
+    /// skip; checks that an uncompressed file holds all the data, so that a header cannot make
+    /// us allocate more than the file has. Errors name `header`, and the data file too.
+    fn locate(&self, header: &Path) -> Result<(BufReader<File>, u64), IoError> {
+        let what = if self.file == header { String::new() } else { format!("data file {}: ", self.file.display()) };
+        let err = |m: String| IoError::new(header, format!("{what}{m}"));
+        let file = File::open(&self.file).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => err("file not found".into()),
+            _ => err(format!("cannot open: {e}")),
+        })?;
+        let len = file.metadata().map_err(|e| err(format!("cannot open: {e}")))?.len();
+        let mut r = BufReader::new(file);
+        r.seek(SeekFrom::Start(self.start)).map_err(|e| err(format!("cannot read: {e}")))?;
+        let mut pos = self.start;
+        for _ in 0..self.line_skip {
+            let n = r.skip_until(b'\n').map_err(|e| err(format!("cannot read: {e}")))?;
+            if n == 0 {
+                return Err(err(format!("file is truncated (fewer lines than the {} to skip)", self.line_skip)));
+            }
+            pos += n as u64;
+        }
+        let nbytes = self.nbytes as u64;
+        let truncated = |need: u64| err(format!("file is truncated: {len} bytes, but the header needs {need}"));
+        let skip = match self.skip {
+            Some(s) => s,
+            None => len.checked_sub(pos + nbytes).ok_or_else(|| truncated(pos + nbytes))?,
+        };
+        if self.codec == Codec::Raw && len < pos + skip + nbytes {
+            return Err(truncated(pos + skip + nbytes));
+        }
+        if len < pos {
+            return Err(truncated(pos));
+        }
+        Ok((r, skip))
+    }
+
+    /// Checks that the data file is there and, uncompressed, holds all the data.
+    pub fn check(&self, header: &Path) -> Result<(), IoError> {
+        self.locate(header).map(|_| ())
+    }
+
+    /// The block's bytes, decoded.
+    pub fn read(&self, header: &Path) -> Result<Vec<u8>, IoError> {
+        let (r, skip) = self.locate(header)?;
+        read_block(&self.file, r, self.codec, skip, self.nbytes).map_err(|e| {
+            if self.file == header {
+                e
+            } else {
+                IoError::new(header, format!("data file {e}"))
+            }
+        })
+    }
+}
+
+/// A data file named in a header: relative names are relative to the header's folder.
+pub(super) fn beside(header: &Path, name: &str) -> PathBuf {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        header.parent().unwrap_or(Path::new("")).join(p)
+    }
+}
+
+/// A validated NRRD or MetaImage header: where the values go, how they are stored and where.
+pub(super) struct Header {
+    pub layout: Layout,
+    pub datatype: DataType,
+    pub big_endian: bool,
+    pub block: Block,
+}
+
+impl Header {
+    /// The grid, once the data file is known to be there (and, uncompressed, long enough).
+    pub fn grid(self, path: &Path) -> Result<Grid, IoError> {
+        self.block.check(path)?;
+        Ok(self.layout.grid)
+    }
+
+    /// Reads the data.
+    pub fn read(self, path: &Path) -> Result<Decoded, IoError> {
+        let bytes = self.block.read(path)?;
+        Ok(Decoded::encoded(self.layout, bytes, self.datatype, self.big_endian))
+    }
 }
 
 /// `x_lps = −x_ras`, `y_lps = −y_ras`: its own inverse, so it converts both ways.
@@ -179,34 +276,101 @@ impl Layout {
     }
 }
 
-/// The decoded values of a block of `t` samples.
-pub(super) fn samples(bytes: &[u8], t: DataType, big_endian: bool) -> impl Iterator<Item = f64> + '_ {
-    bytes.chunks_exact(t.size()).map(move |c| super::nifti::decode(c, t, big_endian))
+/// What a reader found, before it becomes an image, label map or field.
+pub(super) struct Decoded {
+    layout: Layout,
+    samples: Samples,
 }
 
-/// A single-channel image; NaN or infinite values are an error.
-pub(super) fn volume(path: &Path, l: Layout, values: impl Iterator<Item = f64>) -> Result<Volume, IoError> {
-    l.single(path, "image")?;
-    let mut data = Vec::with_capacity(l.grid.num_voxels());
-    data.extend(values.map(|v| v as f32));
-    let v = Volume::new(l.grid, 1, data).map_err(|e| IoError::new(path, e.to_string()))?;
-    checked(path, v)
+enum Samples {
+    /// A block of on-disk samples.
+    Encoded { bytes: Vec<u8>, datatype: DataType, big_endian: bool },
+    /// Values already decoded (and rescaled).
+    Values(Vec<f64>),
+}
+
+impl Decoded {
+    pub fn encoded(layout: Layout, bytes: Vec<u8>, datatype: DataType, big_endian: bool) -> Self {
+        Self { layout, samples: Samples::Encoded { bytes, datatype, big_endian } }
+    }
+
+    pub fn values(layout: Layout, values: Vec<f64>) -> Self {
+        Self { layout, samples: Samples::Values(values) }
+    }
+
+    fn iter(&self) -> Box<dyn Iterator<Item = f64> + '_> {
+        match &self.samples {
+            Samples::Encoded { bytes, datatype, big_endian } => {
+                let (t, big) = (*datatype, *big_endian);
+                Box::new(bytes.chunks_exact(t.size()).map(move |c| super::nifti::decode(c, t, big)))
+            }
+            Samples::Values(v) => Box::new(v.iter().copied()),
+        }
+    }
+
+    /// A single-channel image; NaN or infinite values are an error.
+    pub fn volume(self, path: &Path) -> Result<Volume, IoError> {
+        let l = &self.layout;
+        l.single(path, "image")?;
+        let mut data = Vec::with_capacity(l.grid.num_voxels());
+        data.extend(self.iter().map(|v| v as f32));
+        let v = Volume::new(l.grid.clone(), 1, data).map_err(|e| IoError::new(path, e.to_string()))?;
+        checked(path, v)
+    }
+
+    /// A label map: whole numbers ≥ 0.
+    pub fn labels(self, path: &Path) -> Result<Labels, IoError> {
+        let l = &self.layout;
+        l.single(path, "label map")?;
+        let mut data = Vec::with_capacity(l.grid.num_voxels());
+        for (idx, v) in self.iter().enumerate() {
+            data.push(label_value(v).map_err(|m| IoError::new(path, format!("voxel {idx}: {m}")))?);
+        }
+        Labels::new(l.grid.clone(), data).map_err(|e| IoError::new(path, e.to_string()))
+    }
+
+    /// A displacement field in the ITK convention: floating-point vectors of 3 components (2 on
+    /// a 2D grid, whose z component becomes 0), LPS mm.
+    pub fn field(self, path: &Path) -> Result<DisplacementField, IoError> {
+        let l = &self.layout;
+        let want: &[usize] = if l.grid.is_2d() { &[2, 3] } else { &[3] };
+        if !want.contains(&l.components) {
+            return Err(IoError::new(
+                path,
+                format!(
+                    "is not a displacement field: {} value(s) per voxel on a {:?} grid, expected vectors of {}",
+                    l.components,
+                    l.grid.shape(),
+                    if l.grid.is_2d() { "2 or 3" } else { "3" }
+                ),
+            ));
+        }
+        if !l.float {
+            return Err(IoError::new(path, "displacement field holds integers; expected float32 or float64"));
+        }
+        let n = l.grid.num_voxels();
+        let (c, stride) = (l.components, l.comp_stride);
+        let mut data = vec![0.0f32; 3 * n];
+        for (idx, v) in self.iter().enumerate().take(c * n) {
+            if !v.is_finite() {
+                return Err(IoError::new(
+                    path,
+                    format!("voxel {idx}: displacement field holds NaN or infinite values"),
+                ));
+            }
+            // idx = (outer · c + comp) · stride + inner, with the voxel at outer · stride + inner
+            let (inner, rest) = (idx % stride, idx / stride);
+            let (comp, outer) = (rest % c, rest / c);
+            data[comp * n + outer * stride + inner] = v as f32;
+        }
+        DisplacementField::new(l.grid.clone(), data).map_err(|e| IoError::new(path, e.to_string()))
+    }
 }
 
 /// Rejects NaN or infinite voxels, naming the file.
 pub(super) fn checked(path: &Path, v: Volume) -> Result<Volume, IoError> {
     v.check_finite().map_err(|e| IoError::new(path, e.to_string().trim_start_matches("data: ").to_string()))?;
     Ok(v)
-}
-
-/// A label map: whole numbers ≥ 0.
-pub(super) fn labels(path: &Path, l: Layout, values: impl Iterator<Item = f64>) -> Result<Labels, IoError> {
-    l.single(path, "label map")?;
-    let mut data = Vec::with_capacity(l.grid.num_voxels());
-    for (idx, v) in values.enumerate() {
-        data.push(label_value(v).map_err(|m| IoError::new(path, format!("voxel {idx}: {m}")))?);
-    }
-    Labels::new(l.grid, data).map_err(|e| IoError::new(path, e.to_string()))
 }
 
 /// A voxel value as a label, or why it cannot be one.
@@ -222,39 +386,6 @@ pub(super) fn label_value(v: f64) -> Result<u32, String> {
     } else {
         Ok(v as u32)
     }
-}
-
-/// A displacement field in the ITK convention: floating-point vectors of 3 components (2 on a 2D
-/// grid, whose z component becomes 0), LPS mm.
-pub(super) fn field(path: &Path, l: Layout, values: impl Iterator<Item = f64>) -> Result<DisplacementField, IoError> {
-    let want: &[usize] = if l.grid.is_2d() { &[2, 3] } else { &[3] };
-    if !want.contains(&l.components) {
-        return Err(IoError::new(
-            path,
-            format!(
-                "is not a displacement field: {} value(s) per voxel on a {:?} grid, expected vectors of {}",
-                l.components,
-                l.grid.shape(),
-                if l.grid.is_2d() { "2 or 3" } else { "3" }
-            ),
-        ));
-    }
-    if !l.float {
-        return Err(IoError::new(path, "displacement field holds integers; expected float32 or float64"));
-    }
-    let n = l.grid.num_voxels();
-    let (c, stride) = (l.components, l.comp_stride);
-    let mut data = vec![0.0f32; 3 * n];
-    for (idx, v) in values.enumerate().take(c * n) {
-        if !v.is_finite() {
-            return Err(IoError::new(path, format!("voxel {}: displacement field holds NaN or infinite values", idx)));
-        }
-        // idx = (outer · c + comp) · stride + inner, with the voxel at outer · stride + inner
-        let (inner, rest) = (idx % stride, idx / stride);
-        let (comp, outer) = (rest % c, rest / c);
-        data[comp * n + outer * stride + inner] = v as f32;
-    }
-    DisplacementField::new(l.grid, data).map_err(|e| IoError::new(path, e.to_string()))
 }
 
 /// What writers store: the spatial sizes, values per voxel (interleaved, ITK's order), the
