@@ -317,3 +317,50 @@ fn broken_inputs_fail_cleanly_in_the_cli() {
     let err = fails(&["warp", "--moving", s(&moving), "--field", s(&field), "--out", s(&dir.path().join("o.mhd"))]);
     assert!(err.contains("o.mhd") && err.contains(".mha"), "{err}");
 }
+
+/// A manual check on ITK's example data (Debian's `insighttoolkit5-examples`, unpacked by
+/// `data-scripts/fetch_corpus.sh` under `data/cache/corpus-src/itk/`): every NRRD and
+/// MetaImage there that SimpleITK reads as a scalar image reads here with its geometry and
+/// voxels. Run with `OBELISK_ITK_EXAMPLES=<the Data folder> cargo test --test formats -- --ignored`.
+#[test]
+#[ignore = "needs ITK's example data: set OBELISK_ITK_EXAMPLES"]
+fn itk_example_data() {
+    let Some(python) = python() else { return };
+    let Some(dir) = std::env::var_os("OBELISK_ITK_EXAMPLES") else {
+        println!("SKIPPED: OBELISK_ITK_EXAMPLES is not set");
+        return;
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| io::Format::of(p).is_ok_and(|f| matches!(f, io::Format::Nrrd | io::Format::MetaImage)))
+        .collect();
+    names.sort();
+    let (mut checked, mut worst) = (0, 0.0f64);
+    for p in &names {
+        let json = scratch.path().join("info.json");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/formats_check.py");
+        let out = Command::new(&python).arg(script).arg("info").arg(p).arg(&json).output().unwrap();
+        if !out.status.success() {
+            println!("{}: SimpleITK cannot read it either", p.display());
+            continue;
+        }
+        let info: Info = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        match io::read_image(p) {
+            Ok(v) => {
+                let d = geometry_diff(&v.grid, &info);
+                let dv = max_abs_diff(&v.data, &info.values);
+                println!("{}: geometry {d:.1e}, voxels {dv:.1e}", p.display());
+                assert!(d < 1e-5 && dv < 1e-3, "{}: differs from SimpleITK", p.display());
+                worst = worst.max(d);
+                checked += 1;
+            }
+            Err(e) => {
+                println!("{e}");
+                assert!(info.components > 1 || info.size.len() > 3, "{}: SimpleITK reads a scalar image", p.display());
+            }
+        }
+    }
+    println!("{checked} of {} files read as SimpleITK reads them; max geometry difference {worst:.1e}", names.len());
+}

@@ -199,7 +199,7 @@ pub(super) fn parse(path: &Path) -> Result<Header, IoError> {
     };
     let (data_file, start) = if file.eq_ignore_ascii_case("LOCAL") {
         (path.to_path_buf(), Some(header_len))
-    } else if file.starts_with("LIST") || file.contains('%') || file.split_whitespace().count() > 1 {
+    } else if file.starts_with("LIST") || file.contains('%') {
         return Err(err(format!("data split over several files (ElementDataFile = {file}) are not supported")));
     } else {
         (raster::beside(path, file), u64::try_from(header_size).ok())

@@ -224,7 +224,8 @@ pub(super) fn parse(path: &Path) -> Result<Header, IoError> {
 
     let (file, start) = match get("data file") {
         Some(f) => {
-            if f.contains('%') || f.starts_with("LIST") || f.split_whitespace().count() > 1 {
+            // the multi-file forms: "LIST" or "<printf pattern> <min> <max> <step> [<subdim>]"
+            if f.contains('%') || f.starts_with("LIST") {
                 return Err(err(format!("data split over several files (\"data file: {f}\") is not supported")));
             }
             (raster::beside(path, f), 0)
