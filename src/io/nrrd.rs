@@ -288,7 +288,9 @@ fn geometry(
                 space_dim.ok_or_else(|| err("\"space directions\" without \"space\" or \"space dimension\"".into()))?;
             let mut axes = Vec::new();
             for &a in domain {
-                let v = d[a].as_ref().expect("domain axes have directions");
+                let Some(v) = d[a].as_ref() else {
+                    return Err(err(format!("axis {a} has no space direction")));
+                };
                 if v.len() != sd {
                     return Err(err(format!("space direction {v:?} does not have {sd} components")));
                 }

@@ -14,8 +14,8 @@ use registration::{DisplacementField, Grid, Labels, Volume};
 use super::nifti::DataType;
 use super::IoError;
 
-/// How fast writers compress: level 1 is several times faster than the default and, on
-/// medical images, within a few percent of its size.
+/// How hard writers compress: level 1, which NIfTI writing used before it was shared, trades
+/// some size for speed.
 pub(super) fn compression() -> flate2::Compression {
     flate2::Compression::new(1)
 }
