@@ -12,8 +12,9 @@
 //! rows), `i` runs along the first row of ImageOrientationPatient with the second PixelSpacing
 //! value, `j` along the second with the first, and `k` along the normal with the spacing of the
 //! slice positions, which must be even (within 1% or 1 µm) and stack along the normal (no
-//! gantry tilt). The first slice's position is the origin. RescaleSlope and RescaleIntercept are
-//! applied slice by slice.
+//! gantry tilt). The first slice's position is the origin; a single slice is a 2D image whose
+//! third axis has SpacingBetweenSlices, else SliceThickness, else 1 mm. RescaleSlope and
+//! RescaleIntercept are applied slice by slice, into float32 (label maps are exact up to 2^24).
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -247,7 +248,7 @@ pub(super) fn read_grid(dir: &Path) -> Result<Grid, IoError> {
 }
 
 /// The rescaled values of one slice, row by row.
-fn pixels(s: &Slice) -> Result<Vec<f64>, IoError> {
+fn pixels(s: &Slice) -> Result<Vec<f32>, IoError> {
     let f = s.file.as_path();
     let ts = s.object.meta().transfer_syntax().trim_end_matches('\0').trim();
     let big = match ts {
@@ -314,7 +315,7 @@ fn pixels(s: &Slice) -> Result<Vec<f64>, IoError> {
             }
             let v = (raw >> shift) & mask;
             let v = if signed && v >> (stored - 1) & 1 == 1 { v as i64 - (1i64 << stored) } else { v as i64 };
-            v as f64 * s.slope + s.intercept
+            (v as f64 * s.slope + s.intercept) as f32
         })
         .collect())
 }
@@ -357,8 +358,9 @@ fn dicom_transfer_syntax_name(uid: &str) -> String {
 pub(super) fn read(dir: &Path) -> Result<Decoded, IoError> {
     let (slices, grid) = stack(dir, true)?;
     let mut values = Vec::with_capacity(grid.num_voxels());
-    for s in &slices {
-        values.extend(pixels(s)?);
+    // each slice's file is dropped once its pixels are copied out
+    for s in slices {
+        values.extend(pixels(&s)?);
     }
     Ok(Decoded::values(Layout { grid, components: 1, comp_stride: 1, float: false }, values))
 }
