@@ -119,6 +119,12 @@ type Maker = fn(&Fixture, &Path) -> Bad;
 /// Makes a broken copy of a NIfTI file (first argument) in a folder (second).
 type NiftiMaker = fn(&Path, &Path) -> Bad;
 
+/// Cuts the last quarter off a file.
+fn truncate(p: &Path) {
+    let b = std::fs::read(p).unwrap();
+    std::fs::write(p, &b[..b.len() * 3 / 4]).unwrap();
+}
+
 /// `.nii` copy of `src` with bytes patched by `patch`.
 fn patched(src: &Path, at: &Path, patch: impl FnOnce(&mut Vec<u8>)) -> PathBuf {
     let dst = at.with_extension("").with_extension("nii");
@@ -250,9 +256,31 @@ fn image_cases() -> Vec<(&'static str, Maker)> {
             Bad::file(p, "PNG")
         }),
         ("unknown extension", |_, at| {
+            let p = at.join("image.tif");
+            std::fs::write(&p, b"II*\0").unwrap();
+            Bad::file(p, "unknown file type")
+        }),
+        ("MetaImage without data", |_, at| {
             let p = at.join("image.mha");
             std::fs::write(&p, b"ObjectType = Image").unwrap();
-            Bad::file(p, "unknown file type")
+            Bad::file(p, "ElementDataFile")
+        }),
+        ("truncated NRRD", |f, at| {
+            let p = at.join("short.nrrd");
+            io::write_image(&p, &io::read_image(&f.fixed).unwrap()).unwrap();
+            truncate(&p);
+            Bad::file(p, "truncated")
+        }),
+        ("vector NRRD", |f, at| {
+            let p = at.join("vector.nrrd");
+            io::write_field(&p, &io::read_field(&f.field).unwrap()).unwrap();
+            Bad::file(p, "vector image")
+        }),
+        ("folder without DICOM", |_, at| {
+            let p = at.join("series");
+            std::fs::create_dir(&p).unwrap();
+            std::fs::write(p.join("notes.txt"), "no images here").unwrap();
+            Bad::file(p, "no DICOM files")
         }),
         ("folder", |_, at| {
             let p = at.join("folder.nii.gz");
@@ -313,6 +341,12 @@ fn field_cases() -> Vec<(&'static str, Maker)> {
         }),
         ("NaN field", |f, at| {
             Bad::file(patched(&f.field, &at.join("nan_field"), |d| put_f32(d, 352 + 8, f32::NAN)), "NaN")
+        }),
+        ("truncated MetaImage field", |f, at| {
+            let p = at.join("short_field.mha");
+            io::write_field(&p, &io::read_field(&f.field).unwrap()).unwrap();
+            truncate(&p);
+            Bad::file(p, "truncated")
         }),
         ("field as PNG", |_, at| {
             let p = at.join("field.png");

@@ -31,6 +31,10 @@ fn header(dims: &[i16]) -> Vec<u8> {
     }
     h[70..72].copy_from_slice(&16i16.to_le_bytes());
     h[72..74].copy_from_slice(&32i16.to_le_bytes());
+    // 1 mm voxels: without qform or sform, pixdim is all the geometry there is
+    for a in 1..=3 {
+        h[76 + 4 * a..80 + 4 * a].copy_from_slice(&1f32.to_le_bytes());
+    }
     h[108..112].copy_from_slice(&352f32.to_le_bytes());
     h[344..348].copy_from_slice(b"n+1\0");
     h
@@ -45,6 +49,10 @@ fn nifti_headers() {
     let mut ok = header(&[2, 2, 1]);
     ok.extend_from_slice(&[0u8; 16]);
     assert!(from_bytes::read_volume(Path::new("a.nii"), &ok).is_ok());
+    // a zero voxel size with no form to fall back on is refused, not taken as 1 mm
+    ok[80..84].copy_from_slice(&0f32.to_le_bytes());
+    let e = from_bytes::read_volume(Path::new("a.nii"), &ok).unwrap_err().to_string();
+    assert!(e.starts_with("a.nii: pixdim[1] is 0"), "{e}");
 }
 
 #[test]

@@ -26,7 +26,7 @@ intensity (1 channel, robustly normalised to [0, 1]); the network's coarse grid 
 (stride 4; voxel centres at the align-corners positions of the image's extent), so the maps
 overlay the image in any viewer.")]
 pub struct FeaturesArgs {
-    /// Image to describe (.nii, .nii.gz or .png).
+    /// Image to describe (.nii, .nii.gz, .png, .nrrd, .nhdr, .mha, .mhd or a DICOM folder).
     #[arg(long)]
     pub image: PathBuf,
     /// Which features.

@@ -58,13 +58,13 @@ the fused label map (on the target grid) to --out and a report (files, registrat
 folding and time per atlas; with --target-labels the Dice per label of every warped atlas and
 of the fused map) to --report, by default next to --out as NAME.report.json.")]
 pub struct PropagateArgs {
-    /// Target image whose labels are wanted (.nii, .nii.gz or .png).
+    /// Target image whose labels are wanted (.nii, .nii.gz, .png, .nrrd, .nhdr, .mha, .mhd or a DICOM folder).
     #[arg(long)]
     pub target: PathBuf,
     /// An atlas: its image and its label map (on the image's grid). Repeat for several atlases.
     #[arg(long, num_args = 2, value_names = ["IMAGE", "LABELS"], action = ArgAction::Append, required = true)]
     pub atlas: Vec<PathBuf>,
-    /// Fused label map to write, on the target grid (.nii, .nii.gz; .png for 2D).
+    /// Fused label map to write, on the target grid (.nii, .nii.gz, .nrrd, .mha; .png for 2D).
     #[arg(long)]
     pub out: PathBuf,
     /// Report to write (default: next to --out, NAME.report.json).
@@ -123,7 +123,7 @@ pub struct PropagateJob {
 fn default_report(out: &Path) -> PathBuf {
     let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let lower = name.to_ascii_lowercase();
-    let stem = [".nii.gz", ".nii", ".png"]
+    let stem = [".nii.gz", ".nii", ".png", ".nrrd", ".mha"]
         .iter()
         .find(|e| lower.ends_with(*e))
         .map_or(name.as_str(), |e| &name[..name.len() - e.len()]);
@@ -148,7 +148,7 @@ impl PropagateArgs {
         if config.start == Start::Labels && self.target_labels.is_none() {
             bail!("--init labels needs --target-labels (the atlases' labels are lined up with them)");
         }
-        io::Format::of(&self.out)?;
+        io::Format::of_output(&self.out)?;
         let report = self.report.clone().unwrap_or_else(|| default_report(&self.out));
         if !report.to_string_lossy().to_ascii_lowercase().ends_with(".json") {
             bail!("{}: the report must be a .json file", report.display());

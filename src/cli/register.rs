@@ -30,7 +30,7 @@ Writes field.nii.gz (ITK convention: LPS mm on the fixed grid, usable by SimpleI
 warped.nii.gz (or .png), warped_labels.* with --moving-labels, metrics.json, loss.csv and
 summary.png.")]
 pub struct RegisterArgs {
-    /// Fixed (target) image: .nii, .nii.gz or .png.
+    /// Fixed (target) image (.nii, .nii.gz, .png, .nrrd, .nhdr, .mha, .mhd or a DICOM folder).
     #[arg(long)]
     pub fixed: PathBuf,
     /// Moving (source) image, resampled onto the fixed grid.

@@ -257,7 +257,7 @@ pub fn grid(args: GridArgs, out: Output) -> Result<()> {
 
 Draws axial, coronal and sagittal slices through the middle of the image, with label contours.")]
 pub struct ViewArgs {
-    /// Image to show (.nii, .nii.gz, .png).
+    /// Image to show (.nii, .nii.gz, .png, .nrrd, .nhdr, .mha, .mhd or a DICOM folder).
     #[arg(long)]
     pub image: PathBuf,
     /// Label map on the image's grid, drawn as contours.

@@ -494,10 +494,10 @@ pub struct SegmentArgs {
     /// Model folder written by obelisk train.
     #[arg(long, value_name = "DIR")]
     pub model: PathBuf,
-    /// Image to segment (.nii, .nii.gz or .png).
+    /// Image to segment (.nii, .nii.gz, .png, .nrrd, .nhdr, .mha, .mhd or a DICOM folder).
     #[arg(long)]
     pub image: PathBuf,
-    /// Label map to write (.nii, .nii.gz or .png).
+    /// Label map to write (.nii, .nii.gz, .nrrd, .mha; .png for 2D).
     #[arg(long)]
     pub out: PathBuf,
     /// Overwrite an existing output.
@@ -507,7 +507,7 @@ pub struct SegmentArgs {
 
 pub fn segment(args: SegmentArgs, out: Output) -> Result<()> {
     check_input(&args.image)?;
-    io::Format::of(&args.out)?;
+    io::Format::of_output(&args.out)?;
     check_output(&args.out, &[&args.image], args.force)?;
     if !args.model.is_dir() {
         bail!("{}: model folder not found", args.model.display());

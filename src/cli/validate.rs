@@ -10,13 +10,10 @@ use registration::{Grid, Volume};
 use crate::io::{self, Format, IoError};
 use crate::pipeline::FeatureKind;
 
-/// An input file that exists, is a file and has a format we read.
+/// An input that exists and has a format we read: a file, or a folder (a DICOM series).
 pub fn check_input(path: &Path) -> Result<(), IoError> {
     if !path.exists() {
         return Err(IoError::new(path, "file not found"));
-    }
-    if path.is_dir() {
-        return Err(IoError::new(path, "is a folder, not a file"));
     }
     Format::of(path)?;
     Ok(())

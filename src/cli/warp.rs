@@ -20,10 +20,10 @@ use crate::io::{self, atomic::check_output, describe_grid, Format, IoError, GRID
 The field may come from obelisk, ANTs (*Warp.nii.gz) or elastix/transformix (deformation
 field): ITK convention, LPS millimetres on the fixed grid.")]
 pub struct WarpArgs {
-    /// Image (or label map with --labels) to resample: .nii, .nii.gz or .png.
+    /// Image (or label map with --labels) to resample (.nii, .nii.gz, .png, .nrrd, .nhdr, .mha, .mhd or a DICOM folder).
     #[arg(long)]
     pub moving: PathBuf,
-    /// Displacement field in the ITK convention (LPS mm, on the fixed grid): .nii or .nii.gz.
+    /// Displacement field in the ITK convention (LPS mm, on the fixed grid): .nii, .nii.gz, .nrrd, .nhdr, .mha or .mhd.
     #[arg(long)]
     pub field: PathBuf,
     /// Output file; it lies on the field's grid.
@@ -58,10 +58,8 @@ impl WarpJob {
         for p in &inputs {
             check_input(p)?;
         }
-        if Format::of(&a.field)? != Format::Nifti {
-            return Err(IoError::new(&a.field, "a displacement field must be a .nii or .nii.gz file").into());
-        }
-        Format::of(&a.out)?;
+        io::check_field_format(&a.field)?;
+        Format::of_output(&a.out)?;
         check_output(&a.out, &inputs, a.force)?;
         Ok(Self { moving: a.moving, field: a.field, out: a.out, labels: a.labels, reference: a.reference })
     }

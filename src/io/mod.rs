@@ -5,14 +5,19 @@
 
 pub mod atomic;
 pub mod dataset;
+pub mod dicom;
+pub mod metaimage;
 pub mod nifti;
+pub mod nrrd;
 pub mod png;
+mod raster;
 
 use std::path::{Path, PathBuf};
 
-use registration::{Grid, Labels, Volume};
+use raster::Payload;
+use registration::{DisplacementField, Grid, Labels, Volume};
 
-pub use nifti::{read_field, read_labels, read_volume, read_volume_channels, write_field, write_labels, write_volume};
+pub use nifti::{read_labels, read_volume, read_volume_channels, write_labels, write_volume};
 
 /// A file-level failure; `Display` is `"<path>: <problem>"`.
 #[derive(Debug, thiserror::Error)]
@@ -28,39 +33,87 @@ impl IoError {
     }
 }
 
-/// File formats, told apart by extension.
+/// File formats, told apart by extension; a folder is a DICOM series.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     Nifti,
     Png,
+    /// `.nrrd`, or `.nhdr` with a detached data file (read only).
+    Nrrd,
+    /// `.mha`, or `.mhd` with a detached data file (read only).
+    MetaImage,
+    /// A folder holding one DICOM series (read only).
+    Dicom,
 }
 
 impl Format {
+    /// The format of an input.
     pub fn of(path: &Path) -> Result<Self, IoError> {
+        if path.is_dir() {
+            return Ok(Self::Dicom);
+        }
         let name = path.to_string_lossy().to_ascii_lowercase();
         if name.ends_with(".nii") || name.ends_with(".nii.gz") {
             Ok(Self::Nifti)
         } else if name.ends_with(".png") {
             Ok(Self::Png)
+        } else if name.ends_with(".nrrd") || name.ends_with(".nhdr") {
+            Ok(Self::Nrrd)
+        } else if name.ends_with(".mha") || name.ends_with(".mhd") {
+            Ok(Self::MetaImage)
         } else {
-            Err(IoError::new(path, "unknown file type; expected .nii, .nii.gz or .png"))
+            Err(IoError::new(
+                path,
+                "unknown file type; expected .nii, .nii.gz, .png, .nrrd, .nhdr, .mha, .mhd or a DICOM folder",
+            ))
+        }
+    }
+
+    /// The format of an output: formats we write as a single file.
+    pub fn of_output(path: &Path) -> Result<Self, IoError> {
+        let name = path.to_string_lossy().to_ascii_lowercase();
+        if name.ends_with(".nhdr") || name.ends_with(".mhd") {
+            return Err(IoError::new(path, "detached headers are read, not written; write .nrrd or .mha instead"));
+        }
+        match Self::of(path)? {
+            Self::Dicom => {
+                Err(IoError::new(path, "is a folder; DICOM is read, not written (write .nii.gz, .nrrd or .mha)"))
+            }
+            f => Ok(f),
         }
     }
 }
 
-/// Reads a single-channel image (NIfTI or PNG); NaN/Inf voxels are an error.
+/// Reads a single-channel image (NIfTI, PNG, NRRD, MetaImage or a DICOM folder); NaN/Inf voxels
+/// are an error.
 pub fn read_image(path: &Path) -> Result<Volume, IoError> {
     match Format::of(path)? {
         Format::Nifti => nifti::read_volume(path),
         Format::Png => png::read_png(path),
+        f => decoded(path, f)?.volume(path),
     }
 }
 
-/// Writes an image (NIfTI as float32; PNG as described in [`png::write_png`]).
+/// The values of a NRRD, MetaImage or DICOM input, before they become an image, label map or
+/// field.
+fn decoded(path: &Path, format: Format) -> Result<raster::Decoded, IoError> {
+    match format {
+        Format::Nrrd => nrrd::parse(path)?.read(path),
+        Format::MetaImage => metaimage::parse(path)?.read(path),
+        Format::Dicom => dicom::read(path),
+        Format::Nifti | Format::Png => Err(IoError::new(path, "not a NRRD, MetaImage or DICOM input")),
+    }
+}
+
+/// Writes an image (NIfTI, NRRD and MetaImage as float32; PNG as described in
+/// [`png::write_png`]).
 pub fn write_image(path: &Path, v: &Volume) -> Result<(), IoError> {
-    match Format::of(path)? {
+    match Format::of_output(path)? {
         Format::Nifti => nifti::write_volume(path, v),
         Format::Png => png::write_png(path, v),
+        Format::Nrrd => nrrd::write(path, &Payload::volume(v)),
+        Format::MetaImage => metaimage::write(path, &Payload::volume(v)),
+        Format::Dicom => Err(IoError::new(path, "DICOM is read, not written")),
     }
 }
 
@@ -69,22 +122,58 @@ pub fn read_grid(path: &Path) -> Result<Grid, IoError> {
     match Format::of(path)? {
         Format::Nifti => nifti::read_grid(path),
         Format::Png => png::read_png_grid(path),
+        Format::Nrrd => nrrd::parse(path)?.grid(path),
+        Format::MetaImage => metaimage::parse(path)?.grid(path),
+        Format::Dicom => dicom::read_grid(path),
     }
 }
 
-/// Reads a label map (NIfTI or PNG).
+/// Reads a label map.
 pub fn read_label_map(path: &Path) -> Result<Labels, IoError> {
     match Format::of(path)? {
         Format::Nifti => nifti::read_labels(path),
         Format::Png => png::read_png_labels(path),
+        f => decoded(path, f)?.labels(path),
     }
 }
 
-/// Writes a label map (NIfTI or PNG).
+/// Writes a label map (NIfTI, PNG, NRRD or MetaImage).
 pub fn write_label_map(path: &Path, l: &Labels) -> Result<(), IoError> {
-    match Format::of(path)? {
+    match Format::of_output(path)? {
         Format::Nifti => nifti::write_labels(path, l),
         Format::Png => png::write_png_labels(path, l),
+        Format::Nrrd => nrrd::write(path, &Payload::labels(l)),
+        Format::MetaImage => metaimage::write(path, &Payload::labels(l)),
+        Format::Dicom => Err(IoError::new(path, "DICOM is read, not written")),
+    }
+}
+
+/// Fails unless `path` names a format that holds displacement fields.
+pub fn check_field_format(path: &Path) -> Result<(), IoError> {
+    match Format::of(path)? {
+        Format::Nifti | Format::Nrrd | Format::MetaImage => Ok(()),
+        Format::Png | Format::Dicom => Err(IoError::new(path, FIELD_FORMATS)),
+    }
+}
+
+const FIELD_FORMATS: &str = "a displacement field is a .nii, .nii.gz, .nrrd, .nhdr, .mha or .mhd file";
+
+/// Reads a displacement field (ITK convention: vectors in LPS mm) from NIfTI, NRRD or MetaImage.
+pub fn read_field(path: &Path) -> Result<DisplacementField, IoError> {
+    match Format::of(path)? {
+        Format::Nifti => nifti::read_field(path),
+        f @ (Format::Nrrd | Format::MetaImage) => decoded(path, f)?.field(path),
+        Format::Png | Format::Dicom => Err(IoError::new(path, FIELD_FORMATS)),
+    }
+}
+
+/// Writes a displacement field as ITK does (NIfTI, NRRD or MetaImage).
+pub fn write_field(path: &Path, f: &DisplacementField) -> Result<(), IoError> {
+    match Format::of_output(path)? {
+        Format::Nifti => nifti::write_field(path, f),
+        Format::Nrrd => nrrd::write(path, &Payload::field(f)),
+        Format::MetaImage => metaimage::write(path, &Payload::field(f)),
+        Format::Png | Format::Dicom => Err(IoError::new(path, FIELD_FORMATS)),
     }
 }
 

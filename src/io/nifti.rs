@@ -15,7 +15,7 @@ use registration::grid::MAX_VOXELS;
 use registration::{DisplacementField, Grid, Labels, Volume};
 
 use super::atomic::write_atomic;
-use super::IoError;
+use super::{raster, IoError};
 
 const HEADER_LEN: usize = 348;
 /// Header, then the 4-byte "no extensions" flag.
@@ -79,7 +79,7 @@ impl DataType {
         }
     }
 
-    fn is_float(self) -> bool {
+    pub(super) fn is_float(self) -> bool {
         matches!(self, Self::F32 | Self::F64)
     }
 }
@@ -137,19 +137,8 @@ fn is_gz(path: &Path) -> bool {
     path.to_string_lossy().to_ascii_lowercase().ends_with(".gz")
 }
 
-/// Turns read errors into messages a user can act on.
 fn read_error(path: &Path, e: std::io::Error, what: &str) -> IoError {
-    let gz = is_gz(path);
-    let msg = match e.kind() {
-        std::io::ErrorKind::UnexpectedEof if gz => format!("truncated gzip stream (while reading the {what})"),
-        std::io::ErrorKind::UnexpectedEof => format!("file is truncated (while reading the {what})"),
-        std::io::ErrorKind::NotFound => "file not found".to_string(),
-        std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData if gz => {
-            format!("corrupt gzip stream ({e})")
-        }
-        _ => format!("cannot read the {what}: {e}"),
-    };
-    IoError::new(path, msg)
+    raster::read_error(path, e, what, is_gz(path).then_some("gzip"))
 }
 
 /// Where a reader's bytes come from: the file at its path, or bytes already in memory (then the
@@ -244,14 +233,16 @@ fn parse_header(path: &Path, b: &[u8; HEADER_LEN], file_len: Option<u64>) -> Res
     if !inter.is_finite() {
         inter = 0.0;
     }
-    let affine = header_affine(&r);
+    let affine = header_affine(&r, ndim).map_err(err)?;
     let grid = Grid::new([dims[0], dims[1], dims[2]], affine)
         .map_err(|e| err(format!("invalid orientation in the header: {e}")))?;
     Ok(Header { dims, ndim, datatype, intent_code: r.i16(68), big_endian: big, vox_offset, slope, inter, grid })
 }
 
-/// Voxel → RAS: sform when its code is set, else qform, else the pixdim diagonal.
-fn header_affine(r: &Raw) -> Matrix4<f64> {
+/// Voxel → RAS: sform when its code is set, else qform, else the pixdim diagonal, whose entries
+/// must then be positive for the axes the image has: with no form to fall back on, a zero or NaN
+/// voxel size leaves the geometry unknown, and guessing 1 mm would silently misplace the image.
+fn header_affine(r: &Raw, ndim: usize) -> Result<Matrix4<f64>, String> {
     let pix = |a: usize| r.f32(76 + 4 * a);
     let positive = |v: f64| if v.is_finite() && v > 0.0 { v } else { 1.0 };
     let mut m = Matrix4::identity();
@@ -276,10 +267,17 @@ fn header_affine(r: &Raw) -> Matrix4<f64> {
         }
     } else {
         for a in 0..3 {
-            m[(a, a)] = positive(pix(a + 1));
+            let p = pix(a + 1);
+            if a < ndim && !(p.is_finite() && p > 0.0) {
+                return Err(format!(
+                    "pixdim[{}] is {p} and the header has neither qform nor sform: the voxel size is unknown",
+                    a + 1
+                ));
+            }
+            m[(a, a)] = positive(p);
         }
     }
-    m
+    Ok(m)
 }
 
 /// The rotation of NIfTI's quaternion (b, c, d), `a` implied; as in nifti1_io's
@@ -358,7 +356,7 @@ fn read_with<T>(
     Ok((h, out))
 }
 
-fn decode(c: &[u8], t: DataType, big: bool) -> f64 {
+pub(super) fn decode(c: &[u8], t: DataType, big: bool) -> f64 {
     macro_rules! num {
         ($ty:ty, $n:expr) => {{
             let mut a = [0u8; $n];
@@ -412,17 +410,12 @@ fn volume_from(path: &Path, src: Source, allow_channels: bool) -> Result<Volume,
 
 /// Reads a single-channel image and rejects NaN or infinite voxels.
 pub fn read_volume(path: &Path) -> Result<Volume, IoError> {
-    checked(path, read_volume_unchecked(path, false)?)
+    raster::checked(path, read_volume_unchecked(path, false)?)
 }
 
 /// Reads an image whose 4th and higher dimensions are channels; rejects NaN/Inf.
 pub fn read_volume_channels(path: &Path) -> Result<Volume, IoError> {
-    checked(path, read_volume_unchecked(path, true)?)
-}
-
-fn checked(path: &Path, v: Volume) -> Result<Volume, IoError> {
-    v.check_finite().map_err(|e| IoError::new(path, e.to_string().trim_start_matches("data: ").to_string()))?;
-    Ok(v)
+    raster::checked(path, read_volume_unchecked(path, true)?)
 }
 
 /// Reads a label map: integer values ≥ 0 (a float file must hold whole numbers).
@@ -440,19 +433,7 @@ fn labels_from(path: &Path, src: Source) -> Result<Labels, IoError> {
             }
             Ok(())
         },
-        |v| {
-            if !v.is_finite() {
-                Err("label map holds NaN or infinite values".into())
-            } else if v.fract() != 0.0 {
-                Err(format!("label map holds the non-integer value {v}"))
-            } else if v < 0.0 {
-                Err(format!("label map holds the negative value {v}"))
-            } else if v > u32::MAX as f64 {
-                Err(format!("label {v} is too large"))
-            } else {
-                Ok(v as u32)
-            }
-        },
+        raster::label_value,
     )?;
     Labels::new(h.grid, data).map_err(|e| IoError::new(path, e.to_string()))
 }
@@ -497,7 +478,7 @@ pub mod from_bytes {
     use super::*;
 
     pub fn read_volume(name: &Path, bytes: &[u8]) -> Result<Volume, IoError> {
-        checked(name, volume_from(name, Source::Bytes(bytes), true)?)
+        raster::checked(name, volume_from(name, Source::Bytes(bytes), true)?)
     }
 
     pub fn read_labels(name: &Path, bytes: &[u8]) -> Result<Labels, IoError> {
@@ -623,7 +604,7 @@ fn write_nifti(path: &Path, o: &Out, data: &[u8]) -> Result<(), IoError> {
     let header = build_header(o).map_err(|m| IoError::new(path, m))?;
     write_atomic(path, |w| {
         if is_gz(path) {
-            let mut gz = GzEncoder::new(w, flate2::Compression::new(1));
+            let mut gz = GzEncoder::new(w, raster::compression());
             gz.write_all(&header)?;
             gz.write_all(data)?;
             gz.finish()?;
@@ -670,14 +651,7 @@ fn write_float(path: &Path, v: &Volume, channel_dim: usize) -> Result<(), IoErro
 
 /// Writes a label map in the smallest unsigned type that holds its largest label.
 pub fn write_labels(path: &Path, l: &Labels) -> Result<(), IoError> {
-    let max = l.data.iter().copied().max().unwrap_or(0);
-    let (datatype, bytes): (DataType, Vec<u8>) = if max <= u8::MAX as u32 {
-        (DataType::U8, l.data.iter().map(|&x| x as u8).collect())
-    } else if max <= u16::MAX as u32 {
-        (DataType::U16, l.data.iter().flat_map(|&x| (x as u16).to_le_bytes()).collect())
-    } else {
-        (DataType::U32, l.data.iter().flat_map(|&x| x.to_le_bytes()).collect())
-    };
+    let (datatype, bytes) = raster::label_bytes(l);
     write_nifti(path, &Out { dims: &spatial_dims(&l.grid), datatype, intent_code: 0, grid: &l.grid }, &bytes)
 }
 

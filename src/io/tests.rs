@@ -6,13 +6,13 @@ use registration::{DisplacementField, Grid, Labels, Volume};
 use super::nifti::{write_raw, DataType};
 use super::*;
 
-fn oblique() -> Grid {
+pub(super) fn oblique() -> Grid {
     let r = Rotation3::from_euler_angles(0.3, -0.2, 0.7).into_inner();
     Grid::from_parts([7, 5, 4], [0.8, 1.3, 2.5], [-12.0, 40.0, 7.5], r).unwrap()
 }
 
 /// Oblique with a left-handed voxel axis order (negative determinant: qfac = −1).
-fn flipped() -> Grid {
+pub(super) fn flipped() -> Grid {
     let r =
         Rotation3::from_euler_angles(-0.1, 0.4, 0.2).into_inner() * Matrix3::from_diagonal(&[1.0, 1.0, -1.0].into());
     Grid::from_parts([6, 5, 3], [1.1, 0.9, 3.0], [5.0, -7.0, 2.0], r).unwrap()
@@ -37,7 +37,7 @@ fn patch(path: &Path, offset: usize, bytes: &[u8]) {
     std::fs::write(path, d).unwrap();
 }
 
-fn err_of<T: std::fmt::Debug>(r: Result<T, IoError>, path: &Path) -> String {
+pub(super) fn err_of<T: std::fmt::Debug>(r: Result<T, IoError>, path: &Path) -> String {
     let e = r.unwrap_err().to_string();
     assert!(e.starts_with(&path.display().to_string()), "error does not start with the path: {e}");
     e
@@ -296,4 +296,73 @@ fn grid_from_the_header_alone() {
     let q = tmp(&dir, "g.png");
     write_image(&q, &Volume::zeros(png::png_grid(4, 3).unwrap())).unwrap();
     assert_eq!(read_grid(&q).unwrap(), png::png_grid(4, 3).unwrap());
+}
+
+/// Without qform or sform the pixdim diagonal is all the geometry there is: a zero or NaN voxel
+/// size on an axis the image has is an error naming the file, not a silent 1 mm.
+#[test]
+fn unusable_pixdim_without_forms_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tmp(&dir, "p.nii");
+    for (axis, bad) in [(1usize, 0.0f32), (2, f32::NAN), (3, -2.0)] {
+        write_volume(&p, &ramp(&oblique())).unwrap();
+        patch(&p, 252, &0i16.to_le_bytes());
+        patch(&p, 254, &0i16.to_le_bytes());
+        patch(&p, 76 + 4 * axis, &bad.to_le_bytes());
+        let e = err_of(read_volume(&p), &p);
+        assert!(e.contains(&format!("pixdim[{axis}]")) && e.contains("neither qform nor sform"), "{e}");
+        assert!(err_of(read_grid(&p), &p).contains("pixdim"));
+    }
+    // a 2D image's unused third pixdim does not matter
+    let g = Grid::from_spacing([4, 3, 1], [0.5, 0.7, 1.0], [0.0; 3]).unwrap();
+    write_volume(&p, &ramp(&g)).unwrap();
+    patch(&p, 254, &0i16.to_le_bytes());
+    patch(&p, 252, &0i16.to_le_bytes());
+    patch(&p, 76 + 12, &0f32.to_le_bytes());
+    let s = read_volume(&p).unwrap().grid.spacing();
+    assert!((s[0] - 0.5).abs() + (s[1] - 0.7).abs() + (s[2] - 1.0).abs() < 1e-6, "{s:?}");
+}
+
+/// Images, label maps and fields written as `.nrrd` and `.mha` read back exactly, on oblique,
+/// left-handed and 2D grids; a 2D grid is written as ITK writes 2D images.
+#[test]
+fn nrrd_and_metaimage_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let flat = Grid::from_parts(
+        [6, 4, 1],
+        [0.7, 1.1, 1.0],
+        [3.0, -2.0, 0.0],
+        Rotation3::from_euler_angles(0.0, 0.0, 0.4).into_inner(),
+    )
+    .unwrap();
+    for name in ["a.nrrd", "a.mha"] {
+        let p = tmp(&dir, name);
+        for g in [oblique(), flipped(), flat.clone()] {
+            let n = g.num_voxels();
+            let v = ramp(&g);
+            write_image(&p, &v).unwrap();
+            let r = read_image(&p).unwrap();
+            assert_eq!(r.data, v.data);
+            assert!(r.grid.same_as(&g, 1e-12), "{name}: {:?} vs {g:?}", r.grid);
+            assert_eq!(read_grid(&p).unwrap(), r.grid);
+            let l = Labels::new(g.clone(), (0..n as u32).map(|x| x * 100_000).collect()).unwrap();
+            write_label_map(&p, &l).unwrap();
+            assert_eq!(read_label_map(&p).unwrap(), l);
+            let mut u: Vec<f32> = (0..3 * n).map(|x| x as f32 * 0.1).collect();
+            if g.is_2d() {
+                u[2 * n..].fill(0.0);
+            }
+            let f = DisplacementField::new(g.clone(), u).unwrap();
+            write_field(&p, &f).unwrap();
+            assert_eq!(read_field(&p).unwrap(), f);
+            assert!(err_of(read_image(&p), &p).contains("vector image"), "{name}: a field is not an image");
+        }
+        let text = String::from_utf8_lossy(&std::fs::read(&p).unwrap()[..200]).into_owned();
+        let two_d = if name.ends_with("nrrd") { "space dimension: 2" } else { "NDims = 2" };
+        assert!(text.contains(two_d), "{text}");
+    }
+    for name in ["a.nhdr", "a.mhd"] {
+        let p = tmp(&dir, name);
+        assert!(err_of(write_image(&p, &ramp(&oblique())), &p).contains("detached headers are read, not written"));
+    }
 }
