@@ -7,6 +7,8 @@ pub mod atomic;
 pub mod dataset;
 pub mod nifti;
 pub mod png;
+pub mod points;
+pub mod transform_files;
 
 use std::path::{Path, PathBuf};
 
