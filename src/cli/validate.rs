@@ -12,13 +12,19 @@ use crate::pipeline::FeatureKind;
 
 /// An input file that exists, is a file and has a format we read.
 pub fn check_input(path: &Path) -> Result<(), IoError> {
+    check_exists(path)?;
+    Format::of(path)?;
+    Ok(())
+}
+
+/// An input file that exists and is a file, whatever its format.
+pub fn check_exists(path: &Path) -> Result<(), IoError> {
     if !path.exists() {
         return Err(IoError::new(path, "file not found"));
     }
     if path.is_dir() {
         return Err(IoError::new(path, "is a folder, not a file"));
     }
-    Format::of(path)?;
     Ok(())
 }
 
