@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{fails, ok, ok_json, python, s};
+use common::{fails, oblique_grids, ok, ok_json, python, s, tiny_pair};
 use nalgebra::{Matrix3, Rotation3};
 use obelisk::io;
 use obelisk::io::transform_files::{read_affines, write_affine};
@@ -42,25 +42,6 @@ fn phantom(grid: &Grid) -> Volume {
     })
 }
 
-/// Fixed and moving grids: oblique, anisotropic, different from each other.
-fn grids(two_d: bool) -> (Grid, Grid) {
-    if two_d {
-        let rf = Rotation3::from_euler_angles(0.0, 0.0, 0.35).into_inner();
-        let rm = Rotation3::from_euler_angles(0.0, 0.0, -0.2).into_inner();
-        (
-            Grid::from_parts([30, 24, 1], [0.9, 1.3, 1.0], [-12.0, -14.0, 0.0], rf).unwrap(),
-            Grid::from_parts([34, 30, 1], [1.1, 0.8, 1.0], [-16.0, -10.0, 0.0], rm).unwrap(),
-        )
-    } else {
-        let rf = Rotation3::from_euler_angles(0.2, -0.15, 0.3).into_inner();
-        let rm = Rotation3::from_euler_angles(-0.1, 0.1, -0.25).into_inner();
-        (
-            Grid::from_parts([22, 18, 10], [0.9, 1.3, 2.2], [-10.0, -12.0, -9.0], rf).unwrap(),
-            Grid::from_parts([24, 22, 14], [1.1, 0.8, 1.7], [-12.0, -9.0, -11.0], rm).unwrap(),
-        )
-    }
-}
-
 fn centre_lps(g: &Grid) -> [f64; 3] {
     g.map(g.shape().map(|n| (n as f64 - 1.0) / 2.0), Space::Voxel, Space::Lps)
 }
@@ -87,7 +68,7 @@ fn our_affine_files_resample_like_sitk(two_d: bool) {
     let Some(python) = python() else { return };
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (fixed, moving) = grids(two_d);
+    let (fixed, moving) = oblique_grids(two_d);
     let (f, m) = (d.join("fixed.nii.gz"), d.join("moving.nii.gz"));
     io::write_volume(&f, &phantom(&fixed)).unwrap();
     io::write_volume(&m, &phantom(&moving)).unwrap();
@@ -144,7 +125,7 @@ fn sitk_written_affines_read_like_sitk() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     for two_d in [false, true] {
-        let (fixed, moving) = grids(two_d);
+        let (fixed, moving) = oblique_grids(two_d);
         let (f, m) = (d.join("fixed.nii.gz"), d.join("moving.nii.gz"));
         io::write_volume(&f, &phantom(&fixed)).unwrap();
         io::write_volume(&m, &phantom(&moving)).unwrap();
@@ -177,26 +158,6 @@ fn sitk_written_affines_read_like_sitk() {
     }
 }
 
-/// A tiny synthetic pair (24³ at 14 mm).
-fn tiny_pair(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let data = dir.join("data");
-    ok(&[
-        "synth",
-        "--out",
-        s(&data),
-        "--pairs",
-        "1",
-        "--size",
-        "24,24,24",
-        "--spacing",
-        "14,14,14",
-        "--seed",
-        "3",
-        "--quiet",
-    ]);
-    (data.join("pair_000_fixed.nii.gz"), data.join("pair_000_moving.nii.gz"))
-}
-
 /// Mean and max of `|v(y) + u(y + v(y))|` (mm) over the voxels `y` of `inverse` whose
 /// preimage lies inside `forward`.
 fn residual(forward: &DisplacementField, inverse: &DisplacementField) -> (f64, f64) {
@@ -222,7 +183,8 @@ fn residual(forward: &DisplacementField, inverse: &DisplacementField) -> (f64, f
 fn registered_pair_gets_transform_files_and_an_inverse() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (f, m) = tiny_pair(d);
+    let data = tiny_pair(d);
+    let (f, m) = (data.join("pair_000_fixed.nii.gz"), data.join("pair_000_moving.nii.gz"));
     let reg = d.join("reg");
     let json = ok_json(&[
         "register",
@@ -390,7 +352,7 @@ fn points_land_where_the_warped_image_puts_them() {
 fn label_interpolation_warps_label_maps() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (fixed, moving) = grids(false);
+    let (fixed, moving) = oblique_grids(false);
     let labels = Labels::new(
         moving.clone(),
         grid_points_lps(&moving)
@@ -453,7 +415,7 @@ fn label_interpolation_warps_label_maps() {
 fn bad_transform_and_point_files_fail_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (fixed, _) = grids(false);
+    let (fixed, _) = oblique_grids(false);
     let f = d.join("fixed.nii.gz");
     io::write_volume(&f, &phantom(&fixed)).unwrap();
     let out = d.join("out.nii.gz");

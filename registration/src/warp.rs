@@ -258,8 +258,8 @@ mod tests {
         let hot = l.one_hot(&ids);
         let warped = warp_volume(&hot, &f, Interpolation::Linear, Padding::Extent);
         let inside = coverage(&f, &g);
-        for v in 0..n {
-            if !inside[v] {
+        for (v, &covered) in inside.iter().enumerate() {
+            if !covered {
                 assert_eq!(soft.data[v], 0);
                 continue;
             }
