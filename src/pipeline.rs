@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Result;
-use registration::compose::{invert, InverseResidual, INVERSE_ITERATIONS};
+use registration::compose::{invert, remainder_after, InverseResidual, INVERSE_ITERATIONS};
 use registration::features::{FeatureExtractor, IntensityFeatures, MindConfig, MindSsc, ObeliskFeatures};
 use registration::init::SearchResult;
 use registration::method::{
@@ -135,6 +135,10 @@ fn mean_dice(d: &[(u32, f64)]) -> Option<f64> {
 /// The affine stage's result as ITK (`.tfm`) and ANTs (`.mat`) read it.
 const AFFINE_FILES: [&str; 2] = ["affine.tfm", "affine.mat"];
 
+/// The whole transform as ITK's composite `[affine, deformable remainder]`, and the remainder
+/// alone (on the fixed grid) for `antsApplyTransforms -t affine.mat -t field_deformable.nii.gz`.
+const COMPOSITE_FILES: [&str; 2] = ["transform.h5", "field_deformable.nii.gz"];
+
 /// What Dice is computed over when both label maps are given.
 pub const DICE_SCOPE: &str = "structures present in both label maps, inside the overlap of the two fields of view";
 
@@ -173,7 +177,7 @@ impl RegisterJob {
         let mut v =
             vec![self.out.join("field.nii.gz"), self.output_name("warped", true), self.out.join("metrics.json")];
         v.push(self.out.join("loss.csv"));
-        v.extend(AFFINE_FILES.iter().map(|f| self.out.join(f)));
+        v.extend(AFFINE_FILES.iter().chain(&COMPOSITE_FILES).map(|f| self.out.join(f)));
         if self.inverse {
             v.push(self.out.join("inverse_field.nii.gz"));
         }
@@ -287,6 +291,11 @@ impl RegisterJob {
             io::transform_files::write_affine(&p, &reg.affine, centre, self.fixed.grid.is_2d())?;
             files.push(p);
         }
+        let remainder = remainder_after(&reg.field, &reg.affine)?;
+        let [h5, deformable] = COMPOSITE_FILES.map(|f| self.out.join(f));
+        io::transform_files::write_composite_h5(&h5, &reg.affine, centre, &remainder)?;
+        io::write_field(&deformable, &remainder)?;
+        files.extend([h5, deformable]);
         let mut inverse = None;
         if self.inverse {
             let inv = invert(&reg.field, &reg.affine, &self.moving.grid, INVERSE_ITERATIONS)?;

@@ -107,6 +107,57 @@ fn our_affine_files_resample_like_sitk(two_d: bool) {
     }
 }
 
+/// Our composite transform.h5 ([affine, field] on oblique grids), read by SimpleITK, resamples
+/// as `obelisk warp` does with the same two transforms.
+fn our_composite_h5_resamples_like_sitk(two_d: bool) {
+    let Some(python) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (fixed, moving) = oblique_grids(two_d);
+    let (f, m) = (d.join("fixed.nii.gz"), d.join("moving.nii.gz"));
+    io::write_volume(&f, &phantom(&fixed)).unwrap();
+    io::write_volume(&m, &phantom(&moving)).unwrap();
+    let affine = some_affine(two_d);
+    let mut field = wavy_field(&fixed, 2.0);
+    if two_d {
+        let n = fixed.num_voxels();
+        field.data[2 * n..].fill(0.0);
+    }
+    let (h5, t, u) = (d.join("t.h5"), d.join("a.tfm"), d.join("u.nii.gz"));
+    io::transform_files::write_composite_h5(&h5, &affine, centre_lps(&fixed), &field).unwrap();
+    write_affine(&t, &affine, centre_lps(&fixed), two_d).unwrap();
+    io::write_field(&u, &field).unwrap();
+    let (ours, theirs) = (d.join("ours.nii.gz"), d.join("sitk.nii.gz"));
+    ok(&[
+        "warp",
+        "--quiet",
+        "--moving",
+        s(&m),
+        "--reference",
+        s(&f),
+        "--transform",
+        s(&t),
+        "--transform",
+        s(&u),
+        "--out",
+        s(&ours),
+    ]);
+    py(&python, &[&"resample", &m, &f, &h5, &theirs]);
+    let diff = max_diff_rel(&io::read_image(&theirs).unwrap(), &io::read_image(&ours).unwrap());
+    println!("transform.h5 ({}D): max abs difference to SimpleITK {diff:.2e} of the range", if two_d { 2 } else { 3 });
+    assert!(diff < 1e-3, "{diff}");
+}
+
+#[test]
+fn our_composite_h5_resamples_like_sitk_3d() {
+    our_composite_h5_resamples_like_sitk(false);
+}
+
+#[test]
+fn our_composite_h5_resamples_like_sitk_2d() {
+    our_composite_h5_resamples_like_sitk(true);
+}
+
 #[test]
 fn our_affine_files_resample_like_sitk_3d() {
     our_affine_files_resample_like_sitk(false);
@@ -222,6 +273,53 @@ fn registered_pair_gets_transform_files_and_an_inverse() {
     // the affine files hold the same map
     let (a, b) = (read_affines(&reg.join("affine.tfm")).unwrap(), read_affines(&reg.join("affine.mat")).unwrap());
     assert!((a[0].matrix - b[0].matrix).abs().max() < 1e-12);
+    // affine + deformable remainder, in ANTs' order, is the whole field
+    let (whole, parts) = (d.join("whole.nii.gz"), d.join("parts.nii.gz"));
+    ok(&["warp", "--quiet", "--moving", s(&m), "--field", s(&reg.join("field.nii.gz")), "--out", s(&whole)]);
+    let (am, fd) = (reg.join("affine.mat"), reg.join("field_deformable.nii.gz"));
+    ok(&[
+        "warp",
+        "--quiet",
+        "--moving",
+        s(&m),
+        "--reference",
+        s(&f),
+        "--transform",
+        s(&am),
+        "--transform",
+        s(&fd),
+        "--out",
+        s(&parts),
+    ]);
+    let diff = max_diff_rel(&io::read_image(&whole).unwrap(), &io::read_image(&parts).unwrap());
+    assert!(diff < 1e-4, "affine.mat + field_deformable vs field: {diff}");
+    // SimpleITK reads transform.h5 and the .tfm and resamples as obelisk does
+    if let Some(python) = python() {
+        for (name, transform) in [("h5", reg.join("transform.h5")), ("tfm", reg.join("affine.tfm"))] {
+            let (theirs, ours) = (d.join(format!("sitk_{name}.nii.gz")), d.join(format!("ours_{name}.nii.gz")));
+            py(&python, &[&"resample", &m, &f, &transform, &theirs]);
+            let mine = if name == "h5" {
+                whole.clone()
+            } else {
+                ok(&[
+                    "warp",
+                    "--quiet",
+                    "--moving",
+                    s(&m),
+                    "--reference",
+                    s(&f),
+                    "--transform",
+                    s(&transform),
+                    "--out",
+                    s(&ours),
+                ]);
+                ours
+            };
+            let diff = max_diff_rel(&io::read_image(&theirs).unwrap(), &io::read_image(&mine).unwrap());
+            println!("registered pair: SimpleITK with {name} vs obelisk: max abs difference {diff:.2e} of the range");
+            assert!(diff < 1e-3, "{name}: {diff}");
+        }
+    }
 
     // `invert` and `compose`: forward ∘ inverse is the identity where the preimage is inside
     let inv2 = d.join("inv2.nii.gz");

@@ -11,6 +11,7 @@ use std::path::Path;
 use nalgebra::{Matrix3, Vector3};
 use registration::compose::{FieldSampler, Step};
 use registration::transform::Affine;
+use registration::{DisplacementField, Space};
 
 use super::atomic::write_atomic;
 use super::{Format, IoError};
@@ -361,6 +362,61 @@ pub fn write_affine(path: &Path, affine: &Affine, centre: [f64; 3], two_d: bool)
         TransformFormat::Matlab => matlab(&list),
         TransformFormat::Field => return Err(IoError::new(path, "an affine is written as .tfm, .txt or .mat")),
     };
+    write_atomic(path, |w| std::io::Write::write_all(w, &bytes))
+}
+
+/// ITK's `DisplacementFieldTransform` parameters of `field`: the vectors voxel by voxel (`i`
+/// fastest), then the fixed parameters size, origin, spacing and direction (row-major), LPS.
+fn displacement_field_transform(field: &DisplacementField) -> ItkTransform {
+    let g = &field.grid;
+    let dim = if g.is_2d() { 2 } else { 3 };
+    let n = g.num_voxels();
+    let parameters = (0..n).flat_map(|v| (0..dim).map(move |a| field.data[a * n + v] as f64)).collect();
+    let origin = g.map([0.0; 3], Space::Voxel, Space::Lps);
+    let to_lps = Matrix3::from_diagonal(&Vector3::new(-1.0, -1.0, 1.0)) * g.direction_ras();
+    let mut fixed: Vec<f64> = g.shape()[..dim].iter().map(|&s| s as f64).collect();
+    fixed.extend_from_slice(&origin[..dim]);
+    fixed.extend_from_slice(&g.spacing()[..dim]);
+    fixed.extend((0..dim).flat_map(|r| (0..dim).map(move |c| to_lps[(r, c)])));
+    ItkTransform { name: format!("DisplacementFieldTransform_double_{dim}_{dim}"), parameters, fixed }
+}
+
+/// Writes the composite transform `[affine, field]` (ITK order: the field acts first, on the
+/// points of its grid, then the affine map) as ITK's HDF5TransformIO does:
+/// `/TransformGroup/N/{TransformType, TransformFixedParameters, TransformParameters}`.
+/// `sitk.ReadTransform` and `antsApplyTransforms` read it.
+pub fn write_composite_h5(
+    path: &Path,
+    affine: &Affine,
+    centre: [f64; 3],
+    field: &DisplacementField,
+) -> Result<(), IoError> {
+    let two_d = field.grid.is_2d();
+    let dim = if two_d { 2 } else { 3 };
+    let list = [ItkTransform::from_affine(affine, centre, two_d), displacement_field_transform(field)];
+    // ITK reads the type names into an ASCII variable-length string: HDF5 has no conversion
+    // from the UTF-8 strings the builder writes by default
+    let ascii = || hdf5_pure::Datatype::VariableLength {
+        is_string: true,
+        padding: Some(hdf5_pure::StringPadding::NullTerminate),
+        charset: Some(hdf5_pure::CharacterSet::Ascii),
+        base_type: Box::new(hdf5_pure::make_u8_type()),
+    };
+    let mut file = hdf5_pure::FileBuilder::new();
+    let mut group = file.create_group("TransformGroup");
+    let composite = format!("CompositeTransform_double_{dim}_{dim}");
+    let mut head = group.create_group("0");
+    head.create_dataset("TransformType").with_vlen_strings(&[&composite]).with_dtype(ascii());
+    group.add_group(head.finish());
+    for (i, t) in list.iter().enumerate() {
+        let mut g = group.create_group(&(i + 1).to_string());
+        g.create_dataset("TransformType").with_vlen_strings(&[&t.name]).with_dtype(ascii());
+        g.create_dataset("TransformFixedParameters").with_f64_data(&t.fixed);
+        g.create_dataset("TransformParameters").with_f64_data(&t.parameters);
+        group.add_group(g.finish());
+    }
+    file.add_group(group.finish());
+    let bytes = file.finish().map_err(|e| IoError::new(path, format!("cannot encode HDF5: {e}")))?;
     write_atomic(path, |w| std::io::Write::write_all(w, &bytes))
 }
 

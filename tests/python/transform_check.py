@@ -7,6 +7,7 @@ Commands:
                                       of every transform (a composite flattened)
   map TRANSFORM POINTS_JSON OUT_JSON  sitk's TransformPoint of each [x, y, z] (LPS)
   write-affine OUT DIM                SimpleITK writes an AffineTransform with a centre (.tfm/.mat)
+  resample-field MOVING REF FIELD OUT  the same through a displacement field image
 """
 import json
 import sys
@@ -20,6 +21,13 @@ def resample(moving_path, ref_path, transform_path, out_path):
     tx = sitk.ReadTransform(transform_path)
     out = sitk.Resample(moving, ref, tx, sitk.sitkLinear, 0.0)
     sitk.WriteImage(out, out_path)
+
+
+def resample_field(moving_path, ref_path, field_path, out_path):
+    moving = sitk.ReadImage(moving_path, sitk.sitkFloat32)
+    ref = sitk.ReadImage(ref_path)
+    tx = sitk.DisplacementFieldTransform(sitk.ReadImage(field_path, sitk.sitkVectorFloat64))
+    sitk.WriteImage(sitk.Resample(moving, ref, tx, sitk.sitkLinear, 0.0), out_path)
 
 
 def flatten(tx):
@@ -63,7 +71,7 @@ def write_affine(out_path, dim):
     sitk.WriteTransform(tx, out_path)
 
 
-COMMANDS = {"resample": resample, "info": info, "map": map_points, "write-affine": write_affine}
+COMMANDS = {"resample": resample, "resample-field": resample_field, "info": info, "map": map_points, "write-affine": write_affine}
 
 if __name__ == "__main__":
     COMMANDS[sys.argv[1]](*sys.argv[2:])
