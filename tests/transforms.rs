@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{fails, oblique_grids, ok, ok_json, python, s, tiny_pair};
@@ -42,6 +42,24 @@ fn phantom(grid: &Grid) -> Volume {
     })
 }
 
+/// The phantom on the oblique fixed and moving grids, written to `dir`: (grids, files).
+fn phantom_pair(dir: &Path, two_d: bool) -> (Grid, Grid, PathBuf, PathBuf) {
+    let (fixed, moving) = oblique_grids(two_d);
+    let (f, m) = (dir.join("fixed.nii.gz"), dir.join("moving.nii.gz"));
+    io::write_volume(&f, &phantom(&fixed)).unwrap();
+    io::write_volume(&m, &phantom(&moving)).unwrap();
+    (fixed, moving, f, m)
+}
+
+/// `obelisk warp` of `moving` onto the grid of `reference` through `transforms` (ANTs order).
+fn warp_with(moving: &Path, reference: &Path, transforms: &[&Path], out: &Path) {
+    let mut args = vec!["warp", "--quiet", "--moving", s(moving), "--reference", s(reference), "--out", s(out)];
+    for t in transforms {
+        args.extend(["--transform", s(t)]);
+    }
+    ok(&args);
+}
+
 fn centre_lps(g: &Grid) -> [f64; 3] {
     g.map(g.shape().map(|n| (n as f64 - 1.0) / 2.0), Space::Voxel, Space::Lps)
 }
@@ -68,16 +86,13 @@ fn our_affine_files_resample_like_sitk(two_d: bool) {
     let Some(python) = python() else { return };
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (fixed, moving) = oblique_grids(two_d);
-    let (f, m) = (d.join("fixed.nii.gz"), d.join("moving.nii.gz"));
-    io::write_volume(&f, &phantom(&fixed)).unwrap();
-    io::write_volume(&m, &phantom(&moving)).unwrap();
+    let (fixed, moving, f, m) = phantom_pair(d, two_d);
     let affine = some_affine(two_d);
     for name in ["affine.tfm", "affine.mat"] {
         let t = d.join(name);
         write_affine(&t, &affine, centre_lps(&fixed), two_d).unwrap();
         let (ours, theirs) = (d.join(format!("ours_{name}.nii.gz")), d.join(format!("sitk_{name}.nii.gz")));
-        ok(&["warp", "--quiet", "--moving", s(&m), "--transform", s(&t), "--reference", s(&f), "--out", s(&ours)]);
+        warp_with(&m, &f, &[&t], &ours);
         py(&python, &[&"resample", &m, &f, &t, &theirs]);
         let (a, b) = (io::read_image(&theirs).unwrap(), io::read_image(&ours).unwrap());
         let diff = max_diff_rel(&a, &b);
@@ -113,10 +128,7 @@ fn our_composite_h5_resamples_like_sitk(two_d: bool) {
     let Some(python) = python() else { return };
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (fixed, moving) = oblique_grids(two_d);
-    let (f, m) = (d.join("fixed.nii.gz"), d.join("moving.nii.gz"));
-    io::write_volume(&f, &phantom(&fixed)).unwrap();
-    io::write_volume(&m, &phantom(&moving)).unwrap();
+    let (fixed, _, f, m) = phantom_pair(d, two_d);
     let affine = some_affine(two_d);
     let mut field = wavy_field(&fixed, 2.0);
     if two_d {
@@ -128,20 +140,7 @@ fn our_composite_h5_resamples_like_sitk(two_d: bool) {
     write_affine(&t, &affine, centre_lps(&fixed), two_d).unwrap();
     io::write_field(&u, &field).unwrap();
     let (ours, theirs) = (d.join("ours.nii.gz"), d.join("sitk.nii.gz"));
-    ok(&[
-        "warp",
-        "--quiet",
-        "--moving",
-        s(&m),
-        "--reference",
-        s(&f),
-        "--transform",
-        s(&t),
-        "--transform",
-        s(&u),
-        "--out",
-        s(&ours),
-    ]);
+    warp_with(&m, &f, &[&t, &u], &ours);
     py(&python, &[&"resample", &m, &f, &h5, &theirs]);
     let diff = max_diff_rel(&io::read_image(&theirs).unwrap(), &io::read_image(&ours).unwrap());
     println!("transform.h5 ({}D): max abs difference to SimpleITK {diff:.2e} of the range", if two_d { 2 } else { 3 });
@@ -176,16 +175,13 @@ fn sitk_written_affines_read_like_sitk() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     for two_d in [false, true] {
-        let (fixed, moving) = oblique_grids(two_d);
-        let (f, m) = (d.join("fixed.nii.gz"), d.join("moving.nii.gz"));
-        io::write_volume(&f, &phantom(&fixed)).unwrap();
-        io::write_volume(&m, &phantom(&moving)).unwrap();
+        let (_, _, f, m) = phantom_pair(d, two_d);
         for ext in ["tfm", "mat"] {
             let tag = format!("{}d_{ext}", if two_d { 2 } else { 3 });
             let t = d.join(format!("sitk_{tag}.{ext}"));
             py(&python, &[&"write-affine", &t, &if two_d { "2" } else { "3" }]);
             let (ours, theirs) = (d.join(format!("ours_{tag}.nii.gz")), d.join(format!("sitk_{tag}.nii.gz")));
-            ok(&["warp", "--quiet", "--moving", s(&m), "--transform", s(&t), "--reference", s(&f), "--out", s(&ours)]);
+            warp_with(&m, &f, &[&t], &ours);
             py(&python, &[&"resample", &m, &f, &t, &theirs]);
             let diff = max_diff_rel(&io::read_image(&theirs).unwrap(), &io::read_image(&ours).unwrap());
             println!("SimpleITK-written {tag}: max abs difference {diff:.2e} of the range");
@@ -277,20 +273,7 @@ fn registered_pair_gets_transform_files_and_an_inverse() {
     let (whole, parts) = (d.join("whole.nii.gz"), d.join("parts.nii.gz"));
     ok(&["warp", "--quiet", "--moving", s(&m), "--field", s(&reg.join("field.nii.gz")), "--out", s(&whole)]);
     let (am, fd) = (reg.join("affine.mat"), reg.join("field_deformable.nii.gz"));
-    ok(&[
-        "warp",
-        "--quiet",
-        "--moving",
-        s(&m),
-        "--reference",
-        s(&f),
-        "--transform",
-        s(&am),
-        "--transform",
-        s(&fd),
-        "--out",
-        s(&parts),
-    ]);
+    warp_with(&m, &f, &[&am, &fd], &parts);
     let diff = max_diff_rel(&io::read_image(&whole).unwrap(), &io::read_image(&parts).unwrap());
     assert!(diff < 1e-4, "affine.mat + field_deformable vs field: {diff}");
     // SimpleITK reads transform.h5 and the .tfm and resamples as obelisk does
@@ -301,18 +284,7 @@ fn registered_pair_gets_transform_files_and_an_inverse() {
             let mine = if name == "h5" {
                 whole.clone()
             } else {
-                ok(&[
-                    "warp",
-                    "--quiet",
-                    "--moving",
-                    s(&m),
-                    "--reference",
-                    s(&f),
-                    "--transform",
-                    s(&transform),
-                    "--out",
-                    s(&ours),
-                ]);
+                warp_with(&m, &f, &[&transform], &ours);
                 ours
             };
             let diff = max_diff_rel(&io::read_image(&theirs).unwrap(), &io::read_image(&mine).unwrap());
