@@ -136,7 +136,7 @@ fn mean_dice(d: &[(u32, f64)]) -> Option<f64> {
 const AFFINE_FILES: [&str; 2] = ["affine.tfm", "affine.mat"];
 
 /// The whole transform as ITK's composite `[affine, deformable remainder]`, and the remainder
-/// alone (on the fixed grid) for `antsApplyTransforms -t affine.mat -t field_deformable.nii.gz`.
+/// alone (on the fixed grid) for `antsApplyTransforms -t field_deformable.nii.gz -t affine.mat`.
 const COMPOSITE_FILES: [&str; 2] = ["transform.h5", "field_deformable.nii.gz"];
 
 /// What Dice is computed over when both label maps are given.

@@ -140,7 +140,7 @@ fn our_composite_h5_resamples_like_sitk(two_d: bool) {
     write_affine(&t, &affine, centre_lps(&fixed), two_d).unwrap();
     io::write_field(&u, &field).unwrap();
     let (ours, theirs) = (d.join("ours.nii.gz"), d.join("sitk.nii.gz"));
-    warp_with(&m, &f, &[&t, &u], &ours);
+    warp_with(&m, &f, &[&u, &t], &ours);
     py(&python, &[&"resample", &m, &f, &h5, &theirs]);
     let diff = max_diff_rel(&io::read_image(&theirs).unwrap(), &io::read_image(&ours).unwrap());
     println!("transform.h5 ({}D): max abs difference to SimpleITK {diff:.2e} of the range", if two_d { 2 } else { 3 });
@@ -269,11 +269,12 @@ fn registered_pair_gets_transform_files_and_an_inverse() {
     // the affine files hold the same map
     let (a, b) = (read_affines(&reg.join("affine.tfm")).unwrap(), read_affines(&reg.join("affine.mat")).unwrap());
     assert!((a[0].matrix - b[0].matrix).abs().max() < 1e-12);
-    // affine + deformable remainder, in ANTs' order, is the whole field
+    // the deformable remainder then the affine map, listed as ANTs lists 1Warp and
+    // 0GenericAffine, is the whole field
     let (whole, parts) = (d.join("whole.nii.gz"), d.join("parts.nii.gz"));
     ok(&["warp", "--quiet", "--moving", s(&m), "--field", s(&reg.join("field.nii.gz")), "--out", s(&whole)]);
     let (am, fd) = (reg.join("affine.mat"), reg.join("field_deformable.nii.gz"));
-    warp_with(&m, &f, &[&am, &fd], &parts);
+    warp_with(&m, &f, &[&fd, &am], &parts);
     let diff = max_diff_rel(&io::read_image(&whole).unwrap(), &io::read_image(&parts).unwrap());
     assert!(diff < 1e-4, "affine.mat + field_deformable vs field: {diff}");
     // SimpleITK reads transform.h5 and the .tfm and resamples as obelisk does
@@ -304,9 +305,9 @@ fn registered_pair_gets_transform_files_and_an_inverse() {
         "compose",
         "--quiet",
         "--field",
-        s(&reg.join("field.nii.gz")),
-        "--field",
         s(&reg.join("inverse_field.nii.gz")),
+        "--field",
+        s(&reg.join("field.nii.gz")),
         "--out",
         s(&c),
     ]);

@@ -49,7 +49,7 @@ pub struct PointsArgs {
     #[arg(long, required_unless_present = "transforms", conflicts_with = "transforms")]
     pub field: Option<PathBuf>,
     /// Transform (.tfm, .txt, .mat or a displacement field); repeat for a chain, in
-    /// antsApplyTransforms' order (the last acts first).
+    /// antsApplyTransforms' -t order (a point goes through the first one listed first).
     #[arg(long = "transform", value_name = "FILE")]
     pub transforms: Vec<PathBuf>,
     /// Points to map: .csv (ANTs, LPS) or .fcsv (Slicer).

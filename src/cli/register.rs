@@ -29,8 +29,8 @@ use crate::progress::Progress;
 Writes field.nii.gz (ITK convention: LPS mm on the fixed grid, usable by SimpleITK/ANTs; the
 whole transform, affine included), affine.tfm and affine.mat (the affine stage's map as ITK and
 ANTs read it), transform.h5 (ITK composite of the affine map and field_deformable.nii.gz,
-the deformable remainder: `antsApplyTransforms -t affine.mat -t field_deformable.nii.gz`, or
-`-t transform.h5`, is the whole transform), warped.nii.gz (or .png), warped_labels.*
+the deformable remainder: `antsApplyTransforms -t field_deformable.nii.gz -t affine.mat`, as
+for ANTs' own 1Warp/0GenericAffine pair, or `-t transform.h5`, is the whole transform), warped.nii.gz (or .png), warped_labels.*
 with --moving-labels, inverse_field.nii.gz with --inverse, metrics.json, loss.csv and
 summary.png.")]
 pub struct RegisterArgs {

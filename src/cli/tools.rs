@@ -102,7 +102,7 @@ pub struct EvalArgs {
     #[arg(long, requires = "fixed_points")]
     pub moving_points: Option<PathBuf>,
     /// With the landmarks: a transform instead of --field (.tfm, .txt, .mat, field); repeat for
-    /// a chain, the last acting first.
+    /// a chain, in antsApplyTransforms' -t order.
     #[arg(long = "transform", value_name = "FILE", requires = "fixed_points", conflicts_with = "field")]
     pub transforms: Vec<PathBuf>,
     /// Displacement field, for Jacobian statistics.

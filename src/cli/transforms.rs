@@ -24,11 +24,13 @@ pub fn check_transforms(files: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
-/// Reads transform files into one chain, in ITK (and `antsApplyTransforms -t`) order: the last
-/// file acts on a point first.
+/// Reads transform files listed as `antsApplyTransforms -t` lists them into one chain: a point
+/// goes through the first file first (`-t 1Warp.nii.gz -t 0GenericAffine.mat` maps `x` to
+/// `A(W(x))`; in image terms the last one listed moves the image first). ITK's composites are
+/// listed the other way round, so the files are reversed; a composite file keeps its own order.
 pub fn read_chain(files: &[PathBuf]) -> Result<Chain> {
     let mut steps = Vec::new();
-    for f in files {
+    for f in files.iter().rev() {
         steps.extend(read_steps(f)?);
     }
     Ok(Chain::new(steps))
@@ -116,15 +118,16 @@ pub fn invert(a: InvertArgs, out: Output) -> Result<()> {
 
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
-  obelisk compose --field b_to_c.nii.gz --field a_to_b.nii.gz --out a_to_c.nii.gz
+  obelisk compose --field fixed_to_mid.nii.gz --field mid_to_moving.nii.gz --out fixed_to_moving.nii.gz
   obelisk compose --field reg/field_deformable.nii.gz --field reg/affine.mat \\
       --reference fixed.nii.gz --out total.nii.gz
 
-ITK (and antsApplyTransforms -t) order: the last one listed acts on a point first, so
-C(x) = A(B(x)) for --field A --field B. The result lies on the grid of the last displacement
-field listed (the space the composition starts from) unless --reference gives one.")]
+antsApplyTransforms' -t order: a point goes through the first one listed first, so
+C(x) = B(A(x)) for --field A --field B (ANTs' -t 1Warp.nii.gz -t 0GenericAffine.mat is
+--field 1Warp.nii.gz --field 0GenericAffine.mat). The result lies on the grid of the first
+displacement field listed (the space the composition starts from) unless --reference gives one.")]
 pub struct ComposeArgs {
-    /// Displacement field, .tfm or .mat transform; two or more, in ITK order.
+    /// Displacement field, .tfm or .mat transform; two or more, in antsApplyTransforms' order.
     #[arg(long = "field", value_name = "TRANSFORM", required = true, alias = "transform")]
     pub fields: Vec<PathBuf>,
     /// Image whose grid the composed field lies on.

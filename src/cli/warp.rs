@@ -21,13 +21,16 @@ use crate::io::{self, atomic::check_output, describe_grid, Format, IoError, GRID
       --reference fixed.nii.gz
   obelisk warp --moving moving.nii.gz --reference fixed.nii.gz --out warped.nii.gz \\
       --transform ants1Warp.nii.gz --transform ants0GenericAffine.mat
+  obelisk warp --moving moving.nii.gz --reference fixed.nii.gz --out warped.nii.gz \
+      --transform reg/field_deformable.nii.gz --transform reg/affine.mat
   obelisk warp --moving moving_seg.nii.gz --field reg/field.nii.gz --out seg.nii.gz \\
       --interpolation label
 
 The field may come from obelisk, ANTs (*Warp.nii.gz) or elastix/transformix (deformation
 field): ITK convention, LPS millimetres on the fixed grid. --transform takes ITK/ANTs
-transforms (.tfm, .txt, .mat affines, displacement fields) in antsApplyTransforms' order: the
-last one listed acts first on the points of the reference grid.")]
+transforms (.tfm, .txt, .mat affines, displacement fields) listed as antsApplyTransforms -t
+lists them: a point of the reference grid goes through the first one listed first, then the
+next (the last one listed is the first applied to the moving image).")]
 pub struct WarpArgs {
     /// Image (or label map with --labels) to resample: .nii, .nii.gz or .png.
     #[arg(long)]
@@ -37,7 +40,8 @@ pub struct WarpArgs {
     #[arg(long, required_unless_present = "transforms", conflicts_with = "transforms")]
     pub field: Option<PathBuf>,
     /// A transform from the reference's space to the moving image's (.tfm, .txt, .mat or a
-    /// displacement field); repeat for a chain, the last acting first. Needs --reference.
+    /// displacement field); repeat for a chain, in antsApplyTransforms' -t order. Needs
+    /// --reference.
     #[arg(long = "transform", value_name = "FILE", requires = "reference")]
     pub transforms: Vec<PathBuf>,
     /// Output file; it lies on the field's grid (or the reference's with --transform).
