@@ -48,7 +48,7 @@ pub enum Command {
     Warp(warp::WarpArgs),
     /// Invert a displacement field (fixed-point iteration; the residual is printed).
     Invert(transforms::InvertArgs),
-    /// Compose displacement fields and affine transforms (ITK order) into one field.
+    /// Compose displacement fields and affine transforms (antsApplyTransforms order) into one field.
     Compose(transforms::ComposeArgs),
     /// Map landmarks (ANTs .csv, Slicer .fcsv) through a transform, fixed -> moving.
     Points(points::PointsArgs),
