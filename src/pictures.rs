@@ -314,7 +314,8 @@ fn draw_checkerboard(area: &Area, view: &View, a: &Volume, b: &Volume, tile_px: 
     for y in 0..h {
         for x in 0..w {
             if let Some(v) = view.voxel_at(x, y, shape) {
-                let c = if ((x / tile_px) + (y / tile_px)) % 2 == 0 { grey(da[v], wa) } else { grey(db[v], wb) };
+                let c =
+                    if ((x / tile_px) + (y / tile_px)).is_multiple_of(2) { grey(da[v], wa) } else { grey(db[v], wb) };
                 let _ = area.draw_pixel((x as i32, y as i32), &c);
             }
         }

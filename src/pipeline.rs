@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Result;
+use registration::compose::{invert, remainder_after, InverseResidual, INVERSE_ITERATIONS};
 use registration::features::{FeatureExtractor, IntensityFeatures, MindConfig, MindSsc, ObeliskFeatures};
 use registration::init::SearchResult;
 use registration::method::{
@@ -77,6 +78,8 @@ pub struct RegisterJob {
     pub slice: SliceSpec,
     pub force: bool,
     pub quiet: bool,
+    /// Also write the inverse field on the moving grid (`--inverse`).
+    pub inverse: bool,
 }
 
 /// What a registration wrote and measured.
@@ -118,6 +121,8 @@ pub struct RegisterSummary {
     pub fixed_mask_coverage: Option<f64>,
     pub moving_mask_coverage: Option<f64>,
     pub metrics: RegistrationMetrics,
+    /// How well inverse_field.nii.gz undoes field.nii.gz, when written (`--inverse`).
+    pub inverse: Option<InverseResidual>,
     pub stages: Vec<StageReport>,
     pub runtime_s: BTreeMap<String, f64>,
     pub config: MethodConfig,
@@ -126,6 +131,13 @@ pub struct RegisterSummary {
 fn mean_dice(d: &[(u32, f64)]) -> Option<f64> {
     (!d.is_empty()).then(|| d.iter().map(|x| x.1).sum::<f64>() / d.len() as f64)
 }
+
+/// The affine stage's result as ITK (`.tfm`) and ANTs (`.mat`) read it.
+const AFFINE_FILES: [&str; 2] = ["affine.tfm", "affine.mat"];
+
+/// The whole transform as ITK's composite `[affine, deformable remainder]`, and the remainder
+/// alone (on the fixed grid) for `antsApplyTransforms -t field_deformable.nii.gz -t affine.mat`.
+const COMPOSITE_FILES: [&str; 2] = ["transform.h5", "field_deformable.nii.gz"];
 
 /// What Dice is computed over when both label maps are given.
 pub const DICE_SCOPE: &str = "structures present in both label maps, inside the overlap of the two fields of view";
@@ -165,6 +177,10 @@ impl RegisterJob {
         let mut v =
             vec![self.out.join("field.nii.gz"), self.output_name("warped", true), self.out.join("metrics.json")];
         v.push(self.out.join("loss.csv"));
+        v.extend(AFFINE_FILES.iter().chain(&COMPOSITE_FILES).map(|f| self.out.join(f)));
+        if self.inverse {
+            v.push(self.out.join("inverse_field.nii.gz"));
+        }
         if self.moving_labels.is_some() {
             v.push(self.output_name("warped_labels", true));
         }
@@ -264,6 +280,30 @@ impl RegisterJob {
         let field_path = self.out.join("field.nii.gz");
         io::write_field(&field_path, &reg.field)?;
         files.push(field_path);
+        // centred on the fixed image, as ANTs centres the affine maps it writes
+        let centre = self.fixed.grid.map(
+            self.fixed.grid.shape().map(|n| (n as f64 - 1.0) / 2.0),
+            registration::Space::Voxel,
+            registration::Space::Lps,
+        );
+        for name in AFFINE_FILES {
+            let p = self.out.join(name);
+            io::transform_files::write_affine(&p, &reg.affine, centre, self.fixed.grid.is_2d())?;
+            files.push(p);
+        }
+        let remainder = remainder_after(&reg.field, &reg.affine)?;
+        let [h5, deformable] = COMPOSITE_FILES.map(|f| self.out.join(f));
+        io::transform_files::write_composite_h5(&h5, &reg.affine, centre, &remainder)?;
+        io::write_field(&deformable, &remainder)?;
+        files.extend([h5, deformable]);
+        let mut inverse = None;
+        if self.inverse {
+            let inv = invert(&reg.field, &reg.affine, &self.moving.grid, INVERSE_ITERATIONS)?;
+            let p = self.out.join("inverse_field.nii.gz");
+            io::write_field(&p, &inv.field)?;
+            files.push(p);
+            inverse = Some(inv.residual);
+        }
         let warped_path = self.output_name("warped", true);
         io::write_image(&warped_path, &warped)?;
         files.push(warped_path);
@@ -345,6 +385,7 @@ impl RegisterJob {
             shared_labels: eval.map(|e| e.shared).unwrap_or_default(),
             overlap_fraction,
             metrics,
+            inverse,
             stages: reg.stages,
             runtime_s: runtime,
             config: outcome.config,

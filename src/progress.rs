@@ -99,7 +99,7 @@ impl RegistrationProgress {
         }
         if !self.progress.visible() {
             if let Some(every) = self.log {
-                if r.iteration % every == 0 {
+                if r.iteration.is_multiple_of(every) {
                     eprintln!("{:<14} iteration {:>4}  loss {:.5}", r.stage.to_string(), r.iteration, r.loss);
                 }
             }

@@ -5,30 +5,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{fails, obelisk, ok, ok_json, s};
+use common::{fails, obelisk, ok, ok_json, s, tiny_pair};
 use obelisk::io;
-
-/// A tiny synthetic pair (24³ at 14 mm covers the phantom's body coarsely).
-fn tiny_pair(dir: &Path) -> PathBuf {
-    let data = dir.join("data");
-    ok(&[
-        "synth",
-        "--out",
-        s(&data),
-        "--subjects",
-        "1",
-        "--pairs",
-        "1",
-        "--size",
-        "24,24,24",
-        "--spacing",
-        "14,14,14",
-        "--seed",
-        "3",
-        "--quiet",
-    ]);
-    data
-}
 
 #[test]
 fn synth_is_deterministic_and_writes_a_dataset() {

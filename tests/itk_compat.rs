@@ -14,7 +14,7 @@ use registration::grid::Space;
 use registration::{DisplacementField, Grid, Volume};
 
 mod common;
-use common::python;
+use common::{oblique_grids, python};
 
 fn py(python: &Path, args: &[&dyn AsRef<std::ffi::OsStr>]) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/itk_check.py");
@@ -44,25 +44,6 @@ fn phantom(grid: &Grid) -> Volume {
     Volume::new(grid.clone(), 1, data).unwrap()
 }
 
-/// Fixed and moving grids: oblique, anisotropic, different from each other.
-fn grids(two_d: bool) -> (Grid, Grid) {
-    if two_d {
-        let rf = Rotation3::from_euler_angles(0.0, 0.0, 0.35).into_inner();
-        let rm = Rotation3::from_euler_angles(0.0, 0.0, -0.2).into_inner();
-        (
-            Grid::from_parts([30, 24, 1], [0.9, 1.3, 1.0], [-12.0, -14.0, 0.0], rf).unwrap(),
-            Grid::from_parts([34, 30, 1], [1.1, 0.8, 1.0], [-16.0, -10.0, 0.0], rm).unwrap(),
-        )
-    } else {
-        let rf = Rotation3::from_euler_angles(0.2, -0.15, 0.3).into_inner();
-        let rm = Rotation3::from_euler_angles(-0.1, 0.1, -0.25).into_inner();
-        (
-            Grid::from_parts([22, 18, 10], [0.9, 1.3, 2.2], [-10.0, -12.0, -9.0], rf).unwrap(),
-            Grid::from_parts([24, 22, 14], [1.1, 0.8, 1.7], [-12.0, -9.0, -11.0], rm).unwrap(),
-        )
-    }
-}
-
 fn max_diff_rel(a: &Volume, b: &Volume) -> f32 {
     assert_eq!(a.data.len(), b.data.len());
     let (lo, hi) = a.range();
@@ -73,7 +54,7 @@ fn max_diff_rel(a: &Volume, b: &Volume) -> f32 {
 fn sitk_field_applied_by_both(two_d: bool) {
     let Some(python) = python() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let (fixed, moving) = grids(two_d);
+    let (fixed, moving) = oblique_grids(two_d);
     let (f, m) = (dir.path().join("fixed.nii.gz"), dir.path().join("moving.nii.gz"));
     io::write_volume(&f, &phantom(&fixed)).unwrap();
     io::write_volume(&m, &phantom(&moving)).unwrap();
@@ -111,7 +92,7 @@ fn sitk_field_2d() {
 fn obelisk_field_applied_by_sitk(two_d: bool) {
     let Some(python) = python() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let (fixed, moving) = grids(two_d);
+    let (fixed, moving) = oblique_grids(two_d);
     let (f, m) = (dir.path().join("fixed.nii"), dir.path().join("moving.nii"));
     io::write_volume(&f, &phantom(&fixed)).unwrap();
     io::write_volume(&m, &phantom(&moving)).unwrap();
@@ -177,7 +158,7 @@ fn zero_field_is_identity_for_nibabel() {
     let Some(python) = python() else { return };
     let dir = tempfile::tempdir().unwrap();
     for two_d in [false, true] {
-        let (fixed, _) = grids(two_d);
+        let (fixed, _) = oblique_grids(two_d);
         let input = dir.path().join(if two_d { "in2.nii.gz" } else { "in3.nii.gz" });
         let img = phantom(&fixed);
         io::write_volume(&input, &img).unwrap();

@@ -4,6 +4,7 @@
 //! Low-level differentiable ops (grid sampling, filtering) live in the `segmentation` crate;
 //! this crate adds physical space on top of them.
 
+pub mod compose;
 pub mod discrete;
 pub mod features;
 pub mod fusion;

@@ -44,6 +44,11 @@ impl Affine {
         crate::grid::apply(&self.matrix, p)
     }
 
+    /// The inverse map, `None` when the matrix is singular.
+    pub fn inverse(&self) -> Option<Self> {
+        self.matrix.try_inverse().map(|matrix| Self { matrix })
+    }
+
     pub fn is_identity(&self) -> bool {
         (self.matrix - Matrix4::identity()).abs().max() < 1e-12
     }

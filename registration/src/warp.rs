@@ -101,6 +101,66 @@ pub fn warp_labels(moving: &Labels, field: &DisplacementField) -> Labels {
     Labels { grid: field.grid.clone(), data: out }
 }
 
+/// Resamples a label map through `field` by linear interpolation of every label's indicator,
+/// keeping the label of the largest weight (ties to the lower id): smoother boundaries than
+/// nearest neighbour where the moving grid is coarser than the fixed one. Outside the moving
+/// image's extent the label is 0; within half a voxel of its border the border voxels count,
+/// as for images.
+pub fn warp_labels_linear(moving: &Labels, field: &DisplacementField) -> Labels {
+    let map = Mapping::new(field, &moving.grid);
+    let [nx, ny, nz] = field.grid.shape();
+    let [mx, my, mz] = moving.grid.shape();
+    // the two voxels around `x` (clamped to the axis) and the weight of the second
+    let taps = |x: f64, n: usize| {
+        let xc = x.clamp(0.0, (n - 1) as f64);
+        let i0 = xc.floor() as usize;
+        (i0, (i0 + 1).min(n - 1), xc - i0 as f64)
+    };
+    let mut out = vec![0u32; nx * ny * nz];
+    out.par_chunks_mut(nx).enumerate().for_each(|(row, o)| {
+        let (j, k) = (row % ny, row / ny);
+        for (i, v) in o.iter_mut().enumerate() {
+            let p = map.at(i, j, k, field.at(row * nx + i));
+            if !moving.grid.contains_voxel(p) {
+                continue;
+            }
+            let [(a0, a1, fa), (b0, b1, fb), (c0, c1, fc)] = [taps(p[0], mx), taps(p[1], my), taps(p[2], mz)];
+            // at most 8 distinct labels meet at a point
+            let mut votes: [(u32, f64); 8] = [(0, 0.0); 8];
+            let mut len = 0;
+            for (c, wc) in [(c0, 1.0 - fc), (c1, fc)] {
+                for (b, wb) in [(b0, 1.0 - fb), (b1, fb)] {
+                    for (a, wa) in [(a0, 1.0 - fa), (a1, fa)] {
+                        let w = wa * wb * wc;
+                        if w <= 0.0 {
+                            continue;
+                        }
+                        let label = moving.data[(c * my + b) * mx + a];
+                        match votes[..len].iter_mut().find(|e| e.0 == label) {
+                            Some(e) => e.1 += w,
+                            None => {
+                                votes[len] = (label, w);
+                                len += 1;
+                            }
+                        }
+                    }
+                }
+            }
+            *v = votes[..len]
+                .iter()
+                .fold((0u32, f64::NEG_INFINITY), |best, &(l, w)| {
+                    if w > best.1 + 1e-12 || ((w - best.1).abs() <= 1e-12 && l < best.0) {
+                        (l, w)
+                    } else {
+                        best
+                    }
+                })
+                .0;
+        }
+    });
+    Labels { grid: field.grid.clone(), data: out }
+}
+
 /// Which voxels of the field's (fixed) grid the moving image covers through `field`: where
 /// both images have data, the only place a registration can be judged.
 pub fn coverage(field: &DisplacementField, moving: &crate::Grid) -> Vec<bool> {
@@ -173,6 +233,41 @@ mod tests {
         }
         let l = Labels::new(g.clone(), (0..g.num_voxels() as u32).map(|x| x * 1_000_003).collect()).unwrap();
         assert_eq!(warp_labels(&l, &f), l);
+    }
+
+    /// Linear label warping is the argmax of the linearly warped one-hot maps, and agrees with
+    /// nearest neighbour on whole-voxel shifts and the identity.
+    #[test]
+    fn linear_labels_are_the_argmax_of_warped_indicators() {
+        let g = oblique();
+        let n = g.num_voxels();
+        let l = Labels::new(g.clone(), (0..n).map(|v| ((v * 7) % 5) as u32 * 3).collect()).unwrap();
+        let f = DisplacementField::zeros(g.clone());
+        assert_eq!(warp_labels_linear(&l, &f), l);
+        // a smooth sub-voxel field
+        let mut data = vec![0.0f32; 3 * n];
+        for v in 0..n {
+            data[v] = 0.6 * ((v % 11) as f32 / 11.0);
+            data[n + v] = -0.4;
+            data[2 * n + v] = 0.3 * ((v % 5) as f32 / 5.0);
+        }
+        let f = DisplacementField::new(g.clone(), data).unwrap();
+        let soft = warp_labels_linear(&l, &f);
+        // background is a label like any other here
+        let ids = [vec![0], l.ids()].concat();
+        let hot = l.one_hot(&ids);
+        let warped = warp_volume(&hot, &f, Interpolation::Linear, Padding::Extent);
+        let inside = coverage(&f, &g);
+        for (v, &covered) in inside.iter().enumerate() {
+            if !covered {
+                assert_eq!(soft.data[v], 0);
+                continue;
+            }
+            let w: Vec<f32> = (0..ids.len()).map(|c| warped.channel(c)[v]).collect();
+            let best = w.iter().cloned().fold(f32::MIN, f32::max);
+            let got = ids.iter().position(|&id| id == soft.data[v]).unwrap();
+            assert!(w[got] >= best - 1e-5, "voxel {v}: {w:?} picked {}", soft.data[v]);
+        }
     }
 
     /// A field of one voxel step along each axis (in LPS mm) shifts the image by whole voxels.

@@ -2,11 +2,13 @@
 //! any work starts.
 
 pub mod features;
+pub mod points;
 pub mod propagate;
 pub mod register;
 pub mod synth;
 pub mod tools;
 pub mod train;
+pub mod transforms;
 pub mod validate;
 pub mod warp;
 
@@ -42,11 +44,17 @@ pub enum Command {
     Propagate(propagate::PropagateArgs),
     /// Write the feature maps that drive registration (MIND-SSC, intensity, OBELISK) as NIfTI.
     Features(features::FeaturesArgs),
-    /// Apply a displacement field (ITK convention) to an image or label map.
+    /// Apply a displacement field (ITK convention) or ITK/ANTs transforms to an image or label map.
     Warp(warp::WarpArgs),
+    /// Invert a displacement field (fixed-point iteration; the residual is printed).
+    Invert(transforms::InvertArgs),
+    /// Compose displacement fields and affine transforms (antsApplyTransforms order) into one field.
+    Compose(transforms::ComposeArgs),
+    /// Map landmarks (ANTs .csv, Slicer .fcsv) through a transform, fixed -> moving.
+    Points(points::PointsArgs),
     /// Generate synthetic abdominal phantoms and pairs with ground-truth fields.
     Synth(synth::SynthArgs),
-    /// Dice, HD95, Jacobian statistics and endpoint error of a registration.
+    /// Dice, HD95, Jacobian statistics, endpoint error and landmark error (TRE) of a registration.
     Eval(tools::EvalArgs),
     /// Draw a deformed grid (and Jacobian map) of a displacement field.
     Grid(tools::GridArgs),
@@ -100,6 +108,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let job = warp::WarpJob::from_args(args)?;
             job.run(out)
         }
+        Command::Invert(args) => transforms::invert(args, out),
+        Command::Compose(args) => transforms::compose(args, out),
+        Command::Points(args) => points::points(args, out),
         Command::Register(args) => register::run(args, out),
         Command::Propagate(args) => propagate::run(args, out),
         Command::Features(args) => features::run(args, out),

@@ -133,7 +133,7 @@ fn default_report(out: &Path) -> PathBuf {
 impl PropagateArgs {
     /// Validates everything and reads the inputs; no output is written.
     pub fn into_job(self, quiet: bool) -> Result<PropagateJob> {
-        if self.atlas.len() % 2 != 0 {
+        if !self.atlas.len().is_multiple_of(2) {
             bail!("--atlas takes two paths: the atlas image and its label map");
         }
         let mut inputs: Vec<&Path> = vec![&self.target];

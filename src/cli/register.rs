@@ -26,8 +26,12 @@ use crate::progress::Progress;
   obelisk register --fixed f.nii.gz --moving m.nii.gz --features obelisk --out reg/
   obelisk register --fixed f.nii.gz --moving m.nii.gz --features obelisk --model model/ --out reg/
 
-Writes field.nii.gz (ITK convention: LPS mm on the fixed grid, usable by SimpleITK/ANTs),
-warped.nii.gz (or .png), warped_labels.* with --moving-labels, metrics.json, loss.csv and
+Writes field.nii.gz (ITK convention: LPS mm on the fixed grid, usable by SimpleITK/ANTs; the
+whole transform, affine included), affine.tfm and affine.mat (the affine stage's map as ITK and
+ANTs read it), transform.h5 (ITK composite of the affine map and field_deformable.nii.gz,
+the deformable remainder: `antsApplyTransforms -t field_deformable.nii.gz -t affine.mat`, as
+for ANTs' own 1Warp/0GenericAffine pair, or `-t transform.h5`, is the whole transform), warped.nii.gz (or .png), warped_labels.*
+with --moving-labels, inverse_field.nii.gz with --inverse, metrics.json, loss.csv and
 summary.png.")]
 pub struct RegisterArgs {
     /// Fixed (target) image (.nii, .nii.gz, .png, .nrrd, .nhdr, .mha, .mhd or a DICOM folder).
@@ -63,6 +67,11 @@ pub struct RegisterArgs {
     /// Do not draw summary.png.
     #[arg(long)]
     pub no_pictures: bool,
+    /// Also write inverse_field.nii.gz: the inverse transform on the moving image's grid (moving
+    /// → fixed points; warps the fixed image onto the moving grid), by fixed-point iteration;
+    /// its residual goes into metrics.json.
+    #[arg(long)]
+    pub inverse: bool,
     /// Overwrite existing outputs (never an input).
     #[arg(long)]
     pub force: bool,
@@ -358,6 +367,7 @@ impl RegisterArgs {
             slice: self.slice,
             force: self.force,
             quiet,
+            inverse: self.inverse,
         };
         for out in job.planned_outputs() {
             check_output(&out, &inputs, self.force)?;
@@ -418,6 +428,9 @@ fn print_summary(s: &RegisterSummary) {
             f(s.dice_before),
             f(s.dice_after_init),
         );
+    }
+    if let Some(r) = &s.inverse {
+        println!("{}", crate::cli::transforms::describe_residual(r));
     }
     if let Some(e) = &s.metrics.endpoint_error {
         println!("endpoint error vs truth: mean {:.2} mm, p95 {:.2} mm", e.mean_mm, e.p95_mm);

@@ -1,7 +1,7 @@
 //! `obelisk demo`, `obelisk eval` and `obelisk grid`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use clap::Args;
@@ -10,6 +10,7 @@ use registration::synth::SynthConfig;
 use registration::warp::coverage;
 use serde_json::json;
 
+use crate::cli::points::tre;
 use crate::cli::register::{report, RegOptions, RegisterArgs};
 use crate::cli::synth::write_dataset;
 use crate::cli::validate::{check_input, prepare_out_dir};
@@ -65,6 +66,7 @@ pub fn demo(args: DemoArgs, out: Output) -> Result<()> {
         slice: SliceSpec { axis: pictures::Axis::Coronal, index: None },
         no_pictures: false,
         force: args.force,
+        inverse: false,
         max_memory: None,
     };
     if !quiet {
@@ -78,16 +80,31 @@ pub fn demo(args: DemoArgs, out: Output) -> Result<()> {
 }
 
 #[derive(Debug, Args)]
-#[command(after_help = "Example:
+#[command(after_help = "Examples:
   obelisk eval --fixed-labels fixed_seg.nii.gz --warped-labels reg/warped_labels.nii.gz \\
-      --field reg/field.nii.gz --json")]
+      --field reg/field.nii.gz --json
+  obelisk eval --fixed-points fixed.csv --moving-points moving.csv --field reg/field.nii.gz
+
+With --fixed-points and --moving-points (corresponding landmarks, row by row; .csv LPS or
+.fcsv), the fixed points go through the field (fixed -> moving) and the target registration
+error is their distance to the moving points.")]
 pub struct EvalArgs {
     /// Reference label map (on the fixed grid).
-    #[arg(long)]
-    pub fixed_labels: PathBuf,
+    #[arg(long, required_unless_present = "fixed_points")]
+    pub fixed_labels: Option<PathBuf>,
     /// Warped moving label map (on the fixed grid).
-    #[arg(long)]
-    pub warped_labels: PathBuf,
+    #[arg(long, required_unless_present = "fixed_points")]
+    pub warped_labels: Option<PathBuf>,
+    /// Landmarks of the fixed image (.csv, .fcsv), for the target registration error.
+    #[arg(long, requires = "moving_points", conflicts_with_all = ["fixed_labels", "warped_labels", "truth", "moving_labels"])]
+    pub fixed_points: Option<PathBuf>,
+    /// The corresponding landmarks of the moving image, in the same order.
+    #[arg(long, requires = "fixed_points")]
+    pub moving_points: Option<PathBuf>,
+    /// With the landmarks: a transform instead of --field (.tfm, .txt, .mat, field); repeat for
+    /// a chain, in antsApplyTransforms' -t order.
+    #[arg(long = "transform", value_name = "FILE", requires = "fixed_points", conflicts_with = "field")]
+    pub transforms: Vec<PathBuf>,
     /// Displacement field, for Jacobian statistics.
     #[arg(long)]
     pub field: Option<PathBuf>,
@@ -101,16 +118,27 @@ pub struct EvalArgs {
     pub moving_labels: Option<PathBuf>,
 }
 
+fn eval_points(args: &EvalArgs, fixed: &Path, moving: &Path, out: Output) -> Result<()> {
+    let r = tre(fixed, moving, &args.field, &args.transforms)?;
+    out.finish(&r, || {
+        println!("{} landmark pairs      mean    median     max (mm)", r.after.points);
+        for (name, t) in [("before", &r.before), ("after", &r.after)] {
+            println!("  {name:<18} {:>8.3}  {:>8.3}  {:>8.3}", t.mean_mm, t.median_mm, t.max_mm);
+        }
+    })
+}
+
 pub fn eval(args: EvalArgs, out: Output) -> Result<()> {
-    for p in [
-        Some(&args.fixed_labels),
-        Some(&args.warped_labels),
-        args.field.as_ref(),
-        args.truth.as_ref(),
-        args.moving_labels.as_ref(),
-    ]
-    .into_iter()
-    .flatten()
+    if let (Some(f), Some(m)) = (&args.fixed_points, &args.moving_points) {
+        return eval_points(&args, f, m, out);
+    }
+    let (Some(fixed_labels), Some(warped_labels)) = (&args.fixed_labels, &args.warped_labels) else {
+        bail!("eval needs --fixed-labels and --warped-labels, or --fixed-points and --moving-points");
+    };
+    for p in
+        [Some(fixed_labels), Some(warped_labels), args.field.as_ref(), args.truth.as_ref(), args.moving_labels.as_ref()]
+            .into_iter()
+            .flatten()
     {
         check_input(p)?;
     }
@@ -120,8 +148,8 @@ pub fn eval(args: EvalArgs, out: Output) -> Result<()> {
     if args.moving_labels.is_some() && args.field.is_none() {
         bail!("--moving-labels needs --field (the overlap is where the field maps into the moving image)");
     }
-    let fixed = io::read_label_map(&args.fixed_labels)?;
-    let warped = io::read_labels_for(&args.warped_labels, &fixed.grid, &args.fixed_labels)?;
+    let fixed = io::read_label_map(fixed_labels)?;
+    let warped = io::read_labels_for(warped_labels, &fixed.grid, fixed_labels)?;
     let field = match &args.field {
         Some(p) => {
             let f = io::read_field(p)?;
@@ -131,7 +159,7 @@ pub fn eval(args: EvalArgs, out: Output) -> Result<()> {
                     format!(
                         "field grid ({}) differs from the grid of {} ({})",
                         io::describe_grid(&f.grid),
-                        args.fixed_labels.display(),
+                        fixed_labels.display(),
                         io::describe_grid(&fixed.grid)
                     ),
                 )
@@ -145,7 +173,7 @@ pub fn eval(args: EvalArgs, out: Output) -> Result<()> {
         Some(p) => {
             if !field.grid.same_as(&fixed.grid, io::GRID_TOL) {
                 let fp = args.field.as_deref().unwrap_or(p);
-                let msg = format!("does not lie on the grid of {}", args.fixed_labels.display());
+                let msg = format!("does not lie on the grid of {}", fixed_labels.display());
                 return Err(IoError::new(fp, msg).into());
             }
             let moving = io::read_label_map(p)?;

@@ -19,6 +19,17 @@ pub fn check_input(path: &Path) -> Result<(), IoError> {
     Ok(())
 }
 
+/// An input file that exists and is a file, whatever its format (transforms, point lists).
+pub fn check_exists(path: &Path) -> Result<(), IoError> {
+    if !path.exists() {
+        return Err(IoError::new(path, "file not found"));
+    }
+    if path.is_dir() {
+        return Err(IoError::new(path, "is a folder, not a file"));
+    }
+    Ok(())
+}
+
 /// The trained model behind `--features obelisk`: `--model DIR`, else the embedded default
 /// model; `--model` is refused with other features.
 pub fn load_model(features: FeatureKind, model: Option<&Path>) -> Result<Option<ObeliskFeatures>> {

@@ -10,7 +10,9 @@ pub mod metaimage;
 pub mod nifti;
 pub mod nrrd;
 pub mod png;
+pub mod points;
 mod raster;
+pub mod transform_files;
 
 use std::path::{Path, PathBuf};
 
