@@ -17,6 +17,10 @@ then
     exit 0
 fi
 
+# a venv left half-made (an interrupted run) has python but no pip: make it anew
+if [[ -x "$venv/bin/python" ]] && ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then
+    rm -rf "$venv"
+fi
 [[ -x "$venv/bin/python" ]] || "$python" -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${pins[@]}"
 echo "setup-venv: installed ${pins[*]} into $venv"

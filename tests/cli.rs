@@ -623,7 +623,7 @@ fn method_file_round_trips_through_metrics_json() {
 }
 
 /// `--similarity ncc` and `l1+ncc` register (recorded in metrics.json's config, reruns
-/// byte-identical); `--exact` beside NCC and a zero window are refused.
+/// byte-identical), and so does the shipped full-resolution preset; `--exact` beside NCC and a zero window are refused.
 #[test]
 fn similarity_option_runs_ncc() {
     let dir = tempfile::tempdir().unwrap();
@@ -659,6 +659,14 @@ fn similarity_option_runs_ncc() {
             "{name}: reruns differ"
         );
     }
+    // the shipped full-resolution preset, as the README gives it
+    let preset = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/methods/ncc-full-resolution.json");
+    let out = dir.path().join("preset");
+    register(&out, &["--method", s(&preset)]);
+    let metrics: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(metrics["config"]["similarity"]["kind"], "ncc");
+    assert_eq!(metrics["config"]["levels"].as_array().map(Vec::len), Some(3));
+    assert_eq!(metrics["stages"].as_array().unwrap().iter().filter(|s| s["name"] == "deformable-3").count(), 1);
     #[rustfmt::skip]
     let err = fails(&["register", "--fixed", &fixed, "--moving", &moving, "--features", "obelisk", "--exact",
         "--similarity", "ncc", "--out", s(&dir.path().join("bad"))]);
