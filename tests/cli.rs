@@ -396,23 +396,31 @@ fn init_labels_and_dice_over_the_overlap() {
     assert!((a - b).abs() < 1e-9, "eval {a} vs register {b}");
 }
 
+/// The tiny pair's fixed, moving and label files, and `register` on them with `extra` options
+/// (`--json` summary parsed).
+fn tiny_register(data: &Path) -> impl Fn(&Path, &[&str]) -> serde_json::Value {
+    let p = |n: &str| s(&data.join(format!("pair_000_{n}.nii.gz"))).to_string();
+    let [fixed, moving, fixed_labels, moving_labels] = ["fixed", "moving", "fixed_labels", "moving_labels"].map(p);
+    move |out: &Path, extra: &[&str]| {
+        #[rustfmt::skip]
+        let mut args = vec!["register", "--fixed", &fixed, "--moving", &moving, "--fixed-labels", &fixed_labels,
+            "--moving-labels", &moving_labels, "--out", s(out), "--no-pictures", "--json"];
+        args.extend(extra);
+        serde_json::from_str::<serde_json::Value>(&ok(&args)).unwrap()
+    }
+}
+
 /// With no `--model`, `--features obelisk` registers with the model compiled into the binary
 /// (the same result as `--model models/default`, byte for byte); `--model DIR` still overrides it.
 #[test]
 fn obelisk_features_default_to_the_embedded_model() {
     let dir = tempfile::tempdir().unwrap();
     let data = tiny_pair(dir.path());
-    let p = |n: &str| s(&data.join(n)).to_string();
-    let [fixed, moving, fixed_labels, moving_labels] =
-        ["fixed", "moving", "fixed_labels", "moving_labels"].map(|n| p(&format!("pair_000_{n}.nii.gz")));
-    let register = |out: &Path, extra: &[&str]| {
-        #[rustfmt::skip]
-        let mut args = vec!["register", "--fixed", &fixed, "--moving", &moving, "--fixed-labels", &fixed_labels,
-            "--moving-labels", &moving_labels, "--features", "obelisk", "--out", s(out), "--iterations", "10",
-            "--no-pictures", "--json"];
-        args.extend(extra);
-        serde_json::from_str::<serde_json::Value>(&ok(&args)).unwrap()
-    };
+    let p = |n: &str| s(&data.join(format!("pair_000_{n}.nii.gz"))).to_string();
+    let [fixed, moving] = ["fixed", "moving"].map(p);
+    let reg = tiny_register(&data);
+    let register =
+        |out: &Path, extra: &[&str]| reg(out, &[&["--features", "obelisk", "--iterations", "10"], extra].concat());
     let (embedded, folder) = (dir.path().join("embedded"), dir.path().join("folder"));
     let summary = register(&embedded, &[]);
     assert_eq!(summary["features"], "obelisk");
@@ -628,16 +636,10 @@ fn method_file_round_trips_through_metrics_json() {
 fn similarity_option_runs_ncc() {
     let dir = tempfile::tempdir().unwrap();
     let data = tiny_pair(dir.path());
-    let p = |n: &str| s(&data.join(n)).to_string();
-    let [fixed, moving, fixed_labels, moving_labels] =
-        ["fixed", "moving", "fixed_labels", "moving_labels"].map(|n| p(&format!("pair_000_{n}.nii.gz")));
-    let register = |out: &Path, extra: &[&str]| {
-        #[rustfmt::skip]
-        let mut args = vec!["register", "--fixed", &fixed, "--moving", &moving, "--fixed-labels", &fixed_labels,
-            "--moving-labels", &moving_labels, "--out", s(out), "--iterations", "20", "--no-pictures", "--json"];
-        args.extend(extra);
-        serde_json::from_str::<serde_json::Value>(&ok(&args)).unwrap()
-    };
+    let p = |n: &str| s(&data.join(format!("pair_000_{n}.nii.gz"))).to_string();
+    let [fixed, moving] = ["fixed", "moving"].map(p);
+    let reg = tiny_register(&data);
+    let register = |out: &Path, extra: &[&str]| reg(out, &[&["--iterations", "20"], extra].concat());
     for (name, kind) in [("ncc", 0.0), ("l1+ncc", 1.0)] {
         let out = dir.path().join(name.replace('+', "_"));
         let summary = register(&out, &["--similarity", name, "--ncc-radius", "1"]);
