@@ -34,11 +34,15 @@ pub enum Architecture {
 pub struct InputNorm {
     pub scale: f64,
     pub offset: f64,
+    /// The consumer maps each image by its own 0.5 and 99.5 percentiles onto `[0, 1]` before
+    /// `scale` and `offset`: models trained on randomised contrasts see no absolute intensities.
+    #[serde(default)]
+    pub robust: bool,
 }
 
 impl Default for InputNorm {
     fn default() -> Self {
-        Self { scale: 1.0 / 500.0, offset: 0.0 }
+        Self { scale: 1.0 / 500.0, offset: 0.0, robust: false }
     }
 }
 
@@ -422,14 +426,30 @@ impl FeatureExtractor {
     }
 
     /// Features of a raw `(1, 1, D, H, W)` volume: `(1, C, d, h, w)`, no gradient tracking.
-    pub fn features(&self, volume: &Tensor) -> Result<Tensor> {
-        Ok(self.model.features(&self.model.normalise(volume)?)?.detach())
+    /// `spacing` (mm, `(D, H, W)` order) places the offsets of models with physical offsets.
+    pub fn features(&self, volume: &Tensor, spacing: Option<[f64; 3]>) -> Result<Tensor> {
+        let x = self.model.normalise(volume)?;
+        Ok(match (&self.model.net, self.offset_scale(&x, spacing)?) {
+            (Network::Obelisk(n), Some(s)) => n.with_offset_scale(s)?.features(&x)?,
+            _ => self.model.features(&x)?,
+        }
+        .detach())
+    }
+
+    /// The offset factors for a volume of `x`'s size and `spacing`, where the model has
+    /// physical offsets (see [`ObeliskNetConfig::offset_scale`]).
+    fn offset_scale(&self, x: &Tensor, spacing: Option<[f64; 3]>) -> Result<Option<[f64; 3]>> {
+        let (_, _, d, h, w) = x.dims5()?;
+        Ok(match (&self.model.config.architecture, spacing) {
+            (Architecture::ObeliskNet(c), Some(s)) => c.offset_scale([d, h, w], s),
+            _ => None,
+        })
     }
 
     /// Features at normalised points `(1, P, 3)` of a raw volume, `(1, C, P)`, differentiable in
     /// the points.
-    pub fn features_at_points(&self, volume: &Tensor, points: &Tensor) -> Result<Tensor> {
-        self.features_at_prepared_points(&self.prepare(volume)?, points)
+    pub fn features_at_points(&self, volume: &Tensor, points: &Tensor, spacing: Option<[f64; 3]>) -> Result<Tensor> {
+        self.features_at_prepared_points(&self.prepare(volume)?, points, spacing)
     }
 
     /// The per-volume work of [`Self::features_at_points`], done once: for OBELISK-Net the
@@ -445,10 +465,18 @@ impl FeatureExtractor {
 
     /// Features at normalised points `(1, P, 3)` of a volume passed through [`Self::prepare`],
     /// `(1, C, P)`, differentiable in the points (for iterative registration).
-    pub fn features_at_prepared_points(&self, prepared: &Tensor, points: &Tensor) -> Result<Tensor> {
+    pub fn features_at_prepared_points(
+        &self,
+        prepared: &Tensor,
+        points: &Tensor,
+        spacing: Option<[f64; 3]>,
+    ) -> Result<Tensor> {
         let p = points.to_dtype(DType::F32)?;
         Ok(match &self.model.net {
-            Network::Obelisk(n) => n.features_at_points_smoothed(prepared, &p)?,
+            Network::Obelisk(n) => match self.offset_scale(prepared, spacing)? {
+                Some(s) => n.with_offset_scale(s)?.features_at_points_smoothed(prepared, &p)?,
+                None => n.features_at_points_smoothed(prepared, &p)?,
+            },
             Network::UNet(_) | Network::Hybrid(_) => grid_sample(prepared, &p, Interpolation::Linear, Padding::Border)?,
         })
     }
@@ -503,7 +531,7 @@ pub(crate) mod tests {
             small_obelisk(),
             ModelConfig::new(
                 Architecture::Unet(UNetConfig { channels: vec![2, 4], num_classes: 2, ..Default::default() }),
-                InputNorm { scale: 1.0 / 1024.0, offset: 1.0 },
+                InputNorm { scale: 1.0 / 1024.0, offset: 1.0, robust: false },
                 vec![],
             ),
             ModelConfig::new(Architecture::Hybrid(small_hybrid()), InputNorm::default(), vec![]),
@@ -519,17 +547,68 @@ pub(crate) mod tests {
             let b: Vec<f32> = r.forward_t(&x, false).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             assert_eq!(a, b);
             let fe = FeatureExtractor::load(&dir, &Device::Cpu).unwrap();
-            let f = fe.features(&volume()).unwrap();
+            let f = fe.features(&volume(), None).unwrap();
             assert_eq!(f.dim(1).unwrap(), fe.spec().channels);
             // prepared and one-shot point evaluation agree
             let pts = Tensor::new(&[[[0.1f32, -0.2, 0.3], [0.5, 0.5, -0.7]]], &Device::Cpu).unwrap();
-            let a = fe.features_at_points(&volume(), &pts).unwrap();
-            let b = fe.features_at_prepared_points(&fe.prepare(&volume()).unwrap(), &pts).unwrap();
+            let a = fe.features_at_points(&volume(), &pts, None).unwrap();
+            let b = fe.features_at_prepared_points(&fe.prepare(&volume()).unwrap(), &pts, None).unwrap();
             assert_eq!(a.dims(), &[1, fe.spec().channels, 2]);
             assert_eq!(
                 a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
                 b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
             );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// With physical offsets a kernel covers the same millimetres whatever the field of view:
+    /// a pattern padded by a wide empty margin has the same features at its voxels.
+    #[test]
+    fn physical_offsets_do_not_depend_on_the_field_of_view() {
+        let mut cfg = small_obelisk();
+        let Architecture::ObeliskNet(c) = &mut cfg.architecture else { unreachable!() };
+        c.pool_kernel = [1, 1, 1];
+        c.offset_std = 0.1;
+        // a smooth pattern on 9³ voxels of 2 mm, and the same pattern inside 25³ voxels
+        let pattern =
+            |i: usize, j: usize, k: usize| ((i as f32 * 0.7).sin() + (j as f32 * 0.4).cos() * k as f32) * 100.0;
+        let (small, big, pad) = (9usize, 25usize, 8usize);
+        let vol = |n: usize, shift: usize| {
+            let mut v = vec![0f32; n * n * n];
+            for k in 0..small {
+                for j in 0..small {
+                    for i in 0..small {
+                        v[((k + shift) * n + j + shift) * n + i + shift] = pattern(i, j, k);
+                    }
+                }
+            }
+            Tensor::from_vec(v, (1, 1, n, n, n), &Device::Cpu).unwrap()
+        };
+        // the centre voxel of the small volume in both volumes' normalised coordinates
+        let centre = |n: usize, shift: usize| {
+            let c = 2.0 * (shift + small / 2) as f32 / (n - 1) as f32 - 1.0;
+            Tensor::new(&[[[c, c, c]]], &Device::Cpu).unwrap()
+        };
+        let at = |fe: &FeatureExtractor, n: usize, shift: usize| -> Vec<f32> {
+            let p = centre(n, shift);
+            let f = fe.features_at_points(&vol(n, shift), &p, Some([2.0; 3])).unwrap();
+            f.flatten_all().unwrap().to_vec1().unwrap()
+        };
+        let dir = std::env::temp_dir().join(format!("obelisk-physical-{}", std::process::id()));
+        for unit in [None, Some(2.0)] {
+            let mut cfg = cfg.clone();
+            let Architecture::ObeliskNet(c) = &mut cfg.architecture else { unreachable!() };
+            c.offset_unit_mm = unit;
+            Model::new(cfg, 3, &Device::Cpu).unwrap().save(&dir).unwrap();
+            let fe = FeatureExtractor::load(&dir, &Device::Cpu).unwrap();
+            let (a, b) = (at(&fe, small, 0), at(&fe, big, pad));
+            let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            let scale = a.iter().map(|x| x.abs()).fold(0f32, f32::max);
+            match unit {
+                Some(_) => assert!(diff <= 1e-4 * scale.max(1.0), "physical offsets: {a:?} vs {b:?}"),
+                None => assert!(diff > 1e-2 * scale, "normalised offsets should differ: {a:?} vs {b:?}"),
+            }
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -43,6 +43,12 @@ pub struct ObeliskNetConfig {
     /// before the option existed are binary.
     #[serde(default = "binary_default")]
     pub binary: bool,
+    /// Millimetres per normalised offset unit. `None` (the segmentation models): offsets are
+    /// fractions of the input's extent, so a kernel reaches further in a larger field of view.
+    /// `Some(h)` (registration feature models): offsets are scaled to each input's extent and
+    /// spacing, so a kernel covers the same anatomy in a 180 mm head and a 400 mm abdomen.
+    #[serde(default)]
+    pub offset_unit_mm: Option<f64>,
 }
 
 fn binary_default() -> bool {
@@ -65,6 +71,7 @@ impl Default for ObeliskNetConfig {
             offset_std: 0.05,
             feature_layer: ObeliskFeatureLayer::Mid,
             binary: true,
+            offset_unit_mm: None,
         }
     }
 }
@@ -84,6 +91,15 @@ impl ObeliskNetConfig {
             ObeliskFeatureLayer::Mid => self.mid,
             ObeliskFeatureLayer::Dense => self.dense_channels(),
         }
+    }
+
+    /// Per-axis `(x, y, z)` factors that turn the learned offsets into normalised offsets of an
+    /// input of `size` `(D, H, W)` voxels of `spacing` mm (`(D, H, W)` order), for models with
+    /// [`Self::offset_unit_mm`]; `None` otherwise. A normalised unit spans `(n − 1)/2` voxels.
+    pub fn offset_scale(&self, size: [usize; 3], spacing: [f64; 3]) -> Option<[f64; 3]> {
+        let unit = self.offset_unit_mm?;
+        // (x, y, z) = (W, H, D); an axis of one voxel has no extent to scale to
+        Some([2, 1, 0].map(|a| if size[a] > 1 { 2.0 * unit / ((size[a] - 1) as f64 * spacing[a]) } else { 1.0 }))
     }
 
     /// The grid size for an input of `size` `(D, H, W)`.
@@ -237,6 +253,12 @@ impl ObeliskNet {
 
     pub fn obelisk(&self) -> &ObeliskLayer {
         &self.obelisk
+    }
+
+    /// The same network with its offsets multiplied per axis by `scale` `(x, y, z)` (see
+    /// [`ObeliskNetConfig::offset_scale`]); gradients still reach the learned offsets.
+    pub fn with_offset_scale(&self, scale: [f64; 3]) -> candle_core::Result<Self> {
+        Ok(Self { obelisk: self.obelisk.with_offset_scale(scale)?, ..self.clone() })
     }
 
     /// The pre-smoothing of the input (average pooling, stride 1, same size).

@@ -89,6 +89,13 @@ impl ObeliskLayer {
         &self.cfg
     }
 
+    /// The same layer with its offsets multiplied per axis by `scale` `(x, y, z)`; the scaled
+    /// offsets are computed from the learned ones, so gradients still reach them.
+    pub fn with_offset_scale(&self, scale: [f64; 3]) -> candle_core::Result<Self> {
+        let s = Tensor::new(&[scale], self.offsets.device())?.to_dtype(self.offsets.dtype())?;
+        Ok(Self { offsets: self.offsets.broadcast_mul(&s)?, ..self.clone() })
+    }
+
     /// The learned offsets `(S, 3)` in normalised `(x, y, z)`.
     pub fn offsets(&self) -> &Tensor {
         &self.offsets

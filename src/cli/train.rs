@@ -134,9 +134,9 @@ fn robust_norm(images: &[Volume]) -> InputNorm {
     let at = |p: f64| f64::from(all[((all.len() - 1) as f64 * p).round() as usize]);
     let (lo, hi) = (at(0.005), at(0.995));
     if hi > lo {
-        InputNorm { scale: 2.0 / (hi - lo), offset: -(hi + lo) / (hi - lo) }
+        InputNorm { scale: 2.0 / (hi - lo), offset: -(hi + lo) / (hi - lo), robust: false }
     } else {
-        InputNorm { scale: 1.0, offset: -lo }
+        InputNorm { scale: 1.0, offset: -lo, robust: false }
     }
 }
 

@@ -58,14 +58,20 @@ impl FeatureExtractor for IntensityFeatures {
             return Err(Error::Data(format!("intensity features need a 1-channel image, got {}", image.channels)));
         }
         image.check_finite()?;
-        let (lo, hi) = percentiles(&image.data, ROBUST_PERCENTILES.0, ROBUST_PERCENTILES.1);
-        let range = hi - lo;
-        let data: Vec<f32> = if range > 0.0 {
-            image.data.par_iter().map(|&v| ((f64::from(v) - lo) / range).clamp(0.0, 1.0) as f32).collect()
-        } else {
-            vec![0.0; image.data.len()]
-        };
-        Volume::new(image.grid.clone(), 1, data)
+        Volume::new(image.grid.clone(), 1, robust_unit(&image.data))
+    }
+}
+
+/// `data` clipped to its [`ROBUST_PERCENTILES`] and mapped linearly onto `[0, 1]` (all zeros
+/// when constant): the intensities of [`IntensityFeatures`], and what feature models trained on
+/// randomised contrasts see.
+pub fn robust_unit(data: &[f32]) -> Vec<f32> {
+    let (lo, hi) = percentiles(data, ROBUST_PERCENTILES.0, ROBUST_PERCENTILES.1);
+    let range = hi - lo;
+    if range > 0.0 {
+        data.par_iter().map(|&v| ((f64::from(v) - lo) / range).clamp(0.0, 1.0) as f32).collect()
+    } else {
+        vec![0.0; data.len()]
     }
 }
 

@@ -70,6 +70,13 @@ pub struct ObeliskPointFeatures {
     inner: Arc<segmentation::FeatureExtractor>,
     grid: Grid,
     prepared: Tensor,
+    spacing: [f64; 3],
+}
+
+/// `grid`'s spacing in the `(D, H, W)` order of the network's input.
+fn dhw_spacing(grid: &Grid) -> [f64; 3] {
+    let s = grid.spacing();
+    [s[2], s[1], s[0]]
 }
 
 impl ObeliskFeatures {
@@ -78,7 +85,12 @@ impl ObeliskFeatures {
     /// spacing), so that the values at the feature grid's points are those of the maps.
     pub fn at_points(&self, image: &Volume) -> crate::Result<ObeliskPointFeatures> {
         let prepared = self.run(image, |x| self.inner.prepare(x))?;
-        Ok(ObeliskPointFeatures { inner: self.inner.clone(), grid: image.grid.clone(), prepared })
+        Ok(ObeliskPointFeatures {
+            inner: self.inner.clone(),
+            grid: image.grid.clone(),
+            prepared,
+            spacing: dhw_spacing(&image.grid),
+        })
     }
 
     /// `f` on the checked one-channel image as a `(1, 1, D, H, W)` tensor; errors name the model.
@@ -88,7 +100,11 @@ impl ObeliskFeatures {
         }
         image.check_finite()?;
         let (d, h, w) = image.grid.dhw();
-        let x = Tensor::from_slice(&image.data, (1, 1, d, h, w), &Device::Cpu)?;
+        let x = if self.inner.model().config.input_norm.robust {
+            Tensor::from_vec(super::robust_unit(&image.data), (1, 1, d, h, w), &Device::Cpu)?
+        } else {
+            Tensor::from_slice(&image.data, (1, 1, d, h, w), &Device::Cpu)?
+        };
         f(&x).map_err(|e| Error::Data(format!("OBELISK features (model {}): {e}", self.source)))
     }
 }
@@ -104,7 +120,7 @@ impl crate::method::PointFeatures for ObeliskPointFeatures {
 
     fn at(&self, points: &Tensor) -> crate::Result<Tensor> {
         self.inner
-            .features_at_prepared_points(&self.prepared, points)
+            .features_at_prepared_points(&self.prepared, points, Some(self.spacing))
             .map_err(|e| Error::Registration(format!("OBELISK point features: {e}")))
     }
 }
@@ -140,7 +156,7 @@ impl FeatureExtractor for ObeliskFeatures {
     }
 
     fn extract(&self, image: &Volume) -> crate::Result<Volume> {
-        let f = self.run(image, |x| self.inner.features(x))?;
+        let f = self.run(image, |x| self.inner.features(x, Some(dhw_spacing(&image.grid))))?;
         let (_, c, fd, fh, fw) = f.dims5()?;
         let data: Vec<f32> = f.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
         Volume::new(feature_grid(&image.grid, [fw, fh, fd])?, c, data)

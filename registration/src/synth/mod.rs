@@ -9,6 +9,7 @@
 
 pub mod deform;
 pub mod phantom;
+pub mod randomise;
 pub mod rng;
 
 #[cfg(test)]
