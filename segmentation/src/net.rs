@@ -49,6 +49,9 @@ pub struct ObeliskNetConfig {
     /// spacing, so a kernel covers the same anatomy in a 180 mm head and a 400 mm abdomen.
     #[serde(default)]
     pub offset_unit_mm: Option<f64>,
+    /// See [`ObeliskConfig::self_similarity`].
+    #[serde(default)]
+    pub self_similarity: bool,
 }
 
 fn binary_default() -> bool {
@@ -72,6 +75,7 @@ impl Default for ObeliskNetConfig {
             feature_layer: ObeliskFeatureLayer::Mid,
             binary: true,
             offset_unit_mm: None,
+            self_similarity: false,
         }
     }
 }
@@ -234,6 +238,7 @@ impl ObeliskNet {
                 groups: cfg.groups,
                 offset_std: cfg.offset_std,
                 bias: false,
+                self_similarity: cfg.self_similarity,
             },
         )?;
         let nobias = Conv3dConfig { bias: false, ..Default::default() };
@@ -335,10 +340,16 @@ impl ObeliskNet {
     }
 
     fn features_from_obelisk(&self, h: &Tensor) -> candle_core::Result<Tensor> {
-        let m = self.trunk(h, false)?;
+        self.features_from_samples_t(h, false)
+    }
+
+    /// Registration features from the OBELISK layer's output `(B, hidden, P)` at points (see
+    /// [`Self::sample_points`]); `train`: batch statistics, as a feature trainer needs.
+    pub fn features_from_samples_t(&self, h: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let m = self.trunk(h, train)?;
         match self.cfg.feature_layer {
             ObeliskFeatureLayer::Mid => Ok(m),
-            ObeliskFeatureLayer::Dense => self.dense_block(&m, false),
+            ObeliskFeatureLayer::Dense => self.dense_block(&m, train),
         }
     }
 
@@ -547,6 +558,7 @@ impl ObeliskBranch {
                 groups: cfg.groups,
                 offset_std: cfg.offset_std,
                 bias: false,
+                self_similarity: false,
             },
         )?;
         let dense = DenseBlock::new(cfg.hidden, cfg.growth, cfg.dense_layers, true, false, &vb)?;

@@ -30,7 +30,17 @@ pub struct ObeliskConfig {
     pub offset_std: f64,
     /// A bias is redundant when batch norm follows.
     pub bias: bool,
+    /// Binary only: each difference `d` becomes the self-similarity `exp(−d²/V)`, `V` the mean
+    /// `d²` over the point's kernel (+ a noise floor), as MIND-SSC does with fixed offsets. The
+    /// response no longer depends on the contrast, only on which samples look alike, so features
+    /// learned on randomised contrasts hold on CT and MR.
+    #[serde(default)]
+    pub self_similarity: bool,
 }
+
+/// The noise floor of the self-similarity's local variance, for inputs on `[0, 1]`: differences
+/// of about 0.01 count as noise in flat regions instead of being stretched to unit contrast.
+const SELF_SIMILARITY_FLOOR: f64 = 1e-4;
 
 impl Default for ObeliskConfig {
     fn default() -> Self {
@@ -42,6 +52,7 @@ impl Default for ObeliskConfig {
             groups: 4,
             offset_std: 0.05,
             bias: false,
+            self_similarity: false,
         }
     }
 }
@@ -110,7 +121,18 @@ impl ObeliskLayer {
         if pb != b || c != self.cfg.in_channels {
             candle_core::bail!("obelisk: input {:?} / points {:?} do not match the layer", x.dims(), points.dims())
         }
-        kernel_sample(x, points, &self.offsets, affine, self.cfg.binary)
+        self.respond(kernel_sample(x, points, &self.offsets, affine, self.cfg.binary)?)
+    }
+
+    /// The sampled stack `(B, C·K, P)` as the 1x1x1 convolution takes it (see
+    /// [`ObeliskConfig::self_similarity`]).
+    fn respond(&self, stack: Tensor) -> candle_core::Result<Tensor> {
+        if !(self.cfg.self_similarity && self.cfg.binary) {
+            return Ok(stack);
+        }
+        let d2 = stack.sqr()?;
+        let v = (d2.mean_keepdim(1)? + SELF_SIMILARITY_FLOOR)?;
+        d2.broadcast_div(&v)?.neg()?.exp()
     }
 
     /// Layer output at arbitrary points: `(B, P, 3)` → `(B, out_channels, P)`.
@@ -132,7 +154,14 @@ impl ObeliskLayer {
         if c != self.cfg.in_channels {
             candle_core::bail!("obelisk: input {:?} does not match the layer", x.dims())
         }
-        self.conv.forward_points(&kernel_sample_grid(x, size, start, len, &self.offsets, self.cfg.binary)?)
+        self.conv.forward_points(&self.respond(kernel_sample_grid(
+            x,
+            size,
+            start,
+            len,
+            &self.offsets,
+            self.cfg.binary,
+        )?)?)
     }
 
     /// Layer output on a regular grid of `size = (d, h, w)`: `(B, out_channels, d, h, w)`.
@@ -183,8 +212,44 @@ mod tests {
             groups: 2,
             offset_std: 0.2,
             bias: true,
+            self_similarity: false,
         };
         (ObeliskLayer::new(vb, cfg).unwrap(), map)
+    }
+
+    /// The self-similarity response depends only on which samples look alike: a gain, an offset
+    /// and an inverted contrast give the same output (the noise floor aside).
+    #[test]
+    fn self_similarity_ignores_gain_offset_and_inversion() {
+        let map = VarMap::new();
+        let vb = seeded_var_builder(&map, 5, DType::F64, &Device::Cpu);
+        let cfg = ObeliskConfig {
+            in_channels: 2,
+            kernels: 6,
+            binary: true,
+            out_channels: 4,
+            groups: 2,
+            offset_std: 0.1,
+            bias: true,
+            self_similarity: true,
+        };
+        let l = ObeliskLayer::new(vb, cfg).unwrap();
+        // inside, so that no sample meets the zero padding (which an offset would change)
+        let pts = Tensor::new(&[[[0.1f64, -0.3, 0.2], [-0.2, 0.2, 0.0], [0.3, 0.3, -0.3]]], &Device::Cpu).unwrap();
+        let x = image(9).affine(100.0, 0.0).unwrap();
+        let out =
+            |x: &Tensor| l.forward_points(x, &pts, None).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let a = out(&x);
+        for y in [x.affine(3.0, 50.0).unwrap(), x.affine(-1.0, 0.0).unwrap()] {
+            let b = out(&y);
+            let diff = a.iter().zip(&b).map(|(p, q)| (p - q).abs()).fold(0.0, f64::max);
+            assert!(diff < 1e-5, "{a:?} vs {b:?}");
+        }
+        // without it, the output follows the contrast
+        let (plain, _) = layer(true, 5);
+        let o =
+            |x: &Tensor| plain.forward_points(x, &pts, None).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        assert_ne!(o(&x), o(&x.affine(-1.0, 0.0).unwrap()));
     }
 
     fn image(seed: u64) -> Tensor {

@@ -2,6 +2,7 @@
 //! any work starts.
 
 pub mod features;
+pub mod learn;
 pub mod points;
 pub mod propagate;
 pub mod register;
@@ -60,6 +61,10 @@ pub enum Command {
     Grid(tools::GridArgs),
     /// Draw axial, coronal and sagittal slices of an image with label contours.
     View(tools::ViewArgs),
+    /// Domain-randomised image pairs with known correspondence from real label maps.
+    Randomise(learn::RandomiseArgs),
+    /// Learn OBELISK registration features from randomised pairs of real label maps.
+    TrainFeatures(learn::TrainFeaturesArgs),
     /// Train a segmentation model (OBELISK-Net or U-Net) on a dataset.json, optionally with k-fold CV.
     Train(train::TrainArgs),
     /// Segment an image with a trained model; the label map lies on the image's grid.
@@ -130,5 +135,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             train::train(args, out)
         }
         Command::Segment(args) => train::segment(args, out),
+        Command::Randomise(mut args) => {
+            args.seed = cli.seed.unwrap_or(args.seed);
+            learn::randomise(args, out)
+        }
+        Command::TrainFeatures(mut args) => {
+            args.seed = cli.seed.unwrap_or(args.seed);
+            learn::train(args, out)
+        }
     }
 }

@@ -5,6 +5,7 @@
 //! channel. Features that are robust to contrast differences (MIND-SSC) let a plain SSD/L1 cost
 //! work across modalities.
 
+pub mod learn;
 pub mod mind;
 pub mod obelisk;
 
