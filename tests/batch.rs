@@ -50,6 +50,15 @@ fn synth_pairs_csv(data: &Path, n: usize) -> PathBuf {
     path
 }
 
+/// A temporary folder with `n` synthetic pairs listed in a CSV: (folder, data, CSV, output).
+fn synth_batch(n: usize) -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = cohort(dir.path(), 1, n);
+    let csv = synth_pairs_csv(&data, n);
+    let out = dir.path().join("out");
+    (dir, data, csv, out)
+}
+
 fn batch(list: &Path, out: &Path, extra: &[&str]) -> Value {
     let mut args = vec!["batch", s(list), "--out", s(out)];
     args.extend(FAST);
@@ -73,10 +82,7 @@ fn mtime(p: &Path) -> SystemTime {
 
 #[test]
 fn batch_writes_what_register_writes_byte_for_byte() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = cohort(dir.path(), 1, 3);
-    let csv = synth_pairs_csv(&data, 3);
-    let out = dir.path().join("out");
+    let (dir, data, csv, out) = synth_batch(3);
     let summary = batch(&csv, &out, &[]);
     assert_eq!((summary["done"].as_u64(), summary["failed"].as_u64()), (Some(3), Some(0)), "{summary}");
     assert!(summary["shared_features"].is_null());
@@ -112,10 +118,7 @@ fn batch_writes_what_register_writes_byte_for_byte() {
 
 #[test]
 fn killed_batch_resumes_with_only_the_unfinished_pairs() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = cohort(dir.path(), 1, 4);
-    let csv = synth_pairs_csv(&data, 4);
-    let out = dir.path().join("out");
+    let (_dir, _, csv, out) = synth_batch(4);
     // full iterations: each pair takes long enough to be caught halfway
     let mut child = Command::new(env!("CARGO_BIN_EXE_obelisk"))
         .args(["batch", s(&csv), "--out", s(&out), "--no-pictures", "--threads", "2", "--quiet"])
@@ -162,10 +165,7 @@ fn killed_batch_resumes_with_only_the_unfinished_pairs() {
 
 #[test]
 fn shards_partition_the_pairs_and_slurm_arrays_pick_the_same() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = cohort(dir.path(), 1, 3);
-    let csv = synth_pairs_csv(&data, 3);
-    let out = dir.path().join("out");
+    let (_dir, _, csv, out) = synth_batch(3);
     let one = batch(&csv, &out, &["--shard", "1/2"]);
     let two = batch(&csv, &out, &["--shard", "2/2"]);
     let (a, b) = (statuses(&one), statuses(&two));

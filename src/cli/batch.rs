@@ -11,7 +11,8 @@ use std::time::{Instant, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use registration::method::{Role, SharedFeatures};
+use registration::features::ObeliskFeatures;
+use registration::method::{MethodConfig, Role, SharedFeatures};
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -714,12 +715,12 @@ pub fn run(args: BatchArgs, out: Output) -> Result<()> {
         .filter(|(_, _, f)| args.force || !matches!(f, Found::Complete(_)))
         .map(|(p, _, _)| p)
         .collect();
-    let mut shared = match shared_image(&to_run) {
+    let shared = match shared_image(&to_run) {
         Some((role, image)) if !args.no_shared_features => Some((SharedFeatures::new(role), image)),
         _ => None,
     };
-
     let progress = Progress::new(quiet);
+    let mut runner = Runner { args: &args, model, config, shared, progress: progress.clone(), quiet };
     let bar = progress.bar(plan.pairs.len() as u64, "batch", "pairs");
     let n = plan.pairs.len();
     for (k, (pair, fp, found)) in plan.pairs.iter().enumerate() {
@@ -733,7 +734,7 @@ pub fn run(args: BatchArgs, out: Output) -> Result<()> {
                 progress.println(&format!("[{}/{n}] {}: complete, skipped", k + 1, pair.name));
             }
             _ => {
-                let registered = register_one(pair, fp, &dir, &args, (&model, &config), &mut shared, &progress, quiet);
+                let registered = register_one(pair, fp, &dir, &mut runner);
                 match registered {
                     Ok(outcome) => {
                         result.status = Status::Done;
@@ -759,7 +760,7 @@ pub fn run(args: BatchArgs, out: Output) -> Result<()> {
         }
         bar.inc(1);
         summary.count();
-        summary.shared_features = shared.as_ref().map(|(s, image)| SharedInfo {
+        summary.shared_features = runner.shared.as_ref().map(|(s, image)| SharedInfo {
             role: if s.role() == Role::Moving { "moving" } else { "fixed" },
             image: image.clone(),
             extractions: s.extractions(),
@@ -796,19 +797,21 @@ pub fn run(args: BatchArgs, out: Output) -> Result<()> {
     Ok(())
 }
 
+/// What every pair of a run shares: the arguments, the validated options, the cache of the
+/// shared image's features, the progress display.
+struct Runner<'a> {
+    args: &'a BatchArgs,
+    model: Option<ObeliskFeatures>,
+    config: MethodConfig,
+    shared: Option<(SharedFeatures, PathBuf)>,
+    progress: Progress,
+    quiet: bool,
+}
+
 /// Registers one pair into `dir` as `obelisk register` would, then writes its marker; returns
 /// the outcome recorded in the marker. A panic inside is caught and reported as this pair's
 /// failure, so that one bad pair does not stop a cohort.
-fn register_one(
-    pair: &PairSpec,
-    fp: &Value,
-    dir: &Path,
-    args: &BatchArgs,
-    (model, config): (&Option<registration::features::ObeliskFeatures>, &registration::method::MethodConfig),
-    shared: &mut Option<(SharedFeatures, PathBuf)>,
-    progress: &Progress,
-    quiet: bool,
-) -> Result<Value> {
+fn register_one(pair: &PairSpec, fp: &Value, dir: &Path, r: &mut Runner) -> Result<Value> {
     clear_for_rerun(dir)?;
     let reg = RegisterArgs {
         fixed: pair.fixed.clone(),
@@ -819,15 +822,15 @@ fn register_one(
         fixed_mask: pair.fixed_mask.clone(),
         moving_mask: pair.moving_mask.clone(),
         out: dir.to_path_buf(),
-        options: args.options.clone(),
-        outputs: args.outputs.clone(),
+        options: r.args.options.clone(),
+        outputs: r.args.outputs.clone(),
         // the folder is the batch's own: an interrupted run's outputs are replaced
         force: true,
     };
     let run = || -> Result<RegisterSummary> {
-        let job = reg.into_job_with(model.clone(), config.clone(), quiet)?;
-        let mut bars = progress.registration(&job.config);
-        let summary = job.run_sharing(&mut bars, shared.as_mut().map(|s| &mut s.0))?;
+        let job = reg.into_job_with(r.model.clone(), r.config.clone(), r.quiet)?;
+        let mut bars = r.progress.registration(&job.config);
+        let summary = job.run_sharing(&mut bars, r.shared.as_mut().map(|s| &mut s.0))?;
         bars.finish();
         Ok(summary)
     };
@@ -878,9 +881,9 @@ mod tests {
 
     #[test]
     fn slurm_array_tasks_map_to_shards() {
-        let env = |vars: &'static [(&'static str, &'static str)]| {
+        fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
             move |k: &str| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
-        };
+        }
         assert_eq!(Shard::from_slurm(env(&[])).unwrap(), None);
         let zero = [("SLURM_ARRAY_TASK_ID", "0"), ("SLURM_ARRAY_TASK_COUNT", "4")];
         assert_eq!(Shard::from_slurm(env(&zero)).unwrap(), Some(Shard { index: 1, count: 4 }));
