@@ -310,6 +310,9 @@ fn bad_lists_fail_before_any_work_naming_file_and_line() {
     try_list(&list, &["d.json: registration_val[0]: moving:", "nope.nii.gz: file not found"]);
     // synth without --pairs lists subjects only
     try_list(&data.join("dataset.json"), &["no pairs under \"registration_val\""]);
+    let list = write("unlabelled.csv", &format!("fixed,moving\n{good}\n"));
+    let err = fails(&["batch", s(&list), "--out", s(&out), "--init", "labels"]);
+    assert!(err.contains("unlabelled.csv: line 2: --init labels needs"), "{err}");
     let err = fails(&["batch", s(&data.join("nothing.csv")), "--out", s(&out)]);
     assert!(err.contains("nothing.csv: file not found"), "{err}");
     let err = fails(&["batch", s(&list), "--out", s(&out), "--shard", "3/2"]);

@@ -12,7 +12,7 @@ use std::time::{Instant, UNIX_EPOCH};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use registration::features::ObeliskFeatures;
-use registration::method::{MethodConfig, Role, SharedFeatures};
+use registration::method::{MethodConfig, Role, SharedFeatures, Start};
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -608,7 +608,9 @@ struct Plan {
     summary_path: PathBuf,
 }
 
-fn plan(args: &BatchArgs, settings: &Value) -> Result<Plan> {
+/// Reads the list, picks this shard's pairs and checks them and the output folder; `needs_labels`
+/// (`--init labels`) demands both label maps of every pair.
+fn plan(args: &BatchArgs, settings: &Value, needs_labels: bool) -> Result<Plan> {
     let is_json = args.pairs.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"));
     if !args.pairs.is_file() {
         bail!("{}: {}", args.pairs.display(), if args.pairs.exists() { "is not a file" } else { "file not found" });
@@ -642,6 +644,13 @@ fn plan(args: &BatchArgs, settings: &Value) -> Result<Plan> {
     let mut planned = Vec::with_capacity(pairs.len());
     for p in pairs {
         check_pair_inputs(&p, &args.pairs)?;
+        if needs_labels && (p.fixed_labels.is_none() || p.moving_labels.is_none()) {
+            bail!(
+                "{}: {}: --init labels needs the fixed and moving label maps of every pair",
+                args.pairs.display(),
+                p.at
+            );
+        }
         let dir = args.out.join(&p.name);
         if dir.exists() && !dir.is_dir() {
             bail!("{}: {}: output {} exists and is not a folder", args.pairs.display(), p.at, dir.display());
@@ -675,7 +684,7 @@ pub fn run(args: BatchArgs, out: Output) -> Result<()> {
         "slice": format!("{:?}", args.outputs.slice),
         "inverse": args.outputs.inverse,
     });
-    let plan = plan(&args, &settings)?;
+    let plan = plan(&args, &settings, config.start == Start::Labels)?;
     let quiet = out.silent();
 
     let mut summary = BatchSummary {
@@ -783,7 +792,12 @@ pub fn run(args: BatchArgs, out: Output) -> Result<()> {
             plan.summary_path.display()
         );
         if let Some(s) = &summary.shared_features {
-            println!("features of the shared {} image {} computed once", s.role, s.image.display());
+            println!(
+                "features of the {} image all pairs share, {}, computed {} time(s) instead of once per pair",
+                s.role,
+                s.image.display(),
+                s.extractions
+            );
         }
     })?;
     if summary.failed > 0 {
