@@ -9,7 +9,8 @@ use registration::compose::{invert, remainder_after, InverseResidual, INVERSE_IT
 use registration::features::{FeatureExtractor, IntensityFeatures, MindConfig, MindSsc, ObeliskFeatures};
 use registration::init::SearchResult;
 use registration::method::{
-    register_pair, AffineStart, Features, ImagePair, Masks, MethodConfig, Observer, Role, Stage, StageReport, Start,
+    register_pair_sharing, AffineStart, Features, ImagePair, Masks, MethodConfig, Observer, Role, SharedFeatures,
+    Stage, StageReport, Start,
 };
 use registration::metrics::{dice_per_label_masked, jacobian, RegistrationMetrics};
 use registration::transform::{Affine, DenseDisplacement};
@@ -205,6 +206,16 @@ impl RegisterJob {
     }
 
     pub fn run(&self, observer: &mut dyn Observer) -> Result<RegisterSummary> {
+        self.run_sharing(observer, None)
+    }
+
+    /// [`RegisterJob::run`] with the features of the image that every pair of a batch shares
+    /// (an atlas) taken from, or first computed into, `shared`.
+    pub fn run_sharing(
+        &self,
+        observer: &mut dyn Observer,
+        shared: Option<&mut SharedFeatures>,
+    ) -> Result<RegisterSummary> {
         let t0 = Instant::now();
         let extractor = self.features.extractor(&self.fixed.grid, self.model.as_ref())?;
         let pair = ImagePair {
@@ -217,7 +228,8 @@ impl RegisterJob {
             },
         };
         let features = Features { extractor: extractor.as_ref(), exact: self.model.as_ref().filter(|_| self.exact) };
-        let outcome = register_pair(&pair, &features, &self.config, observer).map_err(|e| self.name_image(e))?;
+        let outcome =
+            register_pair_sharing(&pair, &features, &self.config, observer, shared).map_err(|e| self.name_image(e))?;
         let mut runtime = outcome.runtime_s;
         let (reg, init_t) = (outcome.registration, outcome.start_translation_mm);
 

@@ -220,9 +220,20 @@ fn register_2d_png_pair() {
 #[test]
 fn help_lists_every_subcommand_with_examples() {
     let top = ok(&["--help"]);
-    for cmd in
-        ["register", "propagate", "features", "warp", "synth", "eval", "grid", "demo", "view", "train", "segment"]
-    {
+    for cmd in [
+        "register",
+        "batch",
+        "propagate",
+        "features",
+        "warp",
+        "synth",
+        "eval",
+        "grid",
+        "demo",
+        "view",
+        "train",
+        "segment",
+    ] {
         assert!(top.contains(cmd), "--help lacks {cmd}");
         let h = ok(&[cmd, "--help"]);
         assert!(h.contains("Example"), "{cmd} --help has no example");

@@ -1,6 +1,7 @@
 //! Command-line front end: arguments are parsed raw by clap, then validated into a job before
 //! any work starts.
 
+pub mod batch;
 pub mod features;
 pub mod learn;
 pub mod points;
@@ -41,6 +42,9 @@ pub struct Cli {
 pub enum Command {
     /// Register a moving image to a fixed image (3D NIfTI or 2D PNG).
     Register(register::RegisterArgs),
+    /// Register every pair of a CSV or dataset.json, resumably, one folder per pair (shardable
+    /// over a Slurm job array).
+    Batch(batch::BatchArgs),
     /// Label an image by registering atlases to it and fusing their warped label maps.
     Propagate(propagate::PropagateArgs),
     /// Write the feature maps that drive registration (MIND-SSC, intensity, OBELISK) as NIfTI.
@@ -117,6 +121,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Compose(args) => transforms::compose(args, out),
         Command::Points(args) => points::points(args, out),
         Command::Register(args) => register::run(args, out),
+        Command::Batch(args) => batch::run(args, out),
         Command::Propagate(args) => propagate::run(args, out),
         Command::Features(args) => features::run(args, out),
         Command::Synth(mut args) => {

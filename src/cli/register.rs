@@ -61,6 +61,16 @@ pub struct RegisterArgs {
     pub out: PathBuf,
     #[command(flatten)]
     pub options: RegOptions,
+    #[command(flatten)]
+    pub outputs: OutputOptions,
+    /// Overwrite existing outputs (never an input).
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// What `register` (and `batch`, per pair) writes besides the transform, and its memory limit.
+#[derive(Debug, Clone, Args)]
+pub struct OutputOptions {
     /// Slice shown in summary.png: axial|coronal|sagittal[:INDEX].
     #[arg(long, default_value = "axial")]
     pub slice: SliceSpec,
@@ -72,9 +82,6 @@ pub struct RegisterArgs {
     /// its residual goes into metrics.json.
     #[arg(long)]
     pub inverse: bool,
-    /// Overwrite existing outputs (never an input).
-    #[arg(long)]
-    pub force: bool,
     /// Refuse to start when the estimated peak memory exceeds this (e.g. 8G, 512M); default:
     /// 75% of the machine's physical memory.
     #[arg(long, value_name = "SIZE", value_parser = crate::memory::parse_size)]
@@ -282,7 +289,7 @@ impl RegisterArgs {
             extra,
             self.options.discrete_radius,
         );
-        crate::memory::Limit::new(self.max_memory).check(
+        crate::memory::Limit::new(self.outputs.max_memory).check(
             need,
             &format!(
                 "registering {} ({:?} voxels) to {} ({:?} voxels) with {} features",
@@ -298,6 +305,18 @@ impl RegisterArgs {
 
     /// Validates everything and reads the inputs; no output is written.
     pub fn into_job(self, quiet: bool) -> Result<RegisterJob> {
+        let (model, config) = self.options.validate()?;
+        self.into_job_with(model, config, quiet)
+    }
+
+    /// [`RegisterArgs::into_job`] with the options already validated into `model` and `config`
+    /// (a batch validates them once for all its pairs).
+    pub fn into_job_with(
+        self,
+        model: Option<ObeliskFeatures>,
+        config: MethodConfig,
+        quiet: bool,
+    ) -> Result<RegisterJob> {
         let mut inputs: Vec<&Path> = vec![&self.fixed, &self.moving];
         inputs.extend(self.fixed_labels.as_deref());
         inputs.extend(self.moving_labels.as_deref());
@@ -307,7 +326,6 @@ impl RegisterArgs {
         for p in &inputs {
             check_input(p)?;
         }
-        let (model, config) = self.options.validate()?;
         if config.start == Start::Labels && (self.fixed_labels.is_none() || self.moving_labels.is_none()) {
             bail!("--init labels needs --fixed-labels and --moving-labels");
         }
@@ -363,11 +381,11 @@ impl RegisterArgs {
             model,
             exact: self.options.exact,
             config,
-            pictures: !self.no_pictures,
-            slice: self.slice,
+            pictures: !self.outputs.no_pictures,
+            slice: self.outputs.slice,
             force: self.force,
             quiet,
-            inverse: self.inverse,
+            inverse: self.outputs.inverse,
         };
         for out in job.planned_outputs() {
             check_output(&out, &inputs, self.force)?;

@@ -11,7 +11,7 @@ use registration::warp::coverage;
 use serde_json::json;
 
 use crate::cli::points::tre;
-use crate::cli::register::{report, RegOptions, RegisterArgs};
+use crate::cli::register::{report, OutputOptions, RegOptions, RegisterArgs};
 use crate::cli::synth::write_dataset;
 use crate::cli::validate::{check_input, prepare_out_dir};
 use crate::cli::Output;
@@ -63,11 +63,13 @@ pub fn demo(args: DemoArgs, out: Output) -> Result<()> {
         moving_mask: None,
         out: args.out.join("registration"),
         options: RegOptions { init: Some(Start::None), affine_iterations: 0, ..Default::default() },
-        slice: SliceSpec { axis: pictures::Axis::Coronal, index: None },
-        no_pictures: false,
+        outputs: OutputOptions {
+            slice: SliceSpec { axis: pictures::Axis::Coronal, index: None },
+            no_pictures: false,
+            inverse: false,
+            max_memory: None,
+        },
         force: args.force,
-        inverse: false,
-        max_memory: None,
     };
     if !quiet {
         println!("registering moving -> fixed with MIND-SSC features");

@@ -38,6 +38,8 @@ pub struct DatasetPair {
     pub fixed_label: Option<PathBuf>,
     pub moving_label: Option<PathBuf>,
     pub truth_field: Option<PathBuf>,
+    /// The entry's `name` (obelisk's corpus names its pairs; Learn2Reg's do not).
+    pub name: Option<String>,
     /// e.g. `registration_val[0]`.
     pub key: String,
 }
@@ -135,7 +137,12 @@ impl Parser<'_> {
             let fixed_label = self.path(obj, "fixed_label", &at)?.or_else(|| label_of(&fixed));
             let moving_label = self.path(obj, "moving_label", &at)?.or_else(|| label_of(&moving));
             let truth_field = self.path(obj, "truth_field", &at)?;
-            out.push(DatasetPair { fixed, moving, fixed_label, moving_label, truth_field, key: at });
+            let name = match obj.get("name") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(_) => return Err(self.err(format!("{at}.name must be a string"))),
+            };
+            out.push(DatasetPair { fixed, moving, fixed_label, moving_label, truth_field, name, key: at });
         }
         Ok(out)
     }
@@ -329,13 +336,14 @@ mod tests {
     #[test]
     fn explicit_pair_files_and_relative_json_path() {
         let text = r#"{"training": [], "registration_val": [{"fixed": "f.nii", "moving": "sub/../m.nii",
-            "fixed_label": "fl.nii", "moving_label": "./ml.nii", "truth_field": "t.nii.gz"}]}"#;
+            "fixed_label": "fl.nii", "moving_label": "./ml.nii", "truth_field": "t.nii.gz", "name": "p0"}]}"#;
         let ds = Dataset::parse(Path::new("dataset.json"), text).unwrap();
         let p = &ds.registration_val[0];
         assert_eq!(p.moving, Path::new("m.nii"));
         assert_eq!(p.moving_label.as_deref(), Some(Path::new("ml.nii")));
         assert_eq!(p.truth_field.as_deref(), Some(Path::new("t.nii.gz")));
         assert_eq!(p.files().len(), 5);
+        assert_eq!(p.name.as_deref(), Some("p0"));
         assert!(ds.labels.is_empty() && ds.name.is_none() && ds.tensor_image_shape.is_none());
     }
 
@@ -359,6 +367,7 @@ mod tests {
             (r#"{"training": [{"label": "a"}]}"#, "training[0] has no \"image\""),
             (r#"{"training": [{"image": 3}]}"#, "training[0].image must be"),
             (r#"{"registration_val": [{"fixed": "a"}]}"#, "registration_val[0] has no \"moving\""),
+            (r#"{"registration_val": [{"fixed": "a", "moving": "b", "name": 3}]}"#, "registration_val[0].name must be"),
             (r#"{"labels": {"1": "a", "x": "b"}}"#, "neither id"),
             (r#"{"labels": {"1": "a", "01": "b"}}"#, "id 1 is named twice"),
             (r#"{"labels": ["a"]}"#, "\"labels\" must be"),

@@ -189,24 +189,107 @@ pub fn register_pair(
     config: &MethodConfig,
     observer: &mut dyn Observer,
 ) -> Result<Outcome> {
+    register_pair_sharing(pair, features, config, observer, None)
+}
+
+/// Feature maps of one image that several registrations share, e.g. an atlas registered to a
+/// cohort: described once per [`FeatureFrame`] (the frame depends on the partner's spacing)
+/// instead of once per pair. The maps are exactly those [`register_pair`] computes, so sharing
+/// them changes no result. The image in [`SharedFeatures::role`] and the extractor must be the
+/// same in every pair the cache is passed with.
+pub struct SharedFeatures {
+    role: Role,
+    maps: Vec<(FeatureFrame, Volume)>,
+    points: Vec<(FeatureFrame, Box<dyn PointFeatures>)>,
+}
+
+impl SharedFeatures {
+    /// An empty cache for the image that is the `role` of every pair.
+    pub fn new(role: Role) -> Self {
+        Self { role, maps: Vec::new(), points: Vec::new() }
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// How often the shared image was described: once per frame met so far.
+    pub fn extractions(&self) -> usize {
+        self.maps.len()
+    }
+
+    fn maps(&self, frame: &FeatureFrame) -> Option<&Volume> {
+        self.maps.iter().find(|(f, _)| f == frame).map(|(_, v)| v)
+    }
+
+    fn points(&self, frame: &FeatureFrame) -> Option<&dyn PointFeatures> {
+        self.points.iter().find(|(f, _)| f == frame).map(|(_, p)| p.as_ref())
+    }
+}
+
+/// [`register_pair`], taking the features of the image in `shared`'s role from `shared`
+/// (computed there on first use in each frame).
+pub fn register_pair_sharing(
+    pair: &ImagePair,
+    features: &Features,
+    config: &MethodConfig,
+    observer: &mut dyn Observer,
+    shared: Option<&mut SharedFeatures>,
+) -> Result<Outcome> {
     let t0 = Instant::now();
     observer.event(Event::Started(Stage::Features));
     let frame = FeatureFrame::for_images(&[pair.fixed, pair.moving]);
     let of = |role: Role| move |e: Error| Error::Features { image: role, source: Box::new(e) };
-    let ff = frame.extract(features.extractor, pair.fixed).map_err(of(Role::Fixed))?;
-    let mf = frame.extract(features.extractor, pair.moving).map_err(of(Role::Moving))?;
-    let points = match features.exact {
-        Some(model) => Some(frame.point_features(model, pair.moving).map_err(of(Role::Moving))?),
+    let image = |role: Role| match role {
+        Role::Fixed => pair.fixed,
+        Role::Moving => pair.moving,
+    };
+    let shared = match shared {
+        Some(s) => {
+            if s.maps(&frame).is_none() {
+                let maps = frame.extract(features.extractor, image(s.role)).map_err(of(s.role))?;
+                s.maps.push((frame, maps));
+            }
+            if let (Role::Moving, Some(model), None) = (s.role, features.exact, s.points(&frame)) {
+                let points = frame.point_features(model, pair.moving).map_err(of(Role::Moving))?;
+                s.points.push((frame, points));
+            }
+            Some(&*s)
+        }
         None => None,
+    };
+    let of_role = |role: Role| shared.filter(|s| s.role == role);
+    let (own_fixed, own_moving, own_points);
+    let ff = match of_role(Role::Fixed).and_then(|s| s.maps(&frame)) {
+        Some(v) => v,
+        None => {
+            own_fixed = frame.extract(features.extractor, pair.fixed).map_err(of(Role::Fixed))?;
+            &own_fixed
+        }
+    };
+    let mf = match of_role(Role::Moving).and_then(|s| s.maps(&frame)) {
+        Some(v) => v,
+        None => {
+            own_moving = frame.extract(features.extractor, pair.moving).map_err(of(Role::Moving))?;
+            &own_moving
+        }
+    };
+    let points = match (features.exact, of_role(Role::Moving).and_then(|s| s.points(&frame))) {
+        (None, _) => None,
+        (Some(_), Some(p)) => Some(p),
+        (Some(model), None) => {
+            own_points = frame.point_features(model, pair.moving).map_err(of(Role::Moving))?;
+            Some(own_points.as_ref())
+        }
     };
     let seconds = t0.elapsed().as_secs_f64();
     let fp = FeaturePair {
         fixed: pair.fixed,
         moving: pair.moving,
-        fixed_features: &ff,
-        moving_features: &mf,
+        fixed_features: ff,
+        moving_features: mf,
         labels: pair.labels,
-        moving_points: points.as_deref(),
+        moving_points: points,
         masks: pair.masks,
     };
     let mut outcome = register_features(&fp, config, observer)?;
