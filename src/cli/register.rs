@@ -256,7 +256,7 @@ fn read_method(path: &Path) -> Result<MethodConfig> {
 /// its errors naming `path`.
 pub fn parse_method(text: &str, path: &Path) -> Result<MethodConfig> {
     let c: MethodConfig =
-        serde_json::from_str(&text).map_err(|e| IoError::new(path, format!("is not a method configuration: {e}")))?;
+        serde_json::from_str(text).map_err(|e| IoError::new(path, format!("is not a method configuration: {e}")))?;
     let bad = |what: &str| -> anyhow::Error { IoError::new(path, what.to_string()).into() };
     if c.levels.iter().any(|l| l.shrink == 0 || l.control_shrink == 0) {
         return Err(bad("a level's shrink and control_shrink must be at least 1"));
