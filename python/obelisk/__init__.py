@@ -284,8 +284,9 @@ class Registration:
         fixed grid through the displacement, as ``obelisk warp --field field.nii.gz`` does.
 
         ``interpolation`` is ``"linear"`` or ``"nearest"``; an integer image with ``"nearest"``
-        is resampled as a label map (``obelisk warp --labels``) and keeps its dtype. Returns the
-        input's kind: a SimpleITK image, a nibabel image, or else a numpy array indexed [z, y, x].
+        is resampled as a label map (``obelisk warp --labels``) and keeps its dtype (a path is
+        read as an image: float32). Returns the input's kind: a SimpleITK image, a nibabel image,
+        or else a numpy array indexed [z, y, x] (``(ny, nx)`` on a 2D grid).
         """
         if interpolation not in ("linear", "nearest"):
             raise ValueError(f'interpolation must be "linear" or "nearest", got {interpolation!r}')

@@ -97,12 +97,13 @@ fn grid_of(shape: &[usize], affine: &PyReadonlyArray2<'_, f64>, name: &str) -> a
     Grid::new([nx, ny, nz], m).map_err(|e| anyhow::anyhow!("{name}: {e}"))
 }
 
-/// Reads an image input: a file as `obelisk register` reads it, or a float32 array.
-fn image(input: Input<'_>) -> anyhow::Result<Named<Volume>> {
+/// Reads an image input: a file as `obelisk register` reads it (without the GIL: decompressing
+/// a large scan takes a while), or a float32 array.
+fn image(py: Python<'_>, input: Input<'_>) -> anyhow::Result<Named<Volume>> {
     match input {
         Input::Path(p) => {
             check_input(&p)?;
-            Ok(Named { value: io::read_image(&p)?, name: p })
+            Ok(Named { value: py.detach(|| io::read_image(&p))?, name: p })
         }
         Input::Array(array, affine, name) => {
             let array: PyReadonlyArray3<'_, f32> =
@@ -116,12 +117,12 @@ fn image(input: Input<'_>) -> anyhow::Result<Named<Volume>> {
     }
 }
 
-/// Reads a label map input: a file, or a uint32 array.
-fn labels(input: Input<'_>) -> anyhow::Result<Named<Labels>> {
+/// Reads a label map input: a file (without the GIL), or a uint32 array.
+fn labels(py: Python<'_>, input: Input<'_>) -> anyhow::Result<Named<Labels>> {
     match input {
         Input::Path(p) => {
             check_input(&p)?;
-            Ok(Named { value: io::read_label_map(&p)?, name: p })
+            Ok(Named { value: py.detach(|| io::read_label_map(&p))?, name: p })
         }
         Input::Array(array, affine, name) => {
             let array: PyReadonlyArray3<'_, u32> =
@@ -207,7 +208,7 @@ impl Options {
 }
 
 /// Validates as `obelisk register` does (the same functions) and builds the job.
-fn make_job(inputs: Inputs<'_>, o: &Options) -> anyhow::Result<(RegisterJob, Vec<PathBuf>)> {
+fn make_job(py: Python<'_>, inputs: Inputs<'_>, o: &Options) -> anyhow::Result<(RegisterJob, Vec<PathBuf>)> {
     let options = o.reg_options()?;
     if let Some(m) = &o.model {
         check_input_dir(m)?;
@@ -223,8 +224,8 @@ fn make_job(inputs: Inputs<'_>, o: &Options) -> anyhow::Result<(RegisterJob, Vec
         .map(obelisk::memory::parse_size)
         .transpose()
         .map_err(|e| anyhow::anyhow!("max_memory: {e}"))?;
-    let fixed = image(inputs.fixed)?;
-    let moving = image(inputs.moving)?;
+    let fixed = image(py, inputs.fixed)?;
+    let moving = image(py, inputs.moving)?;
     check_memory(
         &options,
         model.as_ref(),
@@ -235,7 +236,7 @@ fn make_job(inputs: Inputs<'_>, o: &Options) -> anyhow::Result<(RegisterJob, Vec
     check_pair(&fixed.name, &fixed.value.grid, &moving.name, &moving.value.grid, &config)?;
     let on = |l: Option<Input<'_>>, image: &Named<Volume>| -> anyhow::Result<Option<Labels>> {
         l.map(|l| {
-            let l = labels(l)?;
+            let l = labels(py, l)?;
             Ok(io::labels_for(l.value, &l.name, &image.value.grid, &image.name)?)
         })
         .transpose()
@@ -244,7 +245,7 @@ fn make_job(inputs: Inputs<'_>, o: &Options) -> anyhow::Result<(RegisterJob, Vec
     let moving_labels = on(inputs.moving_labels, &moving)?;
     let mask = |m: Option<Input<'_>>, image: &Named<Volume>| -> anyhow::Result<Option<(Volume, f64)>> {
         m.map(|m| {
-            let m = self::image(m)?;
+            let m = self::image(py, m)?;
             mask_for(m.value, &m.name, &image.value.grid, &image.name, true)
         })
         .transpose()
@@ -308,7 +309,7 @@ fn register(py: Python<'_>, inputs: Inputs<'_>, options: Options, threads: Optio
     if threads == Some(0) {
         return Err(PyValueError::new_err("threads must be at least 1"));
     }
-    let (job, input_files) = make_job(inputs, &options).map_err(to_py)?;
+    let (job, input_files) = make_job(py, inputs, &options).map_err(to_py)?;
     let job_ref = &job;
     let registered = compute(py, threads, move || job_ref.compute(&mut silent()))?;
     Ok(Registration { job, registered, input_files })
@@ -430,7 +431,7 @@ impl Registration {
             if interpolation != "nearest" {
                 return Err(PyValueError::new_err("label maps are resampled with interpolation=\"nearest\""));
             }
-            let l = self::labels(image).map_err(to_py)?;
+            let l = self::labels(py, image).map_err(to_py)?;
             let warped = compute(py, None, || Ok(warp_labels(&l.value, field)))?;
             return Ok(labels_array(py, &warped).into_any());
         }
@@ -443,7 +444,7 @@ impl Registration {
                 )))
             }
         };
-        let v = self::image(image).map_err(to_py)?;
+        let v = self::image(py, image).map_err(to_py)?;
         let warped = compute(py, None, || Ok(warp_volume(&v.value, field, interp, Padding::Extent)))?;
         Ok(volume_array(py, &warped).into_any())
     }
@@ -464,7 +465,7 @@ fn read_grid<'py>(py: Python<'py>, path: PathBuf) -> PyResult<PyGrid<'py>> {
 /// An image file as `(array (nz, ny, nx) float32, voxel → RAS affine)`.
 #[pyfunction]
 fn read_image<'py>(py: Python<'py>, path: PathBuf) -> PyResult<(Bound<'py, PyArray3<f32>>, PyAffine<'py>)> {
-    let v = image(Input::Path(path)).map_err(to_py)?;
+    let v = image(py, Input::Path(path)).map_err(to_py)?;
     Ok((volume_array(py, &v.value), affine_array(py, v.value.grid.affine())))
 }
 
