@@ -84,7 +84,7 @@ pub struct RegisterJob {
 }
 
 /// What a registration wrote and measured.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct RegisterSummary {
     pub out_dir: PathBuf,
     pub files: Vec<PathBuf>,
@@ -167,26 +167,30 @@ impl Evaluation {
 }
 
 impl RegisterJob {
-    fn output_name(&self, stem: &str, image_like: bool) -> PathBuf {
+    fn output_name(&self, out: &Path, stem: &str, image_like: bool) -> PathBuf {
         let png =
             image_like && self.fixed.grid.is_2d() && io::Format::of(&self.fixed_path).ok() == Some(io::Format::Png);
-        self.out.join(if png { format!("{stem}.png") } else { format!("{stem}.nii.gz") })
+        out.join(if png { format!("{stem}.png") } else { format!("{stem}.nii.gz") })
     }
 
     /// The files this job will write, so that they can be checked before any work.
     pub fn planned_outputs(&self) -> Vec<PathBuf> {
-        let mut v =
-            vec![self.out.join("field.nii.gz"), self.output_name("warped", true), self.out.join("metrics.json")];
-        v.push(self.out.join("loss.csv"));
-        v.extend(AFFINE_FILES.iter().chain(&COMPOSITE_FILES).map(|f| self.out.join(f)));
+        self.outputs_in(&self.out)
+    }
+
+    /// The files this job writes into `out`.
+    pub fn outputs_in(&self, out: &Path) -> Vec<PathBuf> {
+        let mut v = vec![out.join("field.nii.gz"), self.output_name(out, "warped", true), out.join("metrics.json")];
+        v.push(out.join("loss.csv"));
+        v.extend(AFFINE_FILES.iter().chain(&COMPOSITE_FILES).map(|f| out.join(f)));
         if self.inverse {
-            v.push(self.out.join("inverse_field.nii.gz"));
+            v.push(out.join("inverse_field.nii.gz"));
         }
         if self.moving_labels.is_some() {
-            v.push(self.output_name("warped_labels", true));
+            v.push(self.output_name(out, "warped_labels", true));
         }
         if self.pictures {
-            v.push(self.out.join("summary.png"));
+            v.push(out.join("summary.png"));
         }
         v
     }
@@ -205,6 +209,7 @@ impl RegisterJob {
         }
     }
 
+    /// Registers the pair and writes every output into the job's folder.
     pub fn run(&self, observer: &mut dyn Observer) -> Result<RegisterSummary> {
         self.run_sharing(observer, None)
     }
@@ -216,6 +221,22 @@ impl RegisterJob {
         observer: &mut dyn Observer,
         shared: Option<&mut SharedFeatures>,
     ) -> Result<RegisterSummary> {
+        let registered = self.compute_sharing(observer, shared)?;
+        self.write(&registered, &self.out)
+    }
+
+    /// Registers the pair and evaluates the result, writing nothing: the outputs stay in memory
+    /// until [`RegisterJob::write`] (the Python package keeps them there for the caller).
+    pub fn compute(&self, observer: &mut dyn Observer) -> Result<Registered> {
+        self.compute_sharing(observer, None)
+    }
+
+    /// [`RegisterJob::compute`] with an atlas's shared features (see [`RegisterJob::run_sharing`]).
+    pub fn compute_sharing(
+        &self,
+        observer: &mut dyn Observer,
+        shared: Option<&mut SharedFeatures>,
+    ) -> Result<Registered> {
         let t0 = Instant::now();
         let extractor = self.features.extractor(&self.fixed.grid, self.model.as_ref())?;
         let pair = ImagePair {
@@ -286,94 +307,21 @@ impl RegisterJob {
             None => metrics,
         };
         runtime.insert("evaluation".to_string(), t3.elapsed().as_secs_f64());
-
-        let t4 = Instant::now();
-        let mut files = Vec::new();
-        let field_path = self.out.join("field.nii.gz");
-        io::write_field(&field_path, &reg.field)?;
-        files.push(field_path);
-        // centred on the fixed image, as ANTs centres the affine maps it writes
-        let centre = self.fixed.grid.map(
-            self.fixed.grid.shape().map(|n| (n as f64 - 1.0) / 2.0),
-            registration::Space::Voxel,
-            registration::Space::Lps,
-        );
-        for name in AFFINE_FILES {
-            let p = self.out.join(name);
-            io::transform_files::write_affine(&p, &reg.affine, centre, self.fixed.grid.is_2d())?;
-            files.push(p);
-        }
-        let remainder = remainder_after(&reg.field, &reg.affine)?;
-        let [h5, deformable] = COMPOSITE_FILES.map(|f| self.out.join(f));
-        io::transform_files::write_composite_h5(&h5, &reg.affine, centre, &remainder)?;
-        io::write_field(&deformable, &remainder)?;
-        files.extend([h5, deformable]);
-        let mut inverse = None;
-        if self.inverse {
+        // the inverse is part of the result, not of writing it: computed here so that the
+        // outputs written later (any number of times) are the same
+        let inverse = if self.inverse {
+            let t = Instant::now();
             let inv = invert(&reg.field, &reg.affine, &self.moving.grid, INVERSE_ITERATIONS)?;
-            let p = self.out.join("inverse_field.nii.gz");
-            io::write_field(&p, &inv.field)?;
-            files.push(p);
-            inverse = Some(inv.residual);
-        }
-        let warped_path = self.output_name("warped", true);
-        io::write_image(&warped_path, &warped)?;
-        files.push(warped_path);
-        if let Some(w) = &warped_labels {
-            let p = self.output_name("warped_labels", true);
-            io::write_label_map(&p, w)?;
-            files.push(p);
-        }
-        let loss_path = self.out.join("loss.csv");
-        let mut csv = String::from("stage,iteration,loss\n");
-        for r in &reg.losses {
-            csv.push_str(&format!("{},{},{}\n", r.stage, r.iteration, r.loss));
-        }
-        io::atomic::write_atomic(&loss_path, |f| std::io::Write::write_all(f, csv.as_bytes()))?;
-        files.push(loss_path);
-        if self.pictures {
-            let (jac, _) = jacobian(&reg.field, None)?;
-            let before = warp_volume(&self.moving, &identity, Interpolation::Linear, Padding::Extent);
-            let labels_before = self.moving_labels.as_ref().map(|l| warp_labels(l, &identity));
-            let heading = match (dice_before, metrics.mean_dice) {
-                (Some(b), Some(a)) => format!(
-                    "{} features · mean Dice {b:.3} → {a:.3} · folding {:.3}% · SDlogJ {:.3}",
-                    extractor.name(),
-                    100.0 * metrics.folding_fraction,
-                    metrics.sd_log_j.unwrap_or(f64::NAN)
-                ),
-                _ => format!(
-                    "{} features · folding {:.3}% · SDlogJ {:.3}",
-                    extractor.name(),
-                    100.0 * metrics.folding_fraction,
-                    metrics.sd_log_j.unwrap_or(f64::NAN)
-                ),
-            };
-            let sheet = pictures::summary_sheet(
-                &pictures::Summary {
-                    fixed: &self.fixed,
-                    moving_before: &before,
-                    warped: &warped,
-                    fixed_labels: self.fixed_labels.as_ref(),
-                    moving_labels_before: labels_before.as_ref(),
-                    warped_labels: warped_labels.as_ref(),
-                    field: &reg.field,
-                    jacobian: &jac,
-                    losses: &reg.losses,
-                    heading,
-                },
-                self.slice,
-            )?;
-            let p = self.out.join("summary.png");
-            save_png(&p, &sheet)?;
-            files.push(p);
-        }
-        runtime.insert("writing".to_string(), t4.elapsed().as_secs_f64());
+            runtime.insert("inverse".to_string(), t.elapsed().as_secs_f64());
+            Some(inv)
+        } else {
+            None
+        };
         runtime.insert("total".to_string(), t0.elapsed().as_secs_f64());
 
         let summary = RegisterSummary {
-            out_dir: self.out.clone(),
-            files: files.clone(),
+            out_dir: PathBuf::new(),
+            files: Vec::new(),
             features: self.features,
             model: match self.features {
                 FeatureKind::Obelisk => Some(
@@ -397,16 +345,135 @@ impl RegisterJob {
             shared_labels: eval.map(|e| e.shared).unwrap_or_default(),
             overlap_fraction,
             metrics,
-            inverse,
+            inverse: inverse.as_ref().map(|i| i.residual.clone()),
             stages: reg.stages,
             runtime_s: runtime,
             config: outcome.config,
         };
-        let mpath = self.out.join("metrics.json");
+        Ok(Registered {
+            field: reg.field,
+            affine: reg.affine,
+            losses: reg.losses,
+            warped,
+            warped_labels,
+            inverse_field: inverse.map(|i| i.field),
+            extractor_name: extractor.name().to_string(),
+            summary,
+        })
+    }
+
+    /// Writes the outputs of `r` (a result of this job's [`RegisterJob::compute`]) into `out`,
+    /// metrics.json last, and returns the summary it holds.
+    pub fn write(&self, r: &Registered, out: &Path) -> Result<RegisterSummary> {
+        let t4 = Instant::now();
+        let mut files = Vec::new();
+        let field_path = out.join("field.nii.gz");
+        io::write_field(&field_path, &r.field)?;
+        files.push(field_path);
+        // centred on the fixed image, as ANTs centres the affine maps it writes
+        let centre = self.fixed.grid.map(
+            self.fixed.grid.shape().map(|n| (n as f64 - 1.0) / 2.0),
+            registration::Space::Voxel,
+            registration::Space::Lps,
+        );
+        for name in AFFINE_FILES {
+            let p = out.join(name);
+            io::transform_files::write_affine(&p, &r.affine, centre, self.fixed.grid.is_2d())?;
+            files.push(p);
+        }
+        let remainder = remainder_after(&r.field, &r.affine)?;
+        let [h5, deformable] = COMPOSITE_FILES.map(|f| out.join(f));
+        io::transform_files::write_composite_h5(&h5, &r.affine, centre, &remainder)?;
+        io::write_field(&deformable, &remainder)?;
+        files.extend([h5, deformable]);
+        if let Some(inv) = &r.inverse_field {
+            let p = out.join("inverse_field.nii.gz");
+            io::write_field(&p, inv)?;
+            files.push(p);
+        }
+        let warped_path = self.output_name(out, "warped", true);
+        io::write_image(&warped_path, &r.warped)?;
+        files.push(warped_path);
+        if let Some(w) = &r.warped_labels {
+            let p = self.output_name(out, "warped_labels", true);
+            io::write_label_map(&p, w)?;
+            files.push(p);
+        }
+        let loss_path = out.join("loss.csv");
+        let mut csv = String::from("stage,iteration,loss\n");
+        for l in &r.losses {
+            csv.push_str(&format!("{},{},{}\n", l.stage, l.iteration, l.loss));
+        }
+        io::atomic::write_atomic(&loss_path, |f| std::io::Write::write_all(f, csv.as_bytes()))?;
+        files.push(loss_path);
+        let s = &r.summary;
+        if self.pictures {
+            let (jac, _) = jacobian(&r.field, None)?;
+            let identity = DisplacementField::zeros(self.fixed.grid.clone());
+            let before = warp_volume(&self.moving, &identity, Interpolation::Linear, Padding::Extent);
+            let labels_before = self.moving_labels.as_ref().map(|l| warp_labels(l, &identity));
+            let heading = match (s.dice_before, s.metrics.mean_dice) {
+                (Some(b), Some(a)) => format!(
+                    "{} features · mean Dice {b:.3} → {a:.3} · folding {:.3}% · SDlogJ {:.3}",
+                    r.extractor_name,
+                    100.0 * s.metrics.folding_fraction,
+                    s.metrics.sd_log_j.unwrap_or(f64::NAN)
+                ),
+                _ => format!(
+                    "{} features · folding {:.3}% · SDlogJ {:.3}",
+                    r.extractor_name,
+                    100.0 * s.metrics.folding_fraction,
+                    s.metrics.sd_log_j.unwrap_or(f64::NAN)
+                ),
+            };
+            let sheet = pictures::summary_sheet(
+                &pictures::Summary {
+                    fixed: &self.fixed,
+                    moving_before: &before,
+                    warped: &r.warped,
+                    fixed_labels: self.fixed_labels.as_ref(),
+                    moving_labels_before: labels_before.as_ref(),
+                    warped_labels: r.warped_labels.as_ref(),
+                    field: &r.field,
+                    jacobian: &jac,
+                    losses: &r.losses,
+                    heading,
+                },
+                self.slice,
+            )?;
+            let p = out.join("summary.png");
+            save_png(&p, &sheet)?;
+            files.push(p);
+        }
+        let mut summary = s.clone();
+        let writing = t4.elapsed().as_secs_f64();
+        summary.runtime_s.insert("writing".to_string(), writing);
+        *summary.runtime_s.entry("total".to_string()).or_insert(0.0) += writing;
+        summary.out_dir = out.to_path_buf();
+        summary.files = files;
+        let mpath = out.join("metrics.json");
         let json = serde_json::to_string_pretty(&summary)?;
         io::atomic::write_atomic(&mpath, |f| std::io::Write::write_all(f, json.as_bytes()))?;
         Ok(summary)
     }
+}
+
+/// A registration computed by [`RegisterJob::compute`], before its outputs are written.
+pub struct Registered {
+    /// The whole transform (affine included), ITK convention, on the fixed grid.
+    pub field: DisplacementField,
+    /// The affine stage's map (fixed LPS → moving LPS).
+    pub affine: Affine,
+    pub losses: Vec<registration::method::LossRecord>,
+    /// The moving image resampled onto the fixed grid (linear).
+    pub warped: Volume,
+    /// The moving label map resampled onto the fixed grid (nearest), when given.
+    pub warped_labels: Option<Labels>,
+    /// The inverse field on the moving grid, with `--inverse`.
+    pub inverse_field: Option<DisplacementField>,
+    extractor_name: String,
+    /// What metrics.json will hold, less `out_dir`, `files` and the writing time.
+    pub summary: RegisterSummary,
 }
 
 /// Writes an RGB picture atomically.

@@ -191,6 +191,13 @@ impl RegOptions {
     /// Checks the numbers, loads the model of `--features obelisk` and builds the engine's
     /// configuration.
     pub fn validate(&self) -> Result<(Option<ObeliskFeatures>, MethodConfig)> {
+        let method = self.method.as_deref().map(read_method).transpose()?;
+        self.validate_with(method)
+    }
+
+    /// [`RegOptions::validate`] with the method configuration already read (the `method` field
+    /// is not read again): the Python package passes a dict's.
+    pub fn validate_with(&self, method: Option<MethodConfig>) -> Result<(Option<ObeliskFeatures>, MethodConfig)> {
         non_negative("--smoothness", self.smoothness)?;
         if let Some(d) = self.diffusion {
             non_negative("--diffusion", d)?;
@@ -209,8 +216,9 @@ impl RegOptions {
             bail!("--exact needs --features obelisk (it evaluates the learned feature layer at the sampled points)");
         }
         let model = load_model(self.features, self.model.as_deref())?;
-        let mut config = match &self.method {
-            Some(path) => read_method(path)?,
+        let from_method = method.is_some();
+        let mut config = match method {
+            Some(c) => c,
             None => {
                 let mut c = MethodConfig {
                     smoothness: self.smoothness,
@@ -232,7 +240,7 @@ impl RegOptions {
         }
         match self.similarity {
             // the method file's own choice stands unless the option asks for another
-            SimilarityKind::L1 if self.method.is_some() => {}
+            SimilarityKind::L1 if from_method => {}
             SimilarityKind::L1 => config.similarity = Similarity::L1,
             SimilarityKind::Ncc => config.similarity = Similarity::ncc(self.ncc_radius),
             SimilarityKind::L1Ncc => config.similarity = Similarity::l1_ncc(self.ncc_radius),
@@ -248,8 +256,14 @@ impl RegOptions {
 /// with the file's name.
 fn read_method(path: &Path) -> Result<MethodConfig> {
     let text = std::fs::read_to_string(path).map_err(|e| IoError::new(path, format!("cannot be read: {e}")))?;
+    parse_method(&text, path)
+}
+
+/// A method configuration from JSON text (a `--method` file's, or the Python package's dict),
+/// its errors naming `path`.
+pub fn parse_method(text: &str, path: &Path) -> Result<MethodConfig> {
     let c: MethodConfig =
-        serde_json::from_str(&text).map_err(|e| IoError::new(path, format!("is not a method configuration: {e}")))?;
+        serde_json::from_str(text).map_err(|e| IoError::new(path, format!("is not a method configuration: {e}")))?;
     let bad = |what: &str| -> anyhow::Error { IoError::new(path, what.to_string()).into() };
     if c.levels.iter().any(|l| l.shrink == 0 || l.control_shrink == 0) {
         return Err(bad("a level's shrink and control_shrink must be at least 1"));
@@ -271,36 +285,65 @@ fn read_method(path: &Path) -> Result<MethodConfig> {
     Ok(c)
 }
 
+/// The checks of a pair of images (read, or handed over in memory under the names `fixed_name`
+/// and `moving_name`) against each other: the same dimensionality, and with `--init none`
+/// fields of view that overlap as their headers place them.
+pub fn check_pair(
+    fixed_name: &Path,
+    fixed: &registration::Grid,
+    moving_name: &Path,
+    moving: &registration::Grid,
+    config: &MethodConfig,
+) -> Result<()> {
+    same_dimensionality(fixed_name, fixed, moving_name, moving)?;
+    if config.start == Start::None && overlap_fraction(fixed, moving) == 0.0 {
+        bail!(
+            "{} does not overlap {} in world coordinates ({} vs {}); with --init none the headers must \
+             place them together (--init search finds the offset)",
+            moving_name.display(),
+            fixed_name.display(),
+            io::describe_grid(moving),
+            io::describe_grid(fixed)
+        );
+    }
+    Ok(())
+}
+
+/// Refuses a registration whose estimated peak memory exceeds `max_memory` (default: 75% of
+/// the machine's memory), from the grids alone.
+pub fn check_memory(
+    options: &RegOptions,
+    model: Option<&ObeliskFeatures>,
+    (fixed_name, fg): (&Path, &registration::Grid),
+    (moving_name, mg): (&Path, &registration::Grid),
+    max_memory: Option<u64>,
+) -> Result<()> {
+    let extractor = options.features.extractor(fg, model)?;
+    let (stride, extra) = match model {
+        // the weights, plus the activations of one inference chunk of points
+        Some(m) => (m.stride(), 4 * m.num_parameters() as u64 + (256 << 20)),
+        None => (1, 0),
+    };
+    let need = crate::memory::register_estimate(fg, mg, extractor.channels(), stride, extra, options.discrete_radius);
+    crate::memory::Limit::new(max_memory).check(
+        need,
+        &format!(
+            "registering {} ({:?} voxels) to {} ({:?} voxels) with {} features",
+            moving_name.display(),
+            mg.shape(),
+            fixed_name.display(),
+            fg.shape(),
+            extractor.name()
+        ),
+        "downsample the images (half the resolution needs about 1/8 of the memory)",
+    )
+}
+
 impl RegisterArgs {
     /// Estimates the job's peak memory from the headers alone and refuses it when over the limit.
     fn check_memory(&self, model: Option<&ObeliskFeatures>) -> Result<()> {
         let (fg, mg) = (io::read_grid(&self.fixed)?, io::read_grid(&self.moving)?);
-        let extractor = self.options.features.extractor(&fg, model)?;
-        let (stride, extra) = match model {
-            // the weights, plus the activations of one inference chunk of points
-            Some(m) => (m.stride(), 4 * m.num_parameters() as u64 + (256 << 20)),
-            None => (1, 0),
-        };
-        let need = crate::memory::register_estimate(
-            &fg,
-            &mg,
-            extractor.channels(),
-            stride,
-            extra,
-            self.options.discrete_radius,
-        );
-        crate::memory::Limit::new(self.outputs.max_memory).check(
-            need,
-            &format!(
-                "registering {} ({:?} voxels) to {} ({:?} voxels) with {} features",
-                self.moving.display(),
-                mg.shape(),
-                self.fixed.display(),
-                fg.shape(),
-                extractor.name()
-            ),
-            "downsample the images (half the resolution needs about 1/8 of the memory)",
-        )
+        check_memory(&self.options, model, (&self.fixed, &fg), (&self.moving, &mg), self.outputs.max_memory)
     }
 
     /// Validates everything and reads the inputs; no output is written.
@@ -333,17 +376,7 @@ impl RegisterArgs {
         prepare_out_dir(&self.out)?;
         let fixed = io::read_image(&self.fixed)?;
         let moving = io::read_image(&self.moving)?;
-        same_dimensionality(&self.fixed, &fixed.grid, &self.moving, &moving.grid)?;
-        if config.start == Start::None && overlap_fraction(&fixed.grid, &moving.grid) == 0.0 {
-            bail!(
-                "{} does not overlap {} in world coordinates ({} vs {}); with --init none the headers must \
-                 place them together (--init search finds the offset)",
-                self.moving.display(),
-                self.fixed.display(),
-                io::describe_grid(&moving.grid),
-                io::describe_grid(&fixed.grid)
-            );
-        }
+        check_pair(&self.fixed, &fixed.grid, &self.moving, &moving.grid, &config)?;
         let fixed_labels =
             self.fixed_labels.as_ref().map(|p| io::read_labels_for(p, &fixed.grid, &self.fixed)).transpose()?;
         let moving_labels =

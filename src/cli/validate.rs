@@ -113,7 +113,11 @@ fn dims(g: &Grid) -> &'static str {
 /// Reads a metric mask and measures how much of its image it covers (logged unless `quiet`):
 /// a mask that cannot be read, holds NaN or covers none of the image is an error.
 pub fn read_mask(path: &Path, image: &Grid, image_path: &Path, quiet: bool) -> Result<(Volume, f64)> {
-    let mask = io::read_image(path)?;
+    mask_for(io::read_image(path)?, path, image, image_path, quiet)
+}
+
+/// [`read_mask`] of a mask already read (or handed over in memory under the name `path`).
+pub fn mask_for(mask: Volume, path: &Path, image: &Grid, image_path: &Path, quiet: bool) -> Result<(Volume, f64)> {
     if mask.grid.is_2d() != image.is_2d() {
         return Err(IoError::new(
             path,

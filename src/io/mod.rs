@@ -184,7 +184,12 @@ pub const GRID_TOL: f64 = 1e-4;
 
 /// Reads a label map that must lie on `image_grid` (the grid of `image_path`).
 pub fn read_labels_for(path: &Path, image_grid: &Grid, image_path: &Path) -> Result<Labels, IoError> {
-    let l = read_label_map(path)?;
+    labels_for(read_label_map(path)?, path, image_grid, image_path)
+}
+
+/// A label map (read from `path`, or handed over in memory under that name) that must lie on
+/// `image_grid` (the grid of `image_path`).
+pub fn labels_for(l: Labels, path: &Path, image_grid: &Grid, image_path: &Path) -> Result<Labels, IoError> {
     if !l.grid.same_as(image_grid, GRID_TOL) {
         return Err(IoError::new(
             path,
