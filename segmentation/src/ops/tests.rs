@@ -564,3 +564,111 @@ fn sampled_l1_with_masks_equals_the_weighted_composed_loss() {
     assert!(SampledL1::new(&moving, &fixed).unwrap().with_masks(Some(vec![1.0; 3]), None).is_err());
     assert!(SampledL1::new(&moving, &fixed).unwrap().with_masks(None, Some(vec![true; 3])).is_err());
 }
+
+/// The local NCC loss composed of candle ops (the registration's former implementation), the
+/// reference for the fused op.
+fn local_ncc_composed(fixed: &Tensor, warped: &Tensor, mask: &Tensor, r: [usize; 3]) -> Tensor {
+    const EPS: f64 = 1e-5;
+    let c = fixed.dim(1).unwrap();
+    let mask = mask.detach();
+    let count = (box_filter3d(&mask, r).unwrap() + EPS).unwrap();
+    let mean = |x: &Tensor| box_filter3d(&x.broadcast_mul(&mask).unwrap(), r).unwrap().broadcast_div(&count).unwrap();
+    let (mf, mw) = (mean(fixed), mean(warped));
+    let cross = (mean(&(fixed * warped).unwrap()) - (&mf * &mw).unwrap()).unwrap();
+    let var_f = (mean(&fixed.sqr().unwrap()) - mf.sqr().unwrap()).unwrap().relu().unwrap();
+    let var_w = (mean(&warped.sqr().unwrap()) - mw.sqr().unwrap()).unwrap().relu().unwrap();
+    let cc = (cross.sqr().unwrap() / ((var_f * var_w).unwrap() + EPS * EPS).unwrap()).unwrap();
+    let weight = mask.sum_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap() * c as f64;
+    let mean_cc = (cc.broadcast_mul(&mask).unwrap().sum_all().unwrap() / weight.max(1.0)).unwrap();
+    mean_cc.affine(-1.0, 1.0).unwrap()
+}
+
+/// A smooth random texture `(1, c, d, h, w)` plus some noise, and a mask with soft weights,
+/// holes and a zero border region.
+fn ncc_inputs(c: usize, d: usize, h: usize, w: usize, seed: u64) -> (Tensor, Tensor, Tensor) {
+    let n = d * h * w;
+    let noise = rand_vec(2 * c * n + n, seed);
+    let tex = |k: usize, s: f64| -> Vec<f64> {
+        (0..c * n)
+            .map(|q| {
+                let v = q % n;
+                let (i, j, l) = ((v % w) as f64, ((v / w) % h) as f64, (v / (w * h)) as f64);
+                (0.7 * i + s).sin() * (0.4 * j - 0.3 * s).cos()
+                    + (0.5 * l + 0.9 * j + s).sin()
+                    + 0.3 * noise[k * c * n + q]
+            })
+            .collect()
+    };
+    let f = tex(0, seed as f64);
+    // the warped image: a contrast-changed, partly unrelated version of the fixed one
+    let g = tex(1, seed as f64 + 2.0);
+    let wv: Vec<f64> = f.iter().zip(&g).map(|(a, b)| -0.8 * a + 1.2 * b + 2.0).collect();
+    let m: Vec<f64> = (0..n)
+        .map(|v| {
+            let x = noise[2 * c * n + v];
+            if v % w == 0 || x < -0.6 {
+                0.0
+            } else if x > 0.5 {
+                0.5
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    (t(f, &[1, c, d, h, w]), t(wv, &[1, c, d, h, w]), t(m, &[1, 1, d, h, w]))
+}
+
+#[test]
+fn local_ncc_equals_the_composed_loss_and_its_gradient() {
+    for (c, d, h, w) in [(1, 1, 13, 11), (1, 7, 6, 9), (2, 5, 8, 4), (1, 3, 1, 12)] {
+        for radius in 1..=4 {
+            let r = [d, h, w].map(|n| if n > 1 { radius } else { 0 });
+            let (f, wv, m) = ncc_inputs(c, d, h, w, radius as u64 + 10 * d as u64);
+            for dt in [DType::F64, DType::F32] {
+                let (f, wv, m) = (f.to_dtype(dt).unwrap(), wv.to_dtype(dt).unwrap(), m.to_dtype(dt).unwrap());
+                let value = |x: &Tensor| x.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+                let grad = |fused: bool| -> (f64, Vec<f64>) {
+                    let var = Var::from_tensor(&wv).unwrap();
+                    let loss = if fused {
+                        local_ncc(&f, var.as_tensor(), &m, r).unwrap()
+                    } else {
+                        local_ncc_composed(&f, var.as_tensor(), &m, r)
+                    };
+                    let g = loss.backward().unwrap().get(var.as_tensor()).unwrap().clone();
+                    (value(&loss), g.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap())
+                };
+                let ((a, ga), (b, gb)) = (grad(true), grad(false));
+                let tol = if dt == DType::F64 { 1e-10 } else { 1e-5 };
+                assert!((a - b).abs() <= tol * b.abs().max(1.0), "{dt:?} {c}x{d}x{h}x{w} r {radius}: {a} vs {b}");
+                assert!(a > 0.05 && a < 1.0, "a nontrivial loss {a}");
+                let scale = gb.iter().fold(0.0f64, |s, v| s.max(v.abs()));
+                let worst = ga.iter().zip(&gb).fold(0.0f64, |s, (x, y)| s.max((x - y).abs()));
+                let gtol = if dt == DType::F64 { 1e-9 } else { 2e-3 };
+                assert!(
+                    worst <= gtol * scale,
+                    "{dt:?} {c}x{d}x{h}x{w} r {radius}: gradient off by {worst:e} of {scale:e}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn local_ncc_gradient_matches_finite_differences() {
+    for (c, d, h, w, r) in [(1, 1, 9, 8, [0, 2, 2]), (1, 5, 4, 6, [1, 2, 3]), (2, 4, 5, 3, [4, 1, 2])] {
+        let (f, wv, m) = ncc_inputs(c, d, h, w, 3);
+        check_grad(&wv, &move |x| local_ncc(&f, x, &m, r).unwrap(), 1e-6);
+    }
+}
+
+#[test]
+fn local_ncc_is_one_minus_one_for_affine_copies_and_rejects_bad_shapes() {
+    let (f, _, m) = ncc_inputs(1, 4, 6, 7, 1);
+    let ones = Tensor::ones_like(&m).unwrap();
+    for mask in [&m, &ones] {
+        let l = local_ncc(&f, &f.affine(-2.0, 5.0).unwrap(), mask, [1, 2, 2]).unwrap().to_scalar::<f64>().unwrap();
+        assert!(l < 1e-3, "{l}");
+    }
+    assert!(local_ncc(&f, &f.narrow(2, 0, 3).unwrap(), &m, [1, 1, 1]).is_err());
+    assert!(local_ncc(&f, &f, &f.narrow(4, 0, 3).unwrap(), [1, 1, 1]).is_err());
+}
