@@ -67,25 +67,13 @@ pub fn diffusion(u: &Tensor, voxel_mm: f64) -> Result<Tensor> {
 /// inverted tissue contrasts as long as they are locally linear. The window statistics are
 /// weighted by the mask too: a window at the edge of the overlap would otherwise mix in the
 /// padded values beyond the moving image, which pull the field towards the border. Flat windows
-/// count as uncorrelated rather than dividing by zero.
+/// count as uncorrelated rather than dividing by zero. Computed by [`ops::local_ncc`].
 pub fn local_ncc(fixed: &Tensor, warped: &Tensor, mask: &Tensor, radius: usize) -> Result<Tensor> {
-    let (_, c, d, h, w) = fixed.dims5()?;
+    let (_, _, d, h, w) = fixed.dims5()?;
     // a window never reaches across an axis of length 1 (2D images)
     let r = [d, h, w].map(|n| if n > 1 { radius } else { 0 });
-    const EPS: f64 = 1e-5;
-    let mask = mask.detach();
-    let count = (ops::box_filter3d(&mask, r)? + EPS)?;
-    // the masked mean of `x` over each window
-    let mean =
-        |x: &Tensor| -> Result<Tensor> { Ok(ops::box_filter3d(&x.broadcast_mul(&mask)?, r)?.broadcast_div(&count)?) };
-    let (mf, mw) = (mean(fixed)?, mean(warped)?);
-    let cross = (mean(&(fixed * warped)?)? - (&mf * &mw)?)?;
-    let var_f = (mean(&fixed.sqr()?)? - mf.sqr()?)?.relu()?;
-    let var_w = (mean(&warped.sqr()?)? - mw.sqr()?)?.relu()?;
-    let cc = (cross.sqr()? / ((var_f * var_w)? + EPS * EPS)?)?;
-    let weight = mask.sum_all()?.to_scalar::<f32>()? as f64 * c as f64;
-    let mean_cc = (cc.broadcast_mul(&mask)?.sum_all()? / weight.max(1.0))?;
-    Ok(mean_cc.affine(-1.0, 1.0)?)
+    // one fused op: running window sums forward, the analytic gradient backward
+    Ok(ops::local_ncc(fixed, warped, mask, r)?)
 }
 
 /// Fraction of sampled points inside the moving image's extent (half a voxel beyond its outer
