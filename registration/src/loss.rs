@@ -1,6 +1,7 @@
 //! Registration objectives: feature dissimilarity and the B-spline smoothness penalty.
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
+use rayon::prelude::*;
 use segmentation::ops;
 
 use crate::Result;
@@ -80,10 +81,15 @@ pub fn local_ncc(fixed: &Tensor, warped: &Tensor, mask: &Tensor, radius: usize) 
 /// centres), from moving-normalised points `(1, P, 3)` and the moving shape `(d, h, w)`.
 pub fn overlap_mask(points: &Tensor, dhw: (usize, usize, usize)) -> Result<Tensor> {
     let (d, h, w) = dhw;
-    let lim = [w, h, d].map(|n| if n > 1 { 1.0 + 1.0 / (n as f64 - 1.0) } else { f64::INFINITY });
-    let lim_t = Tensor::from_vec(lim.map(|v| v.min(1e30) as f32).to_vec(), (1, 1, 3), points.device())?;
-    let inside = points.abs()?.broadcast_le(&lim_t)?.to_dtype(candle_core::DType::F32)?;
-    Ok(inside.min(D::Minus1)?.unsqueeze(1)?)
+    let lim = [w, h, d].map(|n| if n > 1 { 1.0 + 1.0 / (n as f64 - 1.0) } else { f64::INFINITY }.min(1e30) as f32);
+    let (b, np, _) = points.dims3()?;
+    // one pass in plain Rust: as candle ops, five full-size temporaries per call
+    let p = points.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let inside: Vec<f32> = p
+        .par_chunks(3)
+        .map(|q| if q[0].abs() <= lim[0] && q[1].abs() <= lim[1] && q[2].abs() <= lim[2] { 1.0 } else { 0.0 })
+        .collect();
+    Ok(Tensor::from_vec(inside, (b, 1, np), points.device())?)
 }
 
 #[cfg(test)]
