@@ -4,6 +4,7 @@
 
 pub mod axis;
 pub mod conv3d;
+pub mod displaced;
 pub mod kernel_sample;
 pub mod ncc;
 pub mod sample;
@@ -13,6 +14,7 @@ pub use axis::{
     Boundary,
 };
 pub use conv3d::{conv3d, unfold3d, ConvGeometry};
+pub use displaced::DisplacedSampler;
 pub use kernel_sample::{kernel_sample, kernel_sample_grid};
 pub use ncc::local_ncc;
 pub use sample::{grid_sample, sample_point, Dims, Interpolation, Padding, SampledL1};
