@@ -14,7 +14,7 @@ pub use axis::{
     Boundary,
 };
 pub use conv3d::{conv3d, unfold3d, ConvGeometry};
-pub use displaced::DisplacedSampler;
+pub use displaced::{DisplacedSampler, SquaringStep};
 pub use kernel_sample::{kernel_sample, kernel_sample_grid};
 pub use ncc::local_ncc;
 pub use sample::{grid_sample, sample_point, Dims, Interpolation, Padding, SampledL1};

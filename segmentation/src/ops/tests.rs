@@ -717,3 +717,40 @@ fn displaced_sampler_equals_the_composed_points_and_sampler() {
         .sample(&u.narrow(4, 0, 4).unwrap())
         .is_err());
 }
+
+#[test]
+fn squaring_step_equals_the_composed_step() {
+    let dims = [3, 4, 5];
+    let np = 60;
+    // the grid's own normalised voxel centres, as the exponential's plan has them
+    let mut b = Vec::new();
+    for k in 0..3 {
+        for j in 0..4 {
+            for i in 0..5 {
+                b.extend([i as f64 / 2.0 - 1.0, j as f64 / 1.5 - 1.0, k as f64 - 1.0]);
+            }
+        }
+    }
+    let base = t(b, &[1, np, 3]);
+    let lin = t(vec![0.3, -0.1, 0.05, 0.02, 0.25, -0.07, 0.1, 0.04, 0.4], &[3, 3]);
+    let u = t(rand_vec(3 * np, 17).into_iter().map(|v| 1.5 * v).collect(), &[1, 3, 3, 4, 5]);
+    let composed = |u: &Tensor| -> Tensor {
+        let off = u.reshape((3, np)).unwrap().t().unwrap().matmul(&lin).unwrap().unsqueeze(0).unwrap();
+        let at = grid_sample(u, &base.broadcast_add(&off).unwrap(), Interpolation::Linear, Padding::Border).unwrap();
+        (u + at.reshape(u.shape()).unwrap()).unwrap()
+    };
+    let step = SquaringStep::new(&base, &lin, dims).unwrap();
+    let diff = (step.apply(&u).unwrap() - composed(&u)).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(diff.to_scalar::<f64>().unwrap() < 1e-12);
+    let s = step.clone();
+    check_grad(&u, &move |x| s.apply(x).unwrap(), 1e-6);
+    let (va, vb) = (Var::from_tensor(&u).unwrap(), Var::from_tensor(&u).unwrap());
+    let r = t(rand_vec(3 * np, 4), &[1, 3, 3, 4, 5]);
+    // two steps, as the exponential chains them
+    let ga = (step.apply(&step.apply(va.as_tensor()).unwrap()).unwrap() * &r).unwrap().sum_all().unwrap().backward();
+    let gb = (composed(&composed(vb.as_tensor())) * &r).unwrap().sum_all().unwrap().backward();
+    let (ga, gb) = (ga.unwrap(), gb.unwrap());
+    let d = (ga.get(va.as_tensor()).unwrap() - gb.get(vb.as_tensor()).unwrap()).unwrap().abs().unwrap().max_all();
+    assert!(d.unwrap().to_scalar::<f64>().unwrap() < 1e-11);
+    assert!(step.apply(&u.narrow(4, 0, 4).unwrap()).is_err());
+}
