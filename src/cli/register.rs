@@ -266,7 +266,7 @@ fn read_method(path: &Path) -> Result<MethodConfig> {
 
 impl RegisterArgs {
     /// Estimates the job's peak memory from the headers alone and refuses it when over the limit.
-    fn check_memory(&self, model: Option<&ObeliskFeatures>) -> Result<()> {
+    fn check_memory(&self, model: Option<&ObeliskFeatures>, config: &MethodConfig) -> Result<()> {
         let (fg, mg) = (io::read_grid(&self.fixed)?, io::read_grid(&self.moving)?);
         let extractor = self.options.features.extractor(&fg, model)?;
         let (stride, extra) = match model {
@@ -281,6 +281,11 @@ impl RegisterArgs {
             stride,
             extra,
             self.options.discrete_radius,
+            // the finest level that compares intensities by local NCC
+            match config.similarity {
+                Similarity::Ncc { .. } => config.levels.iter().map(|l| l.shrink).min(),
+                Similarity::L1 => None,
+            },
         );
         crate::memory::Limit::new(self.max_memory).check(
             need,
@@ -311,7 +316,7 @@ impl RegisterArgs {
         if config.start == Start::Labels && (self.fixed_labels.is_none() || self.moving_labels.is_none()) {
             bail!("--init labels needs --fixed-labels and --moving-labels");
         }
-        self.check_memory(model.as_ref())?;
+        self.check_memory(model.as_ref(), &config)?;
         prepare_out_dir(&self.out)?;
         let fixed = io::read_image(&self.fixed)?;
         let moving = io::read_image(&self.moving)?;

@@ -288,9 +288,8 @@ impl CustomOp3 for LocalNccOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let scale = grad.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let (c, dims) = match warped.dims5()? {
-            (_, c, d, h, w) => (c, [d, h, w]),
-        };
+        let (_, c, d, h, w) = warped.dims5()?;
+        let dims = [d, h, w];
         let taken = self.coefficients.lock().unwrap_or_else(|e| e.into_inner()).take();
         macro_rules! run {
             ($t:ty) => {{
