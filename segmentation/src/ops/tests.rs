@@ -754,3 +754,94 @@ fn squaring_step_equals_the_composed_step() {
     assert!(d.unwrap().to_scalar::<f64>().unwrap() < 1e-11);
     assert!(step.apply(&u.narrow(4, 0, 4).unwrap()).is_err());
 }
+
+/// Timings of the registration's full-resolution NCC iteration parts, composed vs fused, on the
+/// T1 → Colin27 pair's finest grid (`cargo test --release -p obelisk-segmentation --lib
+/// ncc_timings -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn ncc_timings() {
+    use std::time::Instant;
+    let (d, h, w) = (79, 95, 79);
+    let n = d * h * w;
+    let (f, wv, m) = ncc_inputs(1, d, h, w, 1);
+    let (f, wv, m) =
+        (f.to_dtype(DType::F32).unwrap(), wv.to_dtype(DType::F32).unwrap(), m.to_dtype(DType::F32).unwrap());
+    let time = |name: &str, run: &dyn Fn()| {
+        run();
+        let t = Instant::now();
+        for _ in 0..5 {
+            run();
+        }
+        eprintln!("{name:40} {:8.1} ms", t.elapsed().as_secs_f64() * 200.0);
+    };
+    let ncc = |fused: bool| {
+        let var = Var::from_tensor(&wv).unwrap();
+        let l = if fused {
+            local_ncc(&f, var.as_tensor(), &m, [2; 3]).unwrap()
+        } else {
+            local_ncc_composed(&f, var.as_tensor(), &m, [2; 3])
+        };
+        l.backward().unwrap();
+    };
+    time("local NCC composed, forward + backward", &|| ncc(false));
+    time("local NCC fused, forward + backward", &|| ncc(true));
+    let moving = wv.clone();
+    let base = t(rand_vec(3 * n, 3).into_iter().map(|v| v * 0.9).collect(), &[1, n, 3]).to_dtype(DType::F32).unwrap();
+    let lin = t(vec![0.01, 0.0, 0.0, 0.0, 0.012, 0.0, 0.0, 0.0, 0.01], &[3, 3]).to_dtype(DType::F32).unwrap();
+    let u = t(rand_vec(3 * n, 4), &[1, 3, d, h, w]).to_dtype(DType::F32).unwrap();
+    let sampler = DisplacedSampler::new(&moving, &base, &lin, Padding::Border).unwrap();
+    let sample = |fused: bool| {
+        let var = Var::from_tensor(&u).unwrap();
+        let s = if fused {
+            sampler.sample(var.as_tensor()).unwrap()
+        } else {
+            let off = var.as_tensor().reshape((3, n)).unwrap().t().unwrap().matmul(&lin).unwrap().unsqueeze(0).unwrap();
+            grid_sample(&moving, &base.broadcast_add(&off).unwrap(), Interpolation::Linear, Padding::Border).unwrap()
+        };
+        s.sum_all().unwrap().backward().unwrap();
+    };
+    time("points + sampler composed, fwd + bwd", &|| sample(false));
+    time("points + sampler fused, fwd + bwd", &|| sample(true));
+    let (cd, ch, cw) = (40, 48, 40);
+    let cn = cd * ch * cw;
+    let mut b = Vec::new();
+    for k in 0..cd {
+        for j in 0..ch {
+            for i in 0..cw {
+                b.extend([i as f64 / 19.5 - 1.0, j as f64 / 23.5 - 1.0, k as f64 / 19.5 - 1.0]);
+            }
+        }
+    }
+    let cbase = t(b, &[1, cn, 3]).to_dtype(DType::F32).unwrap();
+    let v = (t(rand_vec(3 * cn, 9), &[1, 3, cd, ch, cw]).to_dtype(DType::F32).unwrap() * 0.02).unwrap();
+    let step = SquaringStep::new(&cbase, &lin, [cd, ch, cw]).unwrap();
+    let squarings = |fused: bool| {
+        let var = Var::from_tensor(&v).unwrap();
+        let mut x = var.as_tensor().clone();
+        for _ in 0..6 {
+            x = if fused {
+                step.apply(&x).unwrap()
+            } else {
+                let off = x.reshape((3, cn)).unwrap().t().unwrap().matmul(&lin).unwrap().unsqueeze(0).unwrap();
+                let at = grid_sample(&x, &cbase.broadcast_add(&off).unwrap(), Interpolation::Linear, Padding::Border)
+                    .unwrap();
+                (&x + at.reshape(x.shape()).unwrap()).unwrap()
+            };
+        }
+        x.sum_all().unwrap().backward().unwrap();
+    };
+    time("6 squarings (control grid) composed", &|| squarings(false));
+    time("6 squarings (control grid) fused", &|| squarings(true));
+    let dense = |_: bool| {
+        let var = Var::from_tensor(&v).unwrap();
+        resize(var.as_tensor(), [d, h, w]).unwrap().sum_all().unwrap().backward().unwrap();
+    };
+    time("control -> dense resize, fwd + bwd", &|| dense(true));
+    let pen = |_: bool| {
+        let var = Var::from_tensor(&v).unwrap();
+        let s = bspline_smooth3d(var.as_tensor(), [2.0; 3]).unwrap();
+        (var.as_tensor() - s).unwrap().sqr().unwrap().mean_all().unwrap().backward().unwrap();
+    };
+    time("B-spline penalty (control grid), fwd + bwd", &|| pen(true));
+}
