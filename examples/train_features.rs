@@ -39,7 +39,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let names = LABEL_NAMES.iter().map(|s| s.to_string()).collect();
     // CT in HU: -1000..1000 onto about -1..1
-    let norm = InputNorm { scale: 1.0 / 1000.0, offset: 0.0 };
+    let norm = InputNorm { scale: 1.0 / 1000.0, offset: 0.0, robust: false };
     let model = Model::new(ModelConfig::new(Architecture::ObeliskNet(net), norm, names), 0, &dev)?;
     let train = TrainConfig {
         lr: 0.005,

@@ -228,6 +228,7 @@ fn make_job(py: Python<'_>, inputs: Inputs<'_>, o: &Options) -> anyhow::Result<(
     let moving = image(py, inputs.moving)?;
     check_memory(
         &options,
+        &config,
         model.as_ref(),
         (&fixed.name, &fixed.value.grid),
         (&moving.name, &moving.value.grid),

@@ -1,6 +1,7 @@
 //! Registration objectives: feature dissimilarity and the B-spline smoothness penalty.
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
+use rayon::prelude::*;
 use segmentation::ops;
 
 use crate::Result;
@@ -67,35 +68,28 @@ pub fn diffusion(u: &Tensor, voxel_mm: f64) -> Result<Tensor> {
 /// inverted tissue contrasts as long as they are locally linear. The window statistics are
 /// weighted by the mask too: a window at the edge of the overlap would otherwise mix in the
 /// padded values beyond the moving image, which pull the field towards the border. Flat windows
-/// count as uncorrelated rather than dividing by zero.
+/// count as uncorrelated rather than dividing by zero. Computed by [`ops::local_ncc`].
 pub fn local_ncc(fixed: &Tensor, warped: &Tensor, mask: &Tensor, radius: usize) -> Result<Tensor> {
-    let (_, c, d, h, w) = fixed.dims5()?;
+    let (_, _, d, h, w) = fixed.dims5()?;
     // a window never reaches across an axis of length 1 (2D images)
     let r = [d, h, w].map(|n| if n > 1 { radius } else { 0 });
-    const EPS: f64 = 1e-5;
-    let mask = mask.detach();
-    let count = (ops::box_filter3d(&mask, r)? + EPS)?;
-    // the masked mean of `x` over each window
-    let mean =
-        |x: &Tensor| -> Result<Tensor> { Ok(ops::box_filter3d(&x.broadcast_mul(&mask)?, r)?.broadcast_div(&count)?) };
-    let (mf, mw) = (mean(fixed)?, mean(warped)?);
-    let cross = (mean(&(fixed * warped)?)? - (&mf * &mw)?)?;
-    let var_f = (mean(&fixed.sqr()?)? - mf.sqr()?)?.relu()?;
-    let var_w = (mean(&warped.sqr()?)? - mw.sqr()?)?.relu()?;
-    let cc = (cross.sqr()? / ((var_f * var_w)? + EPS * EPS)?)?;
-    let weight = mask.sum_all()?.to_scalar::<f32>()? as f64 * c as f64;
-    let mean_cc = (cc.broadcast_mul(&mask)?.sum_all()? / weight.max(1.0))?;
-    Ok(mean_cc.affine(-1.0, 1.0)?)
+    // one fused op: running window sums forward, the analytic gradient backward
+    Ok(ops::local_ncc(fixed, warped, mask, r)?)
 }
 
 /// Fraction of sampled points inside the moving image's extent (half a voxel beyond its outer
 /// centres), from moving-normalised points `(1, P, 3)` and the moving shape `(d, h, w)`.
 pub fn overlap_mask(points: &Tensor, dhw: (usize, usize, usize)) -> Result<Tensor> {
     let (d, h, w) = dhw;
-    let lim = [w, h, d].map(|n| if n > 1 { 1.0 + 1.0 / (n as f64 - 1.0) } else { f64::INFINITY });
-    let lim_t = Tensor::from_vec(lim.map(|v| v.min(1e30) as f32).to_vec(), (1, 1, 3), points.device())?;
-    let inside = points.abs()?.broadcast_le(&lim_t)?.to_dtype(candle_core::DType::F32)?;
-    Ok(inside.min(D::Minus1)?.unsqueeze(1)?)
+    let lim = [w, h, d].map(|n| if n > 1 { 1.0 + 1.0 / (n as f64 - 1.0) } else { f64::INFINITY }.min(1e30) as f32);
+    let (b, np, _) = points.dims3()?;
+    // one pass in plain Rust: as candle ops, five full-size temporaries per call
+    let p = points.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let inside: Vec<f32> = p
+        .par_chunks(3)
+        .map(|q| if q[0].abs() <= lim[0] && q[1].abs() <= lim[1] && q[2].abs() <= lim[2] { 1.0 } else { 0.0 })
+        .collect();
+    Ok(Tensor::from_vec(inside, (b, 1, np), points.device())?)
 }
 
 #[cfg(test)]

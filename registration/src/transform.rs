@@ -144,9 +144,11 @@ impl DenseDisplacement {
         let plan = SamplingPlan::new(grid, grid, &Affine::default(), velocity.device())?;
         let shape = velocity.shape().clone();
         let mut u = (velocity / 2f64.powi(steps as i32))?;
+        // each step `u + u(x + u)` as one fused op (points, sampler and sum)
+        let (d, h, w) = grid.dhw();
+        let step = ops::SquaringStep::new(&plan.base, &plan.lin_t, [d, h, w])?;
         for _ in 0..steps {
-            let at = ops::grid_sample(&u, &plan.points_for(&u)?, ops::Interpolation::Linear, ops::Padding::Border)?;
-            u = (&u + at.reshape(shape.clone())?)?;
+            u = step.apply(&u.reshape(shape.clone())?)?;
         }
         Ok(u)
     }

@@ -313,6 +313,7 @@ pub fn check_pair(
 /// the machine's memory), from the grids alone.
 pub fn check_memory(
     options: &RegOptions,
+    config: &MethodConfig,
     model: Option<&ObeliskFeatures>,
     (fixed_name, fg): (&Path, &registration::Grid),
     (moving_name, mg): (&Path, &registration::Grid),
@@ -324,7 +325,20 @@ pub fn check_memory(
         Some(m) => (m.stride(), 4 * m.num_parameters() as u64 + (256 << 20)),
         None => (1, 0),
     };
-    let need = crate::memory::register_estimate(fg, mg, extractor.channels(), stride, extra, options.discrete_radius);
+    // the finest level that compares intensities by local NCC
+    let ncc_shrink = match config.similarity {
+        Similarity::Ncc { .. } => config.levels.iter().map(|l| l.shrink).min(),
+        Similarity::L1 => None,
+    };
+    let need = crate::memory::register_estimate(
+        fg,
+        mg,
+        extractor.channels(),
+        stride,
+        extra,
+        options.discrete_radius,
+        ncc_shrink,
+    );
     crate::memory::Limit::new(max_memory).check(
         need,
         &format!(
@@ -341,9 +355,9 @@ pub fn check_memory(
 
 impl RegisterArgs {
     /// Estimates the job's peak memory from the headers alone and refuses it when over the limit.
-    fn check_memory(&self, model: Option<&ObeliskFeatures>) -> Result<()> {
+    fn check_memory(&self, model: Option<&ObeliskFeatures>, config: &MethodConfig) -> Result<()> {
         let (fg, mg) = (io::read_grid(&self.fixed)?, io::read_grid(&self.moving)?);
-        check_memory(&self.options, model, (&self.fixed, &fg), (&self.moving, &mg), self.outputs.max_memory)
+        check_memory(&self.options, config, model, (&self.fixed, &fg), (&self.moving, &mg), self.outputs.max_memory)
     }
 
     /// Validates everything and reads the inputs; no output is written.
@@ -372,7 +386,7 @@ impl RegisterArgs {
         if config.start == Start::Labels && (self.fixed_labels.is_none() || self.moving_labels.is_none()) {
             bail!("--init labels needs --fixed-labels and --moving-labels");
         }
-        self.check_memory(model.as_ref())?;
+        self.check_memory(model.as_ref(), &config)?;
         prepare_out_dir(&self.out)?;
         let fixed = io::read_image(&self.fixed)?;
         let moving = io::read_image(&self.moving)?;

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
-use segmentation::ops::{self, grid_sample, Interpolation, Padding, SampledL1};
+use segmentation::ops::{self, grid_sample, DisplacedSampler, Interpolation, Padding, SampledL1};
 
 use super::discrete::discrete_start;
 use super::masks::{fixed_weights, moving_valid, Masks, MovingMask};
@@ -136,6 +136,14 @@ pub(crate) fn deformable_levels(
             }
             moving_mask = MovingMask::new(masks, moving_grid)?;
         }
+        // NCC alone on intensity maps samples them at the displaced points in one fused op (the
+        // points never become a differentiable tensor)
+        let displaced = match &ncc {
+            Some((_, _, Some((_, mil)))) if l1_weight == 0.0 => {
+                Some(DisplacedSampler::new(&mil.tensor, &plan.base, &plan.lin_t, Padding::Border)?)
+            }
+            _ => None,
+        };
         let (d, h, w) = fl.grid.dhw();
         let schedule = Schedule {
             stage,
@@ -150,39 +158,50 @@ pub(crate) fn deformable_levels(
             &schedule,
             |v| {
                 let dense = ops::resize(&displacement(cfg.parameterisation, v, &cgrid)?, [d, h, w])?;
-                let p = plan.points_for(&dense)?;
-                let overlap = |p: &Tensor| -> Result<Tensor> {
-                    let mut mask = overlap_mask(&p.detach(), moving_grid.dhw())?;
+                // the differentiable points, unless the fused sampler forms them itself
+                let p = match &displaced {
+                    Some(_) => None,
+                    None => Some(plan.points_for(&dense)?),
+                };
+                let overlap = || -> Result<Tensor> {
+                    let p = match (&p, &displaced) {
+                        (Some(p), _) => p.detach(),
+                        (None, Some(s)) => s.points(&dense)?,
+                        (None, None) => unreachable!("points or a sampler"),
+                    };
+                    let mut mask = overlap_mask(&p, moving_grid.dhw())?;
                     if let Some(w) = &fixed_w {
                         mask = mask.broadcast_mul(w)?;
                     }
                     if let Some(m) = &moving_mask {
-                        mask = mask.broadcast_mul(&m.held(p)?)?;
+                        mask = mask.broadcast_mul(&m.held(&p)?)?;
                     }
                     Ok(mask)
                 };
                 let (mut sim, mut inside) = (Tensor::zeros((), DType::F32, &dev)?, 1.0);
-                if l1_weight > 0.0 {
+                if let (true, Some(p)) = (l1_weight > 0.0, &p) {
                     let (s, i) = match &similarity {
-                        Some(s) => s.loss(&p)?,
+                        Some(s) => s.loss(p)?,
                         None => {
-                            let mask = overlap(&p)?;
+                            let mask = overlap()?;
                             let i = mask.mean_all()?.to_scalar::<f32>()? as f64;
-                            (masked_l1(&ffeat, &ml.sample(&p)?, &mask)?, i)
+                            (masked_l1(&ffeat, &ml.sample(p)?, &mask)?, i)
                         }
                     };
                     (sim, inside) = ((sim + (s * l1_weight)?)?, i);
                 }
                 if let Some((radius, weight, maps)) = &ncc {
-                    let mask = overlap(&p)?;
+                    let mask = overlap()?;
                     if l1_weight == 0.0 {
                         inside = mask.mean_all()?.to_scalar::<f32>()? as f64;
                     }
-                    let (fixed_i, warped) = match maps {
-                        Some((fil, mil)) => {
-                            (&fil.tensor, grid_sample(&mil.tensor, &p, Interpolation::Linear, Padding::Border)?)
+                    let (fixed_i, warped) = match (maps, &p, &displaced) {
+                        (Some((fil, _)), _, Some(s)) => (&fil.tensor, s.sample(&dense)?),
+                        (Some((fil, mil)), Some(p), None) => {
+                            (&fil.tensor, grid_sample(&mil.tensor, p, Interpolation::Linear, Padding::Border)?)
                         }
-                        None => (&fl.tensor, ml.sample(&p)?),
+                        (None, Some(p), _) => (&fl.tensor, ml.sample(p)?),
+                        (_, None, _) => unreachable!("the fused sampler serves intensity maps only"),
                     };
                     let warped = warped.reshape(fixed_i.shape())?;
                     let ncc = local_ncc(fixed_i, &warped, &mask.reshape((1, 1, d, h, w))?, *radius)?;

@@ -20,7 +20,9 @@ impl Level {
         let t = Tensor::from_vec(v.data.clone(), (1, v.channels, d, h, w), &Device::Cpu)?;
         let grid = v.grid.resized(v.grid.level_shape(shrink));
         let (d2, h2, w2) = grid.dhw();
-        Ok(Level { tensor: ops::resize(&t, [d2, h2, w2])?, grid })
+        // detached: the maps are constants, and a tensor made by an op would otherwise draw every
+        // backward pass through the sampler's input gradient and the resizing
+        Ok(Level { tensor: ops::resize(&t, [d2, h2, w2])?.detach(), grid })
     }
 }
 

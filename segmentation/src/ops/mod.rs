@@ -1,10 +1,12 @@
 //! Differentiable low-level ops that candle lacks: 3D grid sampling and separable axis filters
-//! (average pooling, trilinear resizing, B-spline smoothing) and 3D convolution. Each has a CPU forward and a
+//! (average pooling, trilinear resizing, B-spline smoothing), 3D convolution and the fused local NCC loss. Each has a CPU forward and a
 //! backward pass checked against finite differences.
 
 pub mod axis;
 pub mod conv3d;
+pub mod displaced;
 pub mod kernel_sample;
+pub mod ncc;
 pub mod sample;
 
 pub use axis::{
@@ -12,7 +14,9 @@ pub use axis::{
     Boundary,
 };
 pub use conv3d::{conv3d, unfold3d, ConvGeometry};
+pub use displaced::{DisplacedSampler, SquaringStep};
 pub use kernel_sample::{kernel_sample, kernel_sample_grid};
+pub use ncc::local_ncc;
 pub use sample::{grid_sample, sample_point, Dims, Interpolation, Padding, SampledL1};
 
 pub(crate) fn bail<T>(msg: impl Into<String>) -> candle_core::Result<T> {

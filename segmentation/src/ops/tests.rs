@@ -564,3 +564,284 @@ fn sampled_l1_with_masks_equals_the_weighted_composed_loss() {
     assert!(SampledL1::new(&moving, &fixed).unwrap().with_masks(Some(vec![1.0; 3]), None).is_err());
     assert!(SampledL1::new(&moving, &fixed).unwrap().with_masks(None, Some(vec![true; 3])).is_err());
 }
+
+/// The local NCC loss composed of candle ops (the registration's former implementation), the
+/// reference for the fused op.
+fn local_ncc_composed(fixed: &Tensor, warped: &Tensor, mask: &Tensor, r: [usize; 3]) -> Tensor {
+    const EPS: f64 = 1e-5;
+    let c = fixed.dim(1).unwrap();
+    let mask = mask.detach();
+    let count = (box_filter3d(&mask, r).unwrap() + EPS).unwrap();
+    let mean = |x: &Tensor| box_filter3d(&x.broadcast_mul(&mask).unwrap(), r).unwrap().broadcast_div(&count).unwrap();
+    let (mf, mw) = (mean(fixed), mean(warped));
+    let cross = (mean(&(fixed * warped).unwrap()) - (&mf * &mw).unwrap()).unwrap();
+    let var_f = (mean(&fixed.sqr().unwrap()) - mf.sqr().unwrap()).unwrap().relu().unwrap();
+    let var_w = (mean(&warped.sqr().unwrap()) - mw.sqr().unwrap()).unwrap().relu().unwrap();
+    let cc = (cross.sqr().unwrap() / ((var_f * var_w).unwrap() + EPS * EPS).unwrap()).unwrap();
+    let weight = mask.sum_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap() * c as f64;
+    let mean_cc = (cc.broadcast_mul(&mask).unwrap().sum_all().unwrap() / weight.max(1.0)).unwrap();
+    mean_cc.affine(-1.0, 1.0).unwrap()
+}
+
+/// A smooth random texture `(1, c, d, h, w)` plus some noise, and a mask with soft weights,
+/// holes and a zero border region.
+fn ncc_inputs(c: usize, d: usize, h: usize, w: usize, seed: u64) -> (Tensor, Tensor, Tensor) {
+    let n = d * h * w;
+    let noise = rand_vec(2 * c * n + n, seed);
+    let tex = |k: usize, s: f64| -> Vec<f64> {
+        (0..c * n)
+            .map(|q| {
+                let v = q % n;
+                let (i, j, l) = ((v % w) as f64, ((v / w) % h) as f64, (v / (w * h)) as f64);
+                (0.7 * i + s).sin() * (0.4 * j - 0.3 * s).cos()
+                    + (0.5 * l + 0.9 * j + s).sin()
+                    + 0.3 * noise[k * c * n + q]
+            })
+            .collect()
+    };
+    let f = tex(0, seed as f64);
+    // the warped image: a contrast-changed, partly unrelated version of the fixed one
+    let g = tex(1, seed as f64 + 2.0);
+    let wv: Vec<f64> = f.iter().zip(&g).map(|(a, b)| -0.8 * a + 1.2 * b + 2.0).collect();
+    let m: Vec<f64> = (0..n)
+        .map(|v| {
+            let x = noise[2 * c * n + v];
+            if v % w == 0 || x < -0.6 {
+                0.0
+            } else if x > 0.5 {
+                0.5
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    (t(f, &[1, c, d, h, w]), t(wv, &[1, c, d, h, w]), t(m, &[1, 1, d, h, w]))
+}
+
+#[test]
+fn local_ncc_equals_the_composed_loss_and_its_gradient() {
+    for (c, d, h, w) in [(1, 1, 13, 11), (1, 7, 6, 9), (2, 5, 8, 4), (1, 3, 1, 12)] {
+        for radius in 1..=4 {
+            let r = [d, h, w].map(|n| if n > 1 { radius } else { 0 });
+            let (f, wv, m) = ncc_inputs(c, d, h, w, radius as u64 + 10 * d as u64);
+            for dt in [DType::F64, DType::F32] {
+                let (f, wv, m) = (f.to_dtype(dt).unwrap(), wv.to_dtype(dt).unwrap(), m.to_dtype(dt).unwrap());
+                let value = |x: &Tensor| x.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+                let grad = |fused: bool| -> (f64, Vec<f64>) {
+                    let var = Var::from_tensor(&wv).unwrap();
+                    let loss = if fused {
+                        local_ncc(&f, var.as_tensor(), &m, r).unwrap()
+                    } else {
+                        local_ncc_composed(&f, var.as_tensor(), &m, r)
+                    };
+                    let g = loss.backward().unwrap().get(var.as_tensor()).unwrap().clone();
+                    (value(&loss), g.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap())
+                };
+                let ((a, ga), (b, gb)) = (grad(true), grad(false));
+                let tol = if dt == DType::F64 { 1e-10 } else { 1e-5 };
+                assert!((a - b).abs() <= tol * b.abs().max(1.0), "{dt:?} {c}x{d}x{h}x{w} r {radius}: {a} vs {b}");
+                assert!(a > 0.05 && a < 1.0, "a nontrivial loss {a}");
+                let scale = gb.iter().fold(0.0f64, |s, v| s.max(v.abs()));
+                let worst = ga.iter().zip(&gb).fold(0.0f64, |s, (x, y)| s.max((x - y).abs()));
+                let gtol = if dt == DType::F64 { 1e-9 } else { 2e-3 };
+                assert!(
+                    worst <= gtol * scale,
+                    "{dt:?} {c}x{d}x{h}x{w} r {radius}: gradient off by {worst:e} of {scale:e}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn local_ncc_gradient_matches_finite_differences() {
+    for (c, d, h, w, r) in [(1, 1, 9, 8, [0, 2, 2]), (1, 5, 4, 6, [1, 2, 3]), (2, 4, 5, 3, [4, 1, 2])] {
+        let (f, wv, m) = ncc_inputs(c, d, h, w, 3);
+        check_grad(&wv, &move |x| local_ncc(&f, x, &m, r).unwrap(), 1e-6);
+    }
+}
+
+#[test]
+fn local_ncc_is_one_minus_one_for_affine_copies_and_rejects_bad_shapes() {
+    let (f, _, m) = ncc_inputs(1, 4, 6, 7, 1);
+    let ones = Tensor::ones_like(&m).unwrap();
+    for mask in [&m, &ones] {
+        let l = local_ncc(&f, &f.affine(-2.0, 5.0).unwrap(), mask, [1, 2, 2]).unwrap().to_scalar::<f64>().unwrap();
+        assert!(l < 1e-3, "{l}");
+    }
+    assert!(local_ncc(&f, &f.narrow(2, 0, 3).unwrap(), &m, [1, 1, 1]).is_err());
+    assert!(local_ncc(&f, &f, &f.narrow(4, 0, 3).unwrap(), [1, 1, 1]).is_err());
+}
+
+#[test]
+fn displaced_sampler_equals_the_composed_points_and_sampler() {
+    let (c, d, h, w) = (2, 4, 5, 6);
+    let moving = volume(1, c, d, h, w);
+    // a fixed-side grid of 3×4×5 points, spread beyond the volume so every padding branch runs
+    let np = 60;
+    let base = points(1, np, 1.15, 21);
+    let lin = t(vec![0.3, -0.1, 0.05, 0.02, 0.25, -0.07, 0.1, 0.04, 0.2], &[3, 3]);
+    let u = t(rand_vec(3 * np, 5), &[1, 3, 3, 4, 5]);
+    let composed = |u: &Tensor, pad: Padding| -> Tensor {
+        let off = u.reshape((3, np)).unwrap().t().unwrap().matmul(&lin).unwrap().unsqueeze(0).unwrap();
+        grid_sample(&moving, &base.broadcast_add(&off).unwrap(), Interpolation::Linear, pad).unwrap()
+    };
+    for pad in [Padding::Zeros, Padding::Border, Padding::Extent] {
+        let s = DisplacedSampler::new(&moving, &base, &lin, pad).unwrap();
+        let (a, b) = (s.sample(&u).unwrap(), composed(&u, pad));
+        assert_eq!(a.dims(), [1, c, np]);
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        assert!(diff < 1e-12, "{pad:?}: {diff:e}");
+        let sp = s.clone();
+        check_grad(&u, &move |x| sp.sample(x).unwrap(), 1e-6);
+        // the same gradient as the composition's
+        let (va, vb) = (Var::from_tensor(&u).unwrap(), Var::from_tensor(&u).unwrap());
+        let r = t(rand_vec(c * np, 8), &[1, c, np]);
+        let ga = (s.sample(va.as_tensor()).unwrap() * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (composed(vb.as_tensor(), pad) * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let diff = (ga.get(va.as_tensor()).unwrap() - gb.get(vb.as_tensor()).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(diff < 1e-12, "{pad:?} gradient: {diff:e}");
+        let pts = s.points(&u).unwrap();
+        let want = base.broadcast_add(&u.reshape((3, np)).unwrap().t().unwrap().matmul(&lin).unwrap()).unwrap();
+        assert!((pts - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap() < 1e-12);
+    }
+    assert!(DisplacedSampler::new(&moving, &base, &lin, Padding::Border)
+        .unwrap()
+        .sample(&u.narrow(4, 0, 4).unwrap())
+        .is_err());
+}
+
+#[test]
+fn squaring_step_equals_the_composed_step() {
+    let dims = [3, 4, 5];
+    let np = 60;
+    // the grid's own normalised voxel centres, as the exponential's plan has them
+    let mut b = Vec::new();
+    for k in 0..3 {
+        for j in 0..4 {
+            for i in 0..5 {
+                b.extend([i as f64 / 2.0 - 1.0, j as f64 / 1.5 - 1.0, k as f64 - 1.0]);
+            }
+        }
+    }
+    let base = t(b, &[1, np, 3]);
+    let lin = t(vec![0.3, -0.1, 0.05, 0.02, 0.25, -0.07, 0.1, 0.04, 0.4], &[3, 3]);
+    let u = t(rand_vec(3 * np, 17).into_iter().map(|v| 1.5 * v).collect(), &[1, 3, 3, 4, 5]);
+    let composed = |u: &Tensor| -> Tensor {
+        let off = u.reshape((3, np)).unwrap().t().unwrap().matmul(&lin).unwrap().unsqueeze(0).unwrap();
+        let at = grid_sample(u, &base.broadcast_add(&off).unwrap(), Interpolation::Linear, Padding::Border).unwrap();
+        (u + at.reshape(u.shape()).unwrap()).unwrap()
+    };
+    let step = SquaringStep::new(&base, &lin, dims).unwrap();
+    let diff = (step.apply(&u).unwrap() - composed(&u)).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(diff.to_scalar::<f64>().unwrap() < 1e-12);
+    let s = step.clone();
+    check_grad(&u, &move |x| s.apply(x).unwrap(), 1e-6);
+    let (va, vb) = (Var::from_tensor(&u).unwrap(), Var::from_tensor(&u).unwrap());
+    let r = t(rand_vec(3 * np, 4), &[1, 3, 3, 4, 5]);
+    // two steps, as the exponential chains them
+    let ga = (step.apply(&step.apply(va.as_tensor()).unwrap()).unwrap() * &r).unwrap().sum_all().unwrap().backward();
+    let gb = (composed(&composed(vb.as_tensor())) * &r).unwrap().sum_all().unwrap().backward();
+    let (ga, gb) = (ga.unwrap(), gb.unwrap());
+    let d = (ga.get(va.as_tensor()).unwrap() - gb.get(vb.as_tensor()).unwrap()).unwrap().abs().unwrap().max_all();
+    assert!(d.unwrap().to_scalar::<f64>().unwrap() < 1e-11);
+    assert!(step.apply(&u.narrow(4, 0, 4).unwrap()).is_err());
+}
+
+/// Timings of the registration's full-resolution NCC iteration parts, composed vs fused, on the
+/// T1 → Colin27 pair's finest grid (`cargo test --release -p obelisk-segmentation --lib
+/// ncc_timings -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn ncc_timings() {
+    use std::time::Instant;
+    let (d, h, w) = (79, 95, 79);
+    let n = d * h * w;
+    let (f, wv, m) = ncc_inputs(1, d, h, w, 1);
+    let (f, wv, m) =
+        (f.to_dtype(DType::F32).unwrap(), wv.to_dtype(DType::F32).unwrap(), m.to_dtype(DType::F32).unwrap());
+    let time = |name: &str, run: &dyn Fn()| {
+        run();
+        let t = Instant::now();
+        for _ in 0..5 {
+            run();
+        }
+        eprintln!("{name:40} {:8.1} ms", t.elapsed().as_secs_f64() * 200.0);
+    };
+    let ncc = |fused: bool| {
+        let var = Var::from_tensor(&wv).unwrap();
+        let l = if fused {
+            local_ncc(&f, var.as_tensor(), &m, [2; 3]).unwrap()
+        } else {
+            local_ncc_composed(&f, var.as_tensor(), &m, [2; 3])
+        };
+        l.backward().unwrap();
+    };
+    time("local NCC composed, forward + backward", &|| ncc(false));
+    time("local NCC fused, forward + backward", &|| ncc(true));
+    let moving = wv.clone();
+    let base = t(rand_vec(3 * n, 3).into_iter().map(|v| v * 0.9).collect(), &[1, n, 3]).to_dtype(DType::F32).unwrap();
+    let lin = t(vec![0.01, 0.0, 0.0, 0.0, 0.012, 0.0, 0.0, 0.0, 0.01], &[3, 3]).to_dtype(DType::F32).unwrap();
+    let u = t(rand_vec(3 * n, 4), &[1, 3, d, h, w]).to_dtype(DType::F32).unwrap();
+    let sampler = DisplacedSampler::new(&moving, &base, &lin, Padding::Border).unwrap();
+    let sample = |fused: bool| {
+        let var = Var::from_tensor(&u).unwrap();
+        let s = if fused {
+            sampler.sample(var.as_tensor()).unwrap()
+        } else {
+            let off = var.as_tensor().reshape((3, n)).unwrap().t().unwrap().matmul(&lin).unwrap().unsqueeze(0).unwrap();
+            grid_sample(&moving, &base.broadcast_add(&off).unwrap(), Interpolation::Linear, Padding::Border).unwrap()
+        };
+        s.sum_all().unwrap().backward().unwrap();
+    };
+    time("points + sampler composed, fwd + bwd", &|| sample(false));
+    time("points + sampler fused, fwd + bwd", &|| sample(true));
+    let (cd, ch, cw) = (40, 48, 40);
+    let cn = cd * ch * cw;
+    let mut b = Vec::new();
+    for k in 0..cd {
+        for j in 0..ch {
+            for i in 0..cw {
+                b.extend([i as f64 / 19.5 - 1.0, j as f64 / 23.5 - 1.0, k as f64 / 19.5 - 1.0]);
+            }
+        }
+    }
+    let cbase = t(b, &[1, cn, 3]).to_dtype(DType::F32).unwrap();
+    let v = (t(rand_vec(3 * cn, 9), &[1, 3, cd, ch, cw]).to_dtype(DType::F32).unwrap() * 0.02).unwrap();
+    let step = SquaringStep::new(&cbase, &lin, [cd, ch, cw]).unwrap();
+    let squarings = |fused: bool| {
+        let var = Var::from_tensor(&v).unwrap();
+        let mut x = var.as_tensor().clone();
+        for _ in 0..6 {
+            x = if fused {
+                step.apply(&x).unwrap()
+            } else {
+                let off = x.reshape((3, cn)).unwrap().t().unwrap().matmul(&lin).unwrap().unsqueeze(0).unwrap();
+                let at = grid_sample(&x, &cbase.broadcast_add(&off).unwrap(), Interpolation::Linear, Padding::Border)
+                    .unwrap();
+                (&x + at.reshape(x.shape()).unwrap()).unwrap()
+            };
+        }
+        x.sum_all().unwrap().backward().unwrap();
+    };
+    time("6 squarings (control grid) composed", &|| squarings(false));
+    time("6 squarings (control grid) fused", &|| squarings(true));
+    let dense = |_: bool| {
+        let var = Var::from_tensor(&v).unwrap();
+        resize(var.as_tensor(), [d, h, w]).unwrap().sum_all().unwrap().backward().unwrap();
+    };
+    time("control -> dense resize, fwd + bwd", &|| dense(true));
+    let pen = |_: bool| {
+        let var = Var::from_tensor(&v).unwrap();
+        let s = bspline_smooth3d(var.as_tensor(), [2.0; 3]).unwrap();
+        (var.as_tensor() - s).unwrap().sqr().unwrap().mean_all().unwrap().backward().unwrap();
+    };
+    time("B-spline penalty (control grid), fwd + bwd", &|| pen(true));
+}

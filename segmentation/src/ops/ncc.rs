@@ -1,0 +1,335 @@
+//! Masked local normalised cross-correlation (ANTs' CC metric) as one fused op.
+//!
+//! Composed of candle ops, the loss filters six masked products with three separable box
+//! filters each and combines them in some twenty elementwise ops, every one a full-size
+//! temporary kept for the backward pass. Here the six window sums come from running sums along
+//! each axis (O(N) for any radius, the ends replicated exactly as [`super::box_filter3d`] does),
+//! the voxelwise combination and its derivative in one pass, and the backward applies the
+//! transposed box filter to three coefficient maps: the analytic gradient of the same loss.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::sample::Real;
+use super::{bail, slice_of};
+
+/// Added to the window weight (the box mean of the mask) before dividing by it.
+pub const NCC_EPS: f64 = 1e-5;
+
+/// Voxels per task of the voxelwise passes.
+const CHUNK: usize = 4096;
+
+/// Sums of rows `[i0, i0 + rows)` of a `(n, inner)` slab `s` over a `(2r + 1)`-row window into
+/// `d`: the ends replicated (`transpose = false`), or the transpose of that operator.
+fn window_rows(s: &[f64], d: &mut [f64], n: usize, inner: usize, r: usize, i0: usize, transpose: bool) {
+    let row = |i: usize| &s[i * inner..(i + 1) * inner];
+    let add = |acc: &mut [f64], x: &[f64], k: f64| acc.iter_mut().zip(x).for_each(|(a, &v)| *a += k * v);
+    let rows = d.len() / inner;
+    let mut acc = vec![0.0f64; inner];
+    if !transpose {
+        for t in 0..=2 * r {
+            let i = (i0 + t).saturating_sub(r).min(n - 1);
+            add(&mut acc, row(i), 1.0);
+        }
+        for (j, out) in d.chunks_mut(inner).enumerate() {
+            out.copy_from_slice(&acc);
+            if j + 1 < rows {
+                let i = i0 + j;
+                let (enter, leave) = (row((i + 1 + r).min(n - 1)), row(i.saturating_sub(r)));
+                acc.iter_mut().zip(enter).zip(leave).for_each(|((a, &x), &y)| *a += x - y);
+            }
+        }
+    } else {
+        for i in i0.saturating_sub(r)..=(i0 + r).min(n - 1) {
+            add(&mut acc, row(i), 1.0);
+        }
+        for (j, out) in d.chunks_mut(inner).enumerate() {
+            let i = i0 + j;
+            out.copy_from_slice(&acc);
+            // the replicated taps beyond the ends all land on the end samples
+            if i == 0 {
+                for q in 0..r.min(n) {
+                    add(out, row(q), (r - q) as f64);
+                }
+            }
+            if i == n - 1 {
+                for q in n.saturating_sub(r)..n {
+                    add(out, row(q), (q + r + 1 - n) as f64);
+                }
+            }
+            if j + 1 < rows {
+                if i + 1 + r < n {
+                    add(&mut acc, row(i + 1 + r), 1.0);
+                }
+                if i >= r {
+                    add(&mut acc, row(i - r), -1.0);
+                }
+            }
+        }
+    }
+}
+
+/// Window sums (unnormalised) along the middle axis of `(outer, n, inner)` data, in parallel
+/// over slabs and groups of rows.
+fn window_pass(src: &[f64], outer: usize, n: usize, inner: usize, r: usize, transpose: bool) -> Vec<f64> {
+    let mut dst = vec![0.0f64; src.len()];
+    let slab = n * inner;
+    if slab == 0 {
+        return dst;
+    }
+    let groups = if outer >= 32 { 1 } else { (64 / outer.max(1)).clamp(1, n) };
+    let g = n.div_ceil(groups);
+    dst.par_chunks_mut(slab).zip(src.par_chunks(slab)).with_min_len(4).for_each(|(d, s)| {
+        d.par_chunks_mut(g * inner).enumerate().for_each(|(gi, dg)| window_rows(s, dg, n, inner, r, gi * g, transpose));
+    });
+    dst
+}
+
+/// Box sums over all three axes of channels-last `(D, H, W, k)` data.
+fn window_sums(mut x: Vec<f64>, dims: [usize; 3], k: usize, radius: [usize; 3], transpose: bool) -> Vec<f64> {
+    let [d, h, w] = dims;
+    for (outer, n, inner, r) in [(d * h, w, k, radius[2]), (d, h, w * k, radius[1]), (1, d, h * w * k, radius[0])] {
+        if r > 0 {
+            x = window_pass(&x, outer, n, inner, r, transpose);
+        }
+    }
+    x
+}
+
+/// The forward result that the backward needs: per voxel and channel, the derivatives of
+/// `m · cc` with respect to the three window means that hold the warped image, channels-last.
+struct Coefficients {
+    values: Vec<f64>,
+}
+
+/// The loss `1 − Σ m·cc / max(C·Σ m, 1)` and, when asked, the coefficients of its gradient.
+fn forward<T: Real>(
+    warped: &[T],
+    fixed: &[T],
+    mask: &[T],
+    c: usize,
+    dims: [usize; 3],
+    radius: [usize; 3],
+    keep: bool,
+) -> (f64, Option<Coefficients>) {
+    let nv = dims.iter().product::<usize>();
+    let k = 1 + 5 * c;
+    let f64_of = |v: T| v.to_f64().unwrap_or(f64::NAN);
+    // the masked products, channels-last: m, then per channel f·m, w·m, f·w·m, f²·m, w²·m
+    let mut prod = vec![0.0f64; nv * k];
+    prod.par_chunks_mut(CHUNK * k).enumerate().for_each(|(ci, ch)| {
+        for (q, p) in ch.chunks_mut(k).enumerate() {
+            let v = ci * CHUNK + q;
+            let m = f64_of(mask[v]);
+            p[0] = m;
+            for ch in 0..c {
+                let (f, w) = (f64_of(fixed[ch * nv + v]), f64_of(warped[ch * nv + v]));
+                let o = &mut p[1 + 5 * ch..6 + 5 * ch];
+                o[0] = f * m;
+                o[1] = w * m;
+                o[2] = f * w * m;
+                o[3] = f * f * m;
+                o[4] = w * w * m;
+            }
+        }
+    });
+    let sums = window_sums(prod, dims, k, radius, false);
+    let scale = 1.0 / radius.iter().map(|&r| (2 * r + 1) as f64).product::<f64>();
+    let mut coef = if keep { vec![0.0f64; nv * 3 * c] } else { Vec::new() };
+    let cc_sum = |s: &[f64], co: Option<&mut [f64]>, m: f64| -> f64 {
+        let cnt = s[0] * scale + NCC_EPS;
+        let mut total = 0.0;
+        let mut co = co;
+        for ch in 0..c {
+            let w = &s[1 + 5 * ch..6 + 5 * ch];
+            let (mf, mw) = (w[0] * scale / cnt, w[1] * scale / cnt);
+            let cross = w[2] * scale / cnt - mf * mw;
+            let vf = (w[3] * scale / cnt - mf * mf).max(0.0);
+            let vw_raw = w[4] * scale / cnt - mw * mw;
+            let vw = vw_raw.max(0.0);
+            let den = vf * vw + NCC_EPS * NCC_EPS;
+            total += cross * cross / den;
+            if let Some(co) = co.as_deref_mut() {
+                // d cc / d cross and d cc / d var_w (relu' = 1 at 0, as candle's)
+                let p = 2.0 * cross / den;
+                let qv = if vw_raw >= 0.0 { -cross * cross * vf / (den * den) } else { 0.0 };
+                let o = &mut co[3 * ch..3 * ch + 3];
+                o[0] = m * (-p * mf - 2.0 * qv * mw) / cnt;
+                o[1] = m * p / cnt;
+                o[2] = m * qv / cnt;
+            }
+        }
+        total * m
+    };
+    let partial: Vec<f64> = if keep {
+        sums.par_chunks(CHUNK * k)
+            .zip(coef.par_chunks_mut(CHUNK * 3 * c))
+            .enumerate()
+            .map(|(ci, (s, co))| {
+                s.chunks(k)
+                    .zip(co.chunks_mut(3 * c))
+                    .enumerate()
+                    .map(|(q, (s, co))| cc_sum(s, Some(co), f64_of(mask[ci * CHUNK + q])))
+                    .sum()
+            })
+            .collect()
+    } else {
+        sums.par_chunks(CHUNK * k)
+            .enumerate()
+            .map(|(ci, s)| s.chunks(k).enumerate().map(|(q, s)| cc_sum(s, None, f64_of(mask[ci * CHUNK + q]))).sum())
+            .collect()
+    };
+    let weight: f64 = mask.iter().map(|&m| f64_of(m)).sum::<f64>() * c as f64;
+    let loss = 1.0 - partial.into_iter().sum::<f64>() / weight.max(1.0);
+    (loss, keep.then_some(Coefficients { values: coef }))
+}
+
+/// `scale · d loss / d warped`, `(C, D, H, W)` flattened.
+#[allow(clippy::too_many_arguments)]
+fn backward<T: Real>(
+    coef: Coefficients,
+    warped: &[T],
+    fixed: &[T],
+    mask: &[T],
+    c: usize,
+    dims: [usize; 3],
+    radius: [usize; 3],
+    scale: f64,
+) -> Vec<T> {
+    let nv = dims.iter().product::<usize>();
+    let weight: f64 = mask.iter().map(|&m| m.to_f64().unwrap_or(f64::NAN)).sum::<f64>() * c as f64;
+    let box_scale = 1.0 / radius.iter().map(|&r| (2 * r + 1) as f64).product::<f64>();
+    // loss = 1 − Σ m·cc / weight
+    let factor = -scale * box_scale / weight.max(1.0);
+    let t = window_sums(coef.values, dims, 3 * c, radius, true);
+    let mut out = vec![T::zero(); nv * c];
+    for ch in 0..c {
+        let (f, w) = (&fixed[ch * nv..(ch + 1) * nv], &warped[ch * nv..(ch + 1) * nv]);
+        out[ch * nv..(ch + 1) * nv].par_chunks_mut(CHUNK).enumerate().for_each(|(ci, o)| {
+            for (q, g) in o.iter_mut().enumerate() {
+                let v = ci * CHUNK + q;
+                let s = &t[v * 3 * c + 3 * ch..][..3];
+                let (fv, wv, m) =
+                    (f[v].to_f64().unwrap_or(0.0), w[v].to_f64().unwrap_or(0.0), mask[v].to_f64().unwrap_or(0.0));
+                *g = T::of_f64(factor * m * (s[0] + fv * s[1] + 2.0 * wv * s[2]));
+            }
+        });
+    }
+    out
+}
+
+/// The candle op behind [`local_ncc`]: `(warped, fixed, mask)` → the scalar loss,
+/// differentiable in `warped` only.
+struct LocalNccOp {
+    radius: [usize; 3],
+    /// The forward's gradient coefficients, until the backward takes them.
+    coefficients: Mutex<Option<Coefficients>>,
+}
+
+struct Geometry {
+    c: usize,
+    dims: [usize; 3],
+}
+
+fn geometry(lw: &Layout, lf: &Layout, lm: &Layout) -> candle_core::Result<Geometry> {
+    let (c, dims) = match *lw.dims() {
+        [1, c, d, h, w] => (c, [d, h, w]),
+        ref s => return bail(format!("local NCC: images must be (1, C, D, H, W), got {s:?}")),
+    };
+    if lf.dims() != lw.dims() {
+        return bail(format!("local NCC: fixed {:?} and warped {:?} differ", lf.dims(), lw.dims()));
+    }
+    if lm.dims() != [1, 1, dims[0], dims[1], dims[2]] {
+        return bail(format!("local NCC: mask {:?} for images {:?}", lm.dims(), lw.dims()));
+    }
+    Ok(Geometry { c, dims })
+}
+
+impl CustomOp3 for LocalNccOp {
+    fn name(&self) -> &'static str {
+        "local-ncc"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sf: &CpuStorage,
+        lf: &Layout,
+        sm: &CpuStorage,
+        lm: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = geometry(lw, lf, lm)?;
+        let (loss, coef) = match (sw, sf, sm) {
+            (CpuStorage::F32(w), CpuStorage::F32(f), CpuStorage::F32(m)) => {
+                let (loss, coef) =
+                    forward(slice_of(w, lw)?, slice_of(f, lf)?, slice_of(m, lm)?, g.c, g.dims, self.radius, true);
+                (CpuStorage::F32(vec![loss as f32]), coef)
+            }
+            (CpuStorage::F64(w), CpuStorage::F64(f), CpuStorage::F64(m)) => {
+                let (loss, coef) =
+                    forward(slice_of(w, lw)?, slice_of(f, lf)?, slice_of(m, lm)?, g.c, g.dims, self.radius, true);
+                (CpuStorage::F64(vec![loss]), coef)
+            }
+            _ => return bail("local NCC: images and mask must all be f32 or all f64"),
+        };
+        *self.coefficients.lock().unwrap_or_else(|e| e.into_inner()) = coef;
+        Ok((loss, Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        warped: &Tensor,
+        fixed: &Tensor,
+        mask: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let scale = grad.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let (_, c, d, h, w) = warped.dims5()?;
+        let dims = [d, h, w];
+        let taken = self.coefficients.lock().unwrap_or_else(|e| e.into_inner()).take();
+        macro_rules! run {
+            ($t:ty) => {{
+                let w = warped.flatten_all()?.to_vec1::<$t>()?;
+                let f = fixed.flatten_all()?.to_vec1::<$t>()?;
+                let m = mask.flatten_all()?.to_vec1::<$t>()?;
+                // a second backward recomputes what the first one took
+                let coef = match taken {
+                    Some(co) => co,
+                    None => forward(&w, &f, &m, c, dims, self.radius, true).1.expect("kept"),
+                };
+                Tensor::from_vec(
+                    backward(coef, &w, &f, &m, c, dims, self.radius, scale),
+                    warped.shape(),
+                    warped.device(),
+                )?
+            }};
+        }
+        let g = match warped.dtype() {
+            DType::F32 => run!(f32),
+            DType::F64 => run!(f64),
+            _ => return bail("local NCC supports f32 and f64"),
+        };
+        Ok((Some(g), None, None))
+    }
+}
+
+/// Local normalised cross-correlation loss `1 − mean(cc)` of `fixed` and `warped` `(1, C, D, H,
+/// W)`, channel by channel, weighted by `mask` `(1, 1, D, H, W)` (constant under
+/// differentiation): `cc = cov² / (var_f · var_w + ε²)` from masked means over a `(2r + 1)` box
+/// per axis `(d, h, w)` (ends replicated), each mean divided by the box mean of the mask plus
+/// [`NCC_EPS`]; the variances clamped at zero. Differentiable in `warped`; the window sums are
+/// accumulated in f64 whatever the tensors' precision.
+pub fn local_ncc(fixed: &Tensor, warped: &Tensor, mask: &Tensor, radius: [usize; 3]) -> candle_core::Result<Tensor> {
+    let dt = warped.dtype();
+    if !matches!(dt, DType::F32 | DType::F64) {
+        return bail("local NCC supports f32 and f64");
+    }
+    let fixed = fixed.detach().to_dtype(dt)?.contiguous()?;
+    let mask = mask.detach().to_dtype(dt)?.contiguous()?;
+    let op = LocalNccOp { radius, coefficients: Mutex::new(None) };
+    warped.contiguous()?.apply_op3_arc(&fixed, &mask, Arc::new(Box::new(op)))
+}
