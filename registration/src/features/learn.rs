@@ -267,6 +267,6 @@ mod tests {
         let first: f64 = log[..5].iter().map(|p| p.loss).sum::<f64>() / 5.0;
         let last: f64 = log[log.len() - 5..].iter().map(|p| p.loss).sum::<f64>() / 5.0;
         assert!(last < first, "loss {first} -> {last}");
-        assert_eq!(a.config.input_norm.robust, true);
+        assert!(a.config.input_norm.robust);
     }
 }
