@@ -10,7 +10,7 @@ use registration::features::{FeatureExtractor, IntensityFeatures, MindConfig, Mi
 use registration::init::SearchResult;
 use registration::method::{
     register_pair_sharing, AffineStart, Features, ImagePair, Masks, MethodConfig, Observer, Role, SharedFeatures,
-    Stage, StageReport, Start,
+    SimilarityChoice, Stage, StageReport, Start,
 };
 use registration::metrics::{dice_per_label_masked, jacobian, RegistrationMetrics};
 use registration::transform::{Affine, DenseDisplacement};
@@ -124,6 +124,8 @@ pub struct RegisterSummary {
     pub metrics: RegistrationMetrics,
     /// How well inverse_field.nii.gz undoes field.nii.gz, when written (`--inverse`).
     pub inverse: Option<InverseResidual>,
+    /// What `--similarity auto` measured and chose.
+    pub similarity: Option<SimilarityChoice>,
     pub stages: Vec<StageReport>,
     pub runtime_s: BTreeMap<String, f64>,
     pub config: MethodConfig,
@@ -346,6 +348,7 @@ impl RegisterJob {
             overlap_fraction,
             metrics,
             inverse: inverse.as_ref().map(|i| i.residual.clone()),
+            similarity: reg.similarity,
             stages: reg.stages,
             runtime_s: runtime,
             config: outcome.config,

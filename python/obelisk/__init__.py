@@ -363,7 +363,7 @@ def register(
     model: Optional[PathLike] = None,
     method: Union[None, PathLike, Mapping[str, Any]] = None,
     init: Optional[str] = None,
-    similarity: str = "l1",
+    similarity: Optional[str] = None,
     ncc_radius: int = 2,
     smoothness: Optional[float] = None,
     diffusion: Optional[float] = None,
@@ -387,7 +387,8 @@ def register(
     (``obelisk register --help``): ``features`` ("mind", "intensity", "obelisk"), ``method`` (a
     dict of the method's configuration, as metrics.json records it under ``config``, or a JSON
     file like ``--method``), ``init`` ("search", "none", "centre", "labels", ...),
-    ``similarity`` ("l1", "ncc", "l1+ncc"), ``inverse`` (also compute the inverse field),
+    ``similarity`` ("auto", the default with MIND-SSC features; "l1", "ncc", "l1+ncc"),
+    ``inverse`` (also compute the inverse field),
     ``pictures``/``slice`` (summary.png, drawn by :meth:`Registration.save`), ``max_memory``
     (bytes or "8G"). ``threads``: worker threads of this call (default: all cores); the GIL is
     released while it runs. ``seed`` is accepted as the CLI's global ``--seed`` is:

@@ -169,7 +169,7 @@ struct Options {
     /// `(JSON text, the name errors give it)`: a `--method` file's text or a dict's JSON.
     method: Option<(String, PathBuf)>,
     init: Option<String>,
-    similarity: String,
+    similarity: Option<String>,
     ncc_radius: usize,
     smoothness: Option<f64>,
     diffusion: Option<f64>,
@@ -193,7 +193,11 @@ impl Options {
             model: self.model.clone(),
             method: self.method.as_ref().map(|m| m.1.clone()),
             init: self.init.as_deref().map(|s| parse_enum::<Start>("init", s)).transpose()?,
-            similarity: parse_enum::<SimilarityKind>("similarity", &self.similarity)?,
+            similarity: self
+                .similarity
+                .as_deref()
+                .map(|s| parse_enum::<SimilarityKind>("similarity", s))
+                .transpose()?,
             ncc_radius: self.ncc_radius,
             smoothness: self.smoothness.unwrap_or(d.smoothness),
             diffusion: self.diffusion,

@@ -91,6 +91,7 @@ pub struct OutputOptions {
 /// `--similarity`: what the deformable levels compare.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SimilarityKind {
+    Auto,
     L1,
     Ncc,
     #[value(name = "l1+ncc")]
@@ -123,10 +124,13 @@ pub struct RegOptions {
     pub init: Option<Start>,
     /// What the deformable levels compare: `l1`, the L1 distance of the --features (MIND-SSC
     /// by default; contrast-robust); `ncc`, the local normalised cross-correlation of the
-    /// intensities (ANTs' CC metric; one modality: best on T1 → T1 brains); `l1+ncc`, both (NCC
-    /// at a tenth of the weight). The start and affine stages always use the features.
-    #[arg(long, value_enum, default_value_t = SimilarityKind::L1)]
-    pub similarity: SimilarityKind,
+    /// intensities (ANTs' CC metric, with a last level at full resolution; one modality); `l1+ncc`,
+    /// both (NCC at a tenth of the weight); `auto`, `ncc` where the intensities are linearly
+    /// related after the affine stage, else `l1` (metrics.json records the measure and the
+    /// choice). The start and affine stages always use the features. [default: auto with
+    /// MIND-SSC features, l1 with learned ones]
+    #[arg(long, value_enum)]
+    pub similarity: Option<SimilarityKind>,
     /// Radius of the NCC window in voxels of each level (the window is 2N+1 wide).
     #[arg(long, value_name = "N", default_value_t = 2)]
     pub ncc_radius: usize,
@@ -181,7 +185,7 @@ impl Default for RegOptions {
             diffeomorphic: false,
             exact: false,
             discrete_radius: c.discrete.radius,
-            similarity: SimilarityKind::L1,
+            similarity: None,
             ncc_radius: 2,
         }
     }
@@ -209,7 +213,7 @@ impl RegOptions {
         if self.ncc_radius == 0 {
             bail!("--ncc-radius must be at least 1");
         }
-        if self.exact && self.similarity != SimilarityKind::L1 {
+        if self.exact && self.similarity.is_some_and(|s| s != SimilarityKind::L1) {
             bail!("--exact evaluates learned features at the sampled points; it works with --similarity l1 only");
         }
         if self.exact && self.features != FeatureKind::Obelisk {
@@ -240,10 +244,13 @@ impl RegOptions {
         }
         match self.similarity {
             // the method file's own choice stands unless the option asks for another
-            SimilarityKind::L1 if from_method => {}
-            SimilarityKind::L1 => config.similarity = Similarity::L1,
-            SimilarityKind::Ncc => config.similarity = Similarity::ncc(self.ncc_radius),
-            SimilarityKind::L1Ncc => config.similarity = Similarity::l1_ncc(self.ncc_radius),
+            None if from_method => {}
+            // learned features are what the user asked the deformable levels to compare
+            None if self.features != FeatureKind::Mind || self.exact => config.similarity = Similarity::L1,
+            None | Some(SimilarityKind::Auto) => config.similarity = Similarity::auto(self.ncc_radius),
+            Some(SimilarityKind::L1) => config.similarity = Similarity::L1,
+            Some(SimilarityKind::Ncc) => config.similarity = Similarity::ncc(self.ncc_radius),
+            Some(SimilarityKind::L1Ncc) => config.similarity = Similarity::l1_ncc(self.ncc_radius),
         }
         if let Some(n) = self.iterations {
             config.levels.iter_mut().for_each(|l| l.iterations = n);
@@ -270,6 +277,14 @@ pub fn parse_method(text: &str, path: &Path) -> Result<MethodConfig> {
     }
     if c.affine_shrink == 0 {
         return Err(bad("affine_shrink must be at least 1"));
+    }
+    if !c.affine_max_spacing_mm.is_finite() || c.affine_max_spacing_mm <= 0.0 {
+        return Err(bad("affine_max_spacing_mm must be a positive number of millimetres"));
+    }
+    if let Similarity::Auto { radius, min_linearity } = c.similarity {
+        if radius == 0 || !(0.0..=1.0).contains(&min_linearity) {
+            return Err(bad("similarity auto needs radius >= 1 and min_linearity in [0, 1]"));
+        }
     }
     if c.discrete.radius > MAX_DISCRETE_RADIUS {
         return Err(bad(&format!("discrete.radius must be at most {MAX_DISCRETE_RADIUS}")));
@@ -327,7 +342,8 @@ pub fn check_memory(
     };
     // the finest level that compares intensities by local NCC
     let ncc_shrink = match config.similarity {
-        Similarity::Ncc { .. } => config.levels.iter().map(|l| l.shrink).min(),
+        // the automatic choice may pick NCC
+        Similarity::Ncc { .. } | Similarity::Auto { .. } => config.levels.iter().map(|l| l.shrink).min(),
         Similarity::L1 => None,
     };
     let need = crate::memory::register_estimate(
@@ -470,6 +486,17 @@ fn print_summary(s: &RegisterSummary) {
             t[1],
             t[2],
             a.affine_loss
+        );
+    }
+    if let Some(c) = &s.similarity {
+        let chosen = match c.chosen {
+            Similarity::Ncc { .. } => "local NCC of the intensities",
+            _ => "L1 of the features",
+        };
+        let rel = if c.linearity >= c.min_linearity { ">=" } else { "<" };
+        println!(
+            "  similarity     {chosen}: intensity linearity {:.3} {rel} {:.2} after the affine stage",
+            c.linearity, c.min_linearity
         );
     }
     for st in &s.stages {

@@ -54,7 +54,12 @@ pub(crate) fn deformable_levels(
     let mut discrete_found = None;
     // the optimised variable of the last level: the displacement, or the velocity
     let mut field: Option<DenseDisplacement> = None;
+    let intensities_alone =
+        matches!(cfg.similarity, Similarity::Ncc { features, .. } if features == 0.0 || intensities.is_none());
     for (li, level) in cfg.levels.iter().enumerate() {
+        if level.intensities_only && !intensities_alone {
+            continue;
+        }
         let t0 = Instant::now();
         let stage = Stage::Deformable(li + 1);
         observer.event(super::Event::Started(stage));
@@ -99,7 +104,8 @@ pub(crate) fn deformable_levels(
         let ffeat = fl.tensor.reshape((1, fixed.channels, plan.points))?;
         // (radius, weight, the intensity maps: the level's own maps when there are none beside)
         let (l1_weight, ncc) = match cfg.similarity {
-            Similarity::L1 => (1.0, None),
+            // (resolved before the levels run; without intensities to measure, the features)
+            Similarity::L1 | Similarity::Auto { .. } => (1.0, None),
             Similarity::Ncc { radius, weight, features } => {
                 let maps = match intensities {
                     Some((fi, mi)) => {

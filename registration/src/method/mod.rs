@@ -20,6 +20,7 @@ mod deformable;
 mod discrete;
 mod events;
 mod frame;
+mod linearity;
 mod masks;
 mod optimise;
 mod pyramid;
@@ -35,6 +36,7 @@ pub use affine::{affine_stage, AffineOutcome};
 pub use config::{AffineStartsConfig, LevelConfig, MethodConfig, Parameterisation, Similarity, Start};
 pub use events::{silent, Event, LossRecord, Observer, Stage};
 pub use frame::FeatureFrame;
+pub use linearity::{linearity, SimilarityChoice};
 pub use masks::{mask_coverage, mask_on, Masks};
 pub use start::{centre_of_mass, label_start, AffineStart};
 
@@ -84,6 +86,9 @@ pub struct Registration {
     /// velocity mode, where the search's displacement becomes the starting velocity. Kept so that
     /// the label-free start can be evaluated as the optimisation sees it.
     pub discrete_start: Option<DenseDisplacement>,
+    /// What [`Similarity::Auto`] measured and chose, when it was configured and the maps held
+    /// intensities to measure.
+    pub similarity: Option<SimilarityChoice>,
 }
 
 /// The fixed and moving images of a registration, with their label maps where both are known
@@ -304,7 +309,7 @@ pub fn register_features(pair: &FeaturePair, config: &MethodConfig, observer: &m
     let working = frame.working_spacing(pair.fixed);
     // NCC compares intensities in the features' frame; the levels count from their grid
     let intensities = match config.similarity {
-        Similarity::Ncc { .. } => {
+        Similarity::Ncc { .. } | Similarity::Auto { .. } => {
             let of = |role: Role| move |e: Error| Error::Features { image: role, source: Box::new(e) };
             let fi = frame.extract(&IntensityFeatures, pair.fixed).map_err(of(Role::Fixed))?;
             let mi = frame.extract(&IntensityFeatures, pair.moving).map_err(of(Role::Moving))?;
@@ -313,9 +318,16 @@ pub fn register_features(pair: &FeaturePair, config: &MethodConfig, observer: &m
         Similarity::L1 => None,
     };
     let mut adapted = config.for_features(working, &pair.fixed_features.grid);
-    if let Some((fi, _)) = &intensities {
-        adapted.levels = config.for_features(working, &fi.grid).levels;
+    match (&intensities, config.similarity) {
+        // the levels count from one grid: features on a coarser grid than the intensities
+        // (OBELISK's stride) keep their L1
+        (Some((fi, _)), Similarity::Auto { .. }) if fi.grid != pair.fixed_features.grid => {
+            adapted.similarity = Similarity::L1
+        }
+        (Some((fi, _)), _) => adapted.levels = config.for_features(working, &fi.grid).levels,
+        (None, _) => {}
     }
+    let intensities = intensities.filter(|_| adapted.similarity != Similarity::L1);
     let config = adapted;
     let t1 = Instant::now();
     observer.event(Event::Started(Stage::Start));
@@ -340,6 +352,11 @@ pub fn register_features(pair: &FeaturePair, config: &MethodConfig, observer: &m
         reg.losses.splice(0..0, a.losses);
     }
     runtime.insert("optimisation".to_string(), t2.elapsed().as_secs_f64());
+    let mut config = config;
+    if let Some(choice) = &reg.similarity {
+        // as run: rerunning this configuration repeats the choice
+        config.similarity = choice.chosen;
+    }
     Ok(Outcome {
         registration: reg,
         search: placement.search,
@@ -383,6 +400,24 @@ pub fn register_from(
         losses.extend(a.losses);
         stages.push(a.report);
     }
+    // the automatic similarity, decided on the intensities as the affine stage aligned them
+    let (resolved, choice);
+    let config = match (config.similarity, maps.deformable) {
+        (Similarity::Auto { min_linearity, .. }, deformable) => {
+            let l = match deformable {
+                Some((fi, mi)) => linearity::linearity(fi, mi, &affine, &maps.masks, 1)?,
+                None => f64::NAN,
+            };
+            let chosen = linearity::resolve(config.similarity, l);
+            choice = deformable.map(|_| SimilarityChoice { linearity: l, min_linearity, chosen });
+            resolved = MethodConfig { similarity: chosen, ..config.clone() };
+            &resolved
+        }
+        _ => {
+            choice = None;
+            config
+        }
+    };
     // NCC alone compares the intensities only; beside the features' L1 it needs both
     let (f, m, intensities) = match (maps.deformable, config.similarity) {
         (Some((fi, mi)), Similarity::Ncc { features: 0.0, .. }) => (fi, mi, None),
@@ -396,7 +431,7 @@ pub fn register_from(
     losses.extend(d.losses);
     stages.extend(d.stages);
     let field = d.displacement.to_field(&affine, output_grid)?;
-    Ok(Registration { field, affine, losses, stages, discrete_start: d.discrete_start })
+    Ok(Registration { field, affine, losses, stages, discrete_start: d.discrete_start, similarity: choice })
 }
 
 pub(crate) fn same_channels(fixed: &Volume, moving: &Volume) -> Result<()> {

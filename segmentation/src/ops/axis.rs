@@ -154,7 +154,18 @@ impl AxisOperator {
                 dst.iter_mut().zip(src).for_each(|(d, &v)| *d = *d + w * v);
             }
         };
-        if inner >= 64 {
+        if inner == 1 {
+            // the last axis: each output is a short dot product over one contiguous line, and
+            // the per-output slice bookkeeping of `line` would cost more than the arithmetic
+            let lines = (4096 / m.max(1)).max(1);
+            y.par_chunks_mut(m * lines).zip(x.par_chunks(n * lines)).for_each(|(dst, src)| {
+                for (d, s) in dst.chunks_mut(m).zip(src.chunks(n)) {
+                    for (o, row) in d.iter_mut().zip(&rows) {
+                        *o = row.iter().fold(T::zero(), |acc, &(i, w)| acc + w * s[i]);
+                    }
+                }
+            });
+        } else if inner >= 64 {
             y.par_chunks_mut(inner).enumerate().for_each(|(r, dst)| line(r / m, r % m, dst));
         } else if m * inner > 0 {
             y.par_chunks_mut(m * inner).enumerate().for_each(|(o, dst)| {

@@ -5,7 +5,7 @@
 //! forward, and as many full-size temporaries again backward; here they are formed on the fly
 //! by the sampler's forward and its backward maps the point gradient straight back to `u`.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -131,56 +131,99 @@ impl DisplacedSampler {
     /// The volume at the displaced points, `(1, C, P)`, differentiable in `u`.
     pub fn sample(&self, u: &Tensor) -> candle_core::Result<Tensor> {
         self.check(u)?;
-        u.contiguous()?.apply_op1(self.clone())
+        let op = DisplacedOp { sampler: self.clone(), jacobian: Mutex::new(None) };
+        u.contiguous()?.apply_op1_arc(Arc::new(Box::new(op)))
     }
 }
 
-impl CustomOp1 for DisplacedSampler {
+/// The per-point sample gradients the forward computed, `(P, C, 3)`, in either precision.
+enum Jacobian {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+}
+
+/// One application of a [`DisplacedSampler`]: the forward keeps each sample's gradient with
+/// respect to its point, which the backward then only weighs by the incoming gradient.
+struct DisplacedOp {
+    sampler: DisplacedSampler,
+    jacobian: Mutex<Option<Jacobian>>,
+}
+
+/// `d loss / d u` `(3, P)` from the incoming gradient `(C, P)` and the sample gradients `(P, C,
+/// 3)` with respect to the normalised points.
+fn weigh<T: Real>(jac: &[T], grad: &[T], c: usize, lin: &[T; 9]) -> Vec<T> {
+    let np = grad.len() / c.max(1);
+    let mut gp = vec![T::zero(); 3 * np];
+    gp.par_chunks_mut(3 * CHUNK).enumerate().for_each(|(ci, o)| {
+        for (q, g3) in o.chunks_mut(3).enumerate() {
+            let v = ci * CHUNK + q;
+            for ch in 0..c {
+                let (go, j) = (grad[ch * np + v], &jac[(v * c + ch) * 3..][..3]);
+                for a in 0..3 {
+                    g3[a] = g3[a] + go * j[a];
+                }
+            }
+        }
+    });
+    displacement_grad(&gp, lin)
+}
+
+impl CustomOp1 for DisplacedOp {
     fn name(&self) -> &'static str {
         "displaced-sample"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (c, dims, pad) = (self.channels, self.dims, self.padding);
-        let st = match (s, &self.data) {
+        let sp = &self.sampler;
+        let (c, dims, pad) = (sp.channels, sp.dims, sp.padding);
+        let (st, jac) = match (s, &sp.data) {
             (CpuStorage::F32(u), Data::F32 { moving, base, lin }) => {
                 let p = points_of(slice_of(u, l)?, base, lin);
-                CpuStorage::F32(sample::forward(moving, &p, 1, c, dims, Interpolation::Linear, pad))
+                let (v, j) = sample::forward_jacobian(moving, &p, c, dims, pad);
+                (CpuStorage::F32(v), Jacobian::F32(j))
             }
             (CpuStorage::F64(u), Data::F64 { moving, base, lin }) => {
                 let p = points_of(slice_of(u, l)?, base, lin);
-                CpuStorage::F64(sample::forward(moving, &p, 1, c, dims, Interpolation::Linear, pad))
+                let (v, j) = sample::forward_jacobian(moving, &p, c, dims, pad);
+                (CpuStorage::F64(v), Jacobian::F64(j))
             }
             _ => return bail("displaced sampler: displacement and volume differ in precision"),
         };
-        Ok((st, Shape::from((1, c, self.points))))
+        *self.jacobian.lock().unwrap_or_else(|e| e.into_inner()) = Some(jac);
+        Ok((st, Shape::from((1, c, sp.points))))
     }
 
     fn bwd(&self, u: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let (c, dims, pad) = (self.channels, self.dims, self.padding);
+        let sp = &self.sampler;
+        let (c, dims, pad) = (sp.channels, sp.dims, sp.padding);
         let grad = grad.contiguous()?.flatten_all()?;
-        let uf = u.flatten_all()?;
-        macro_rules! run {
-            ($t:ty, $moving:expr, $base:expr, $lin:expr) => {{
-                let p = points_of(&uf.to_vec1::<$t>()?, $base, $lin);
-                let gp = sample::backward_points(
-                    $moving,
-                    &p,
-                    &grad.to_vec1::<$t>()?,
-                    1,
-                    c,
-                    dims,
-                    Interpolation::Linear,
-                    pad,
-                );
-                Tensor::from_vec(displacement_grad(&gp, $lin), u.shape(), u.device())?
-            }};
-        }
-        let g = match &self.data {
-            Data::F32 { moving, base, lin } => run!(f32, moving, base, lin),
-            Data::F64 { moving, base, lin } => run!(f64, moving, base, lin),
+        let kept = self.jacobian.lock().unwrap_or_else(|e| e.into_inner()).take();
+        // a second backward recomputes what the first one took
+        let recompute = || -> candle_core::Result<Jacobian> {
+            let uf = u.flatten_all()?;
+            Ok(match &sp.data {
+                Data::F32 { moving, base, lin } => {
+                    let p = points_of(&uf.to_vec1::<f32>()?, base, lin);
+                    Jacobian::F32(sample::forward_jacobian(moving, &p, c, dims, pad).1)
+                }
+                Data::F64 { moving, base, lin } => {
+                    let p = points_of(&uf.to_vec1::<f64>()?, base, lin);
+                    Jacobian::F64(sample::forward_jacobian(moving, &p, c, dims, pad).1)
+                }
+            })
         };
-        Ok(Some(g))
+        let jac = match kept {
+            Some(j) => j,
+            None => recompute()?,
+        };
+        let g = match (&sp.data, jac) {
+            (Data::F32 { lin, .. }, Jacobian::F32(j)) => weigh(&j, &grad.to_vec1::<f32>()?, c, lin),
+            (Data::F64 { lin, .. }, Jacobian::F64(j)) => {
+                return Ok(Some(Tensor::from_vec(weigh(&j, &grad.to_vec1::<f64>()?, c, lin), u.shape(), u.device())?))
+            }
+            _ => return bail("displaced sampler: gradient and volume differ in precision"),
+        };
+        Ok(Some(Tensor::from_vec(g, u.shape(), u.device())?))
     }
 }
 
@@ -219,23 +262,111 @@ impl SquaringStep {
         u.contiguous()?.apply_op1(self.clone())
     }
 
-    fn run_fwd<T: Real>(&self, u: &[T], base: &[T]) -> Vec<T> {
-        let lin = self.lin.map(T::of_f64);
-        let p = points_of(u, base, &lin);
-        let mut s = sample::forward(u, &p, 1, 3, self.dims, Interpolation::Linear, Padding::Border);
-        s.iter_mut().zip(u).for_each(|(s, &u)| *s = u + *s);
-        s
+    /// The point `base + u · lin` of voxel `v` of a `(3, P)` displacement (the arithmetic of
+    /// [`points_of`]) and its trilinear taps.
+    #[inline(always)]
+    fn taps_at<T: Real>(&self, u: &[T], base: &[T], lin: &[T; 9], v: usize) -> [sample::Taps<T>; 3] {
+        let np = base.len() / 3;
+        let (a, b, c) = (u[v], u[np + v], u[2 * np + v]);
+        let p: [T; 3] = std::array::from_fn(|k| base[3 * v + k] + (a * lin[k] + b * lin[3 + k] + c * lin[6 + k]));
+        let half = self.dims.half_extent::<T>();
+        sample::all_taps(sample::to_voxel(&p, half), self.dims, Interpolation::Linear, Padding::Border)
     }
 
-    fn run_bwd<T: Real>(&self, u: &[T], base: &[T], g: &[T]) -> Vec<T> {
+    /// `u + u(base + u · lin)` in one pass over the points, reading the three channel rows of `u`
+    /// where they lie (the composed sampler first copied them channels-last, into fresh
+    /// buffers, on every one of the six steps of every iteration). Same arithmetic, same order.
+    fn run_fwd<T: Real>(&self, u: &[T], base: &[T]) -> Vec<T> {
         let lin = self.lin.map(T::of_f64);
-        let (pad, lin_i) = (Padding::Border, Interpolation::Linear);
-        let p = points_of(u, base, &lin);
-        // through the sampled volume, through the points, and the identity
-        let gi = sample::backward_input(&p, g, 1, 3, self.dims, lin_i, pad);
-        let gp = sample::backward_points(u, &p, g, 1, 3, self.dims, lin_i, pad);
-        let mut out = displacement_grad(&gp, &lin);
-        out.par_iter_mut().zip(gi.par_iter().zip(g.par_iter())).for_each(|(o, (&a, &b))| *o = b + (a + *o));
+        let (np, dims) = (base.len() / 3, self.dims);
+        let mut out = vec![T::zero(); 3 * np];
+        let (o0, rest) = out.split_at_mut(np);
+        let (o1, o2) = rest.split_at_mut(np);
+        o0.par_chunks_mut(CHUNK).zip(o1.par_chunks_mut(CHUNK)).zip(o2.par_chunks_mut(CHUNK)).enumerate().for_each(
+            |(ci, ((r0, r1), r2))| {
+                for q in 0..r0.len() {
+                    let v = ci * CHUNK + q;
+                    let [tx, ty, tz] = self.taps_at(u, base, &lin, v);
+                    let mut acc = [T::zero(); 3];
+                    for a in 0..2 {
+                        let za = tz.idx[a] * dims.h;
+                        for bb in 0..2 {
+                            let row = (za + ty.idx[bb]) * dims.w;
+                            let wzy = tz.w[a] * ty.w[bb];
+                            let (w0, w1) = (wzy * tx.w[0], wzy * tx.w[1]);
+                            let (i0, i1) = (row + tx.idx[0], row + tx.idx[1]);
+                            for (ch, s) in acc.iter_mut().enumerate() {
+                                *s = *s + w0 * u[ch * np + i0] + w1 * u[ch * np + i1];
+                            }
+                        }
+                    }
+                    r0[q] = u[v] + acc[0];
+                    r1[q] = u[np + v] + acc[1];
+                    r2[q] = u[2 * np + v] + acc[2];
+                }
+            },
+        );
+        out
+    }
+
+    /// The step's backward in one pass over the points: each point's gradient through the
+    /// sampled field's values (scattered to the corners, into one private accumulator per
+    /// quarter of the points, summed in order whatever the thread count) and through its own
+    /// position (gathered), then the identity.
+    fn run_bwd<T: Real>(&self, u: &[T], base: &[T], g: &[T]) -> Vec<T> {
+        const PARTS: usize = 4;
+        let lin = self.lin.map(T::of_f64);
+        let (np, dims) = (base.len() / 3, self.dims);
+        let half = dims.half_extent::<T>();
+        let step = np.div_ceil(PARTS).max(1);
+        let mut through_points = vec![T::zero(); 3 * np];
+        let parts: Vec<Vec<T>> = through_points
+            .par_chunks_mut(3 * step)
+            .enumerate()
+            .map(|(part, tp)| {
+                let mut acc = vec![T::zero(); 3 * np];
+                for (q, o) in tp.chunks_mut(3).enumerate() {
+                    let v = part * step + q;
+                    let go = [g[v], g[np + v], g[2 * np + v]];
+                    let [tx, ty, tz] = self.taps_at(u, base, &lin, v);
+                    let mut gp = [T::zero(); 3];
+                    for a in 0..2 {
+                        let za = tz.idx[a] * dims.h;
+                        for bb in 0..2 {
+                            let row = (za + ty.idx[bb]) * dims.w;
+                            for cc in 0..2 {
+                                let i = row + tx.idx[cc];
+                                let s = (0..3).fold(T::zero(), |s, ch| s + u[ch * np + i] * go[ch]);
+                                gp[0] = gp[0] + tz.w[a] * ty.w[bb] * tx.dw[cc] * s;
+                                gp[1] = gp[1] + tz.w[a] * ty.dw[bb] * tx.w[cc] * s;
+                                gp[2] = gp[2] + tz.dw[a] * ty.w[bb] * tx.w[cc] * s;
+                                for (ch, &gc) in go.iter().enumerate() {
+                                    if gc != T::zero() {
+                                        let slot = &mut acc[ch * np + i];
+                                        *slot = *slot + gc * tz.w[a] * ty.w[bb] * tx.w[cc];
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    let gp = [gp[0] * half[0], gp[1] * half[1], gp[2] * half[2]];
+                    for (r, x) in o.iter_mut().enumerate() {
+                        *x = lin[3 * r] * gp[0] + lin[3 * r + 1] * gp[1] + lin[3 * r + 2] * gp[2];
+                    }
+                }
+                acc
+            })
+            .collect();
+        // (P, 3) → (3, P), then the three terms, as the composed ops add them
+        let mut out = vec![T::zero(); 3 * np];
+        out.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, o)| {
+            for (q, x) in o.iter_mut().enumerate() {
+                let j = ci * CHUNK + q;
+                let (ch, v) = (j / np, j % np);
+                let through_values = parts.iter().fold(T::zero(), |s, p| s + p[j]);
+                *x = g[j] + (through_values + through_points[3 * v + ch]);
+            }
+        });
         out
     }
 }

@@ -71,28 +71,32 @@ fn window_rows(s: &[f64], d: &mut [f64], n: usize, inner: usize, r: usize, i0: u
     }
 }
 
-/// Window sums (unnormalised) along the middle axis of `(outer, n, inner)` data, in parallel
-/// over slabs and groups of rows.
-fn window_pass(src: &[f64], outer: usize, n: usize, inner: usize, r: usize, transpose: bool) -> Vec<f64> {
-    let mut dst = vec![0.0f64; src.len()];
+/// Window sums (unnormalised) along the middle axis of `(outer, n, inner)` data into `dst` (every
+/// value overwritten), in parallel over slabs and groups of rows.
+fn window_pass(src: &[f64], dst: &mut [f64], outer: usize, n: usize, inner: usize, r: usize, transpose: bool) {
     let slab = n * inner;
     if slab == 0 {
-        return dst;
+        return;
     }
     let groups = if outer >= 32 { 1 } else { (64 / outer.max(1)).clamp(1, n) };
     let g = n.div_ceil(groups);
     dst.par_chunks_mut(slab).zip(src.par_chunks(slab)).with_min_len(4).for_each(|(d, s)| {
         d.par_chunks_mut(g * inner).enumerate().for_each(|(gi, dg)| window_rows(s, dg, n, inner, r, gi * g, transpose));
     });
-    dst
 }
 
-/// Box sums over all three axes of channels-last `(D, H, W, k)` data.
+/// Box sums over all three axes of channels-last `(D, H, W, k)` data, through one scratch
+/// buffer: a fresh buffer per pass costs as much zeroing as the pass itself.
 fn window_sums(mut x: Vec<f64>, dims: [usize; 3], k: usize, radius: [usize; 3], transpose: bool) -> Vec<f64> {
     let [d, h, w] = dims;
+    let mut scratch = Vec::new();
     for (outer, n, inner, r) in [(d * h, w, k, radius[2]), (d, h, w * k, radius[1]), (1, d, h * w * k, radius[0])] {
         if r > 0 {
-            x = window_pass(&x, outer, n, inner, r, transpose);
+            if scratch.len() != x.len() {
+                scratch = vec![0.0f64; x.len()];
+            }
+            window_pass(&x, &mut scratch, outer, n, inner, r, transpose);
+            std::mem::swap(&mut x, &mut scratch);
         }
     }
     x

@@ -38,9 +38,9 @@ pub enum Padding {
 /// no branches (the volume must hold finite values, which the readers guarantee).
 #[derive(Clone, Copy)]
 pub(crate) struct Taps<T> {
-    idx: [usize; 2],
-    w: [T; 2],
-    dw: [T; 2],
+    pub idx: [usize; 2],
+    pub w: [T; 2],
+    pub dw: [T; 2],
 }
 
 /// The sampler's scalar: `f32` or `f64` with the primitive casts it needs. `num_traits`'
@@ -161,7 +161,7 @@ impl Dims {
 }
 
 #[inline(always)]
-fn all_taps<T: Real>(p: [T; 3], dims: Dims, interp: Interpolation, pad: Padding) -> [Taps<T>; 3] {
+pub(crate) fn all_taps<T: Real>(p: [T; 3], dims: Dims, interp: Interpolation, pad: Padding) -> [Taps<T>; 3] {
     [axis_taps(p[0], dims.w, interp, pad), axis_taps(p[1], dims.h, interp, pad), axis_taps(p[2], dims.d, interp, pad)]
 }
 
@@ -269,6 +269,73 @@ pub fn forward<T: Real>(
         }
     });
     out
+}
+
+/// Forward of one volume `(1, C, dims)` (linear) at normalised `points` `(P, 3)`: the samples
+/// `(C, P)` as [`forward`] gives them, and beside them each sample's gradient with respect to its
+/// normalised point, `(P, C, 3)`. The gradient reads the same eight corners as the value while
+/// they are in cache, so a backward that needs it no longer walks the volume a second time.
+pub(crate) fn forward_jacobian<T: Real>(
+    input: &[T],
+    points: &[T],
+    c: usize,
+    dims: Dims,
+    pad: Padding,
+) -> (Vec<T>, Vec<T>) {
+    let np = points.len() / 3;
+    let half = dims.half_extent::<T>();
+    let cl = channels_last(input, c, dims.len());
+    let mut values = vec![T::zero(); c * np];
+    let mut jac = vec![T::zero(); 3 * c * np];
+    // values are channels-first: each task fills its point range, then they are scattered
+    let parts: Vec<Vec<T>> = jac
+        .par_chunks_mut(3 * c * CHUNK)
+        .enumerate()
+        .map(|(ci, jc)| {
+            let first = ci * CHUNK;
+            let n = jc.len() / (3 * c);
+            let mut vals = vec![T::zero(); n * c];
+            for q in 0..n {
+                let p = &points[3 * (first + q)..][..3];
+                let [tx, ty, tz] = all_taps(to_voxel(p, half), dims, Interpolation::Linear, pad);
+                let (val, j) = (&mut vals[q * c..][..c], &mut jc[q * 3 * c..][..3 * c]);
+                for a in 0..2 {
+                    let za = tz.idx[a] * dims.h;
+                    for bb in 0..2 {
+                        let row = (za + ty.idx[bb]) * dims.w;
+                        let wzy = tz.w[a] * ty.w[bb];
+                        let (w0, w1) = (wzy * tx.w[0], wzy * tx.w[1]);
+                        let (gx, gy, gz) = (tz.w[a] * ty.w[bb], tz.w[a] * ty.dw[bb], tz.dw[a] * ty.w[bb]);
+                        let v0 = &cl[(row + tx.idx[0]) * c..][..c];
+                        let v1 = &cl[(row + tx.idx[1]) * c..][..c];
+                        for ch in 0..c {
+                            let (a0, a1) = (v0[ch], v1[ch]);
+                            val[ch] = val[ch] + w0 * a0 + w1 * a1;
+                            let g = &mut j[3 * ch..3 * ch + 3];
+                            g[0] = g[0] + gx * (tx.dw[0] * a0 + tx.dw[1] * a1);
+                            g[1] = g[1] + gy * (tx.w[0] * a0 + tx.w[1] * a1);
+                            g[2] = g[2] + gz * (tx.w[0] * a0 + tx.w[1] * a1);
+                        }
+                    }
+                }
+                for g in j.chunks_mut(3) {
+                    for a in 0..3 {
+                        g[a] = g[a] * half[a];
+                    }
+                }
+            }
+            vals
+        })
+        .collect();
+    for (ci, part) in parts.iter().enumerate() {
+        let n = part.len() / c;
+        for ch in 0..c {
+            for q in 0..n {
+                values[ch * np + ci * CHUNK + q] = part[q * c + ch];
+            }
+        }
+    }
+    (values, jac)
 }
 
 /// Interpolates `out.len()` channels stored channels-last (`vol[voxel · C + c]`) and adds them
@@ -381,6 +448,44 @@ pub fn backward_input<T: Real>(
         out.par_chunks_mut(vsz).enumerate().for_each(|(row, o)| scatter(o, row / c, row % c, 0..np));
     } else {
         // few volumes, many points: private accumulators per point range, summed in order
+        if b == 1 && c > 1 {
+            // one volume of a few channels (a displacement): one pass over the points into
+            // channels-last accumulators, each channel summed in the same order as alone
+            let step = np.div_ceil(SPLIT);
+            let parts: Vec<Vec<T>> = (0..SPLIT)
+                .into_par_iter()
+                .map(|s| {
+                    let mut acc = vec![T::zero(); vsz * c];
+                    let mut go = vec![T::zero(); c];
+                    for p in s * step..((s + 1) * step).min(np) {
+                        go.iter_mut().enumerate().for_each(|(ch, g)| *g = grad[ch * np + p]);
+                        let [tx, ty, tz] = all_taps(to_voxel(&points[3 * p..3 * p + 3], half), dims, interp, pad);
+                        for a in 0..2 {
+                            let za = tz.idx[a] * dims.h;
+                            for bb in 0..2 {
+                                let row = (za + ty.idx[bb]) * dims.w;
+                                for cc in 0..2 {
+                                    let i = row + tx.idx[cc];
+                                    for (ch, &g) in go.iter().enumerate() {
+                                        if g != T::zero() {
+                                            let o = &mut acc[i * c + ch];
+                                            *o = *o + g * tz.w[a] * ty.w[bb] * tx.w[cc];
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    acc
+                })
+                .collect();
+            out.par_chunks_mut(vsz).enumerate().for_each(|(ch, o)| {
+                for part in &parts {
+                    o.iter_mut().enumerate().for_each(|(i, a)| *a = *a + part[i * c + ch]);
+                }
+            });
+            return out;
+        }
         for (row, o) in out.chunks_mut(vsz).enumerate() {
             let step = np.div_ceil(SPLIT);
             let parts: Vec<Vec<T>> = (0..SPLIT)
