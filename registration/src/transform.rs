@@ -142,13 +142,13 @@ impl DenseDisplacement {
     /// not fold. Differentiable in `v`.
     pub fn exponentiate(velocity: &Tensor, grid: &Grid, steps: usize) -> Result<Tensor> {
         let plan = SamplingPlan::new(grid, grid, &Affine::default(), velocity.device())?;
-        let shape = velocity.shape().clone();
         let mut u = (velocity / 2f64.powi(steps as i32))?;
         // each step `u + u(x + u)` as one fused op (points, sampler and sum)
         let (d, h, w) = grid.dhw();
         let step = ops::SquaringStep::new(&plan.base, &plan.lin_t, [d, h, w])?;
         for _ in 0..steps {
-            u = step.apply(&u.reshape(shape.clone())?)?;
+            // (no reshape between steps: each is a node whose gradient candle zero-fills and adds)
+            u = step.apply(&u)?;
         }
         Ok(u)
     }

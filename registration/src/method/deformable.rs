@@ -202,14 +202,14 @@ pub(crate) fn deformable_levels(
                         inside = mask.mean_all()?.to_scalar::<f32>()? as f64;
                     }
                     let (fixed_i, warped) = match (maps, &p, &displaced) {
-                        (Some((fil, _)), _, Some(s)) => (&fil.tensor, s.sample(&dense)?),
+                        (Some((fil, _)), _, Some(s)) => (&fil.tensor, s.sample_as(&dense, fil.tensor.shape().clone())?),
                         (Some((fil, mil)), Some(p), None) => {
                             (&fil.tensor, grid_sample(&mil.tensor, p, Interpolation::Linear, Padding::Border)?)
                         }
                         (None, Some(p), _) => (&fl.tensor, ml.sample(p)?),
                         (_, None, _) => unreachable!("the fused sampler serves intensity maps only"),
                     };
-                    let warped = warped.reshape(fixed_i.shape())?;
+                    let warped = if warped.shape() == fixed_i.shape() { warped } else { warped.reshape(fixed_i.shape())? };
                     let ncc = local_ncc(fixed_i, &warped, &mask.reshape((1, 1, d, h, w))?, *radius)?;
                     sim = (sim + (ncc * *weight)?)?;
                 }

@@ -130,8 +130,18 @@ impl DisplacedSampler {
 
     /// The volume at the displaced points, `(1, C, P)`, differentiable in `u`.
     pub fn sample(&self, u: &Tensor) -> candle_core::Result<Tensor> {
+        self.sample_as(u, (1, self.channels, self.points).into())
+    }
+
+    /// [`Self::sample`] laid out as `shape` (`C·P` values, e.g. `(1, C, D, H, W)` when the
+    /// points are a grid's voxels): a reshape afterwards would be another full-size node of
+    /// the graph, whose gradient candle zero-fills and adds on every backward pass.
+    pub fn sample_as(&self, u: &Tensor, shape: Shape) -> candle_core::Result<Tensor> {
         self.check(u)?;
-        let op = DisplacedOp { sampler: self.clone(), jacobian: Mutex::new(None) };
+        if shape.elem_count() != self.channels * self.points {
+            return bail(format!("displaced sampler: shape {shape:?} for {} channels of {} points", self.channels, self.points));
+        }
+        let op = DisplacedOp { sampler: self.clone(), jacobian: Mutex::new(None), shape };
         u.contiguous()?.apply_op1_arc(Arc::new(Box::new(op)))
     }
 }
@@ -147,6 +157,7 @@ enum Jacobian {
 struct DisplacedOp {
     sampler: DisplacedSampler,
     jacobian: Mutex<Option<Jacobian>>,
+    shape: Shape,
 }
 
 /// `d loss / d u` `(3, P)` from the incoming gradient `(C, P)` and the sample gradients `(P, C,
@@ -190,7 +201,7 @@ impl CustomOp1 for DisplacedOp {
             _ => return bail("displaced sampler: displacement and volume differ in precision"),
         };
         *self.jacobian.lock().unwrap_or_else(|e| e.into_inner()) = Some(jac);
-        Ok((st, Shape::from((1, c, sp.points))))
+        Ok((st, self.shape.clone()))
     }
 
     fn bwd(&self, u: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
