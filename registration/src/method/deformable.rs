@@ -209,7 +209,8 @@ pub(crate) fn deformable_levels(
                         (None, Some(p), _) => (&fl.tensor, ml.sample(p)?),
                         (_, None, _) => unreachable!("the fused sampler serves intensity maps only"),
                     };
-                    let warped = if warped.shape() == fixed_i.shape() { warped } else { warped.reshape(fixed_i.shape())? };
+                    let warped =
+                        if warped.shape() == fixed_i.shape() { warped } else { warped.reshape(fixed_i.shape())? };
                     let ncc = local_ncc(fixed_i, &warped, &mask.reshape((1, 1, d, h, w))?, *radius)?;
                     sim = (sim + (ncc * *weight)?)?;
                 }

@@ -139,7 +139,10 @@ impl DisplacedSampler {
     pub fn sample_as(&self, u: &Tensor, shape: Shape) -> candle_core::Result<Tensor> {
         self.check(u)?;
         if shape.elem_count() != self.channels * self.points {
-            return bail(format!("displaced sampler: shape {shape:?} for {} channels of {} points", self.channels, self.points));
+            return bail(format!(
+                "displaced sampler: shape {shape:?} for {} channels of {} points",
+                self.channels, self.points
+            ));
         }
         let op = DisplacedOp { sampler: self.clone(), jacobian: Mutex::new(None), shape };
         u.contiguous()?.apply_op1_arc(Arc::new(Box::new(op)))
@@ -297,18 +300,10 @@ impl SquaringStep {
             |(ci, ((r0, r1), r2))| {
                 for q in 0..r0.len() {
                     let v = ci * CHUNK + q;
-                    let [tx, ty, tz] = self.taps_at(u, base, &lin, v);
                     let mut acc = [T::zero(); 3];
-                    for a in 0..2 {
-                        let za = tz.idx[a] * dims.h;
-                        for bb in 0..2 {
-                            let row = (za + ty.idx[bb]) * dims.w;
-                            let wzy = tz.w[a] * ty.w[bb];
-                            let (w0, w1) = (wzy * tx.w[0], wzy * tx.w[1]);
-                            let (i0, i1) = (row + tx.idx[0], row + tx.idx[1]);
-                            for (ch, s) in acc.iter_mut().enumerate() {
-                                *s = *s + w0 * u[ch * np + i0] + w1 * u[ch * np + i1];
-                            }
+                    for (i, w, _) in sample::corners(&self.taps_at(u, base, &lin, v), dims) {
+                        for (ch, s) in acc.iter_mut().enumerate() {
+                            *s = *s + w * u[ch * np + i];
                         }
                     }
                     r0[q] = u[v] + acc[0];
@@ -339,24 +334,16 @@ impl SquaringStep {
                 for (q, o) in tp.chunks_mut(3).enumerate() {
                     let v = part * step + q;
                     let go = [g[v], g[np + v], g[2 * np + v]];
-                    let [tx, ty, tz] = self.taps_at(u, base, &lin, v);
                     let mut gp = [T::zero(); 3];
-                    for a in 0..2 {
-                        let za = tz.idx[a] * dims.h;
-                        for bb in 0..2 {
-                            let row = (za + ty.idx[bb]) * dims.w;
-                            for cc in 0..2 {
-                                let i = row + tx.idx[cc];
-                                let s = (0..3).fold(T::zero(), |s, ch| s + u[ch * np + i] * go[ch]);
-                                gp[0] = gp[0] + tz.w[a] * ty.w[bb] * tx.dw[cc] * s;
-                                gp[1] = gp[1] + tz.w[a] * ty.dw[bb] * tx.w[cc] * s;
-                                gp[2] = gp[2] + tz.dw[a] * ty.w[bb] * tx.w[cc] * s;
-                                for (ch, &gc) in go.iter().enumerate() {
-                                    if gc != T::zero() {
-                                        let slot = &mut acc[ch * np + i];
-                                        *slot = *slot + gc * tz.w[a] * ty.w[bb] * tx.w[cc];
-                                    }
-                                }
+                    for (i, w, d) in sample::corners(&self.taps_at(u, base, &lin, v), dims) {
+                        let s = (0..3).fold(T::zero(), |s, ch| s + u[ch * np + i] * go[ch]);
+                        for a in 0..3 {
+                            gp[a] = gp[a] + d[a] * s;
+                        }
+                        for (ch, &gc) in go.iter().enumerate() {
+                            if gc != T::zero() {
+                                let slot = &mut acc[ch * np + i];
+                                *slot = *slot + gc * w;
                             }
                         }
                     }

@@ -165,6 +165,21 @@ pub(crate) fn all_taps<T: Real>(p: [T; 3], dims: Dims, interp: Interpolation, pa
     [axis_taps(p[0], dims.w, interp, pad), axis_taps(p[1], dims.h, interp, pad), axis_taps(p[2], dims.d, interp, pad)]
 }
 
+/// The eight corners of a point's taps: the voxel's index in a `(D, H, W)` volume, its weight,
+/// and the weight's derivatives along x, y and z. Every trilinear loop of the samplers walks
+/// these, in this order.
+#[inline(always)]
+pub(crate) fn corners<T: Real>(taps: &[Taps<T>; 3], dims: Dims) -> [(usize, T, [T; 3]); 8] {
+    let [tx, ty, tz] = taps;
+    std::array::from_fn(|k| {
+        let (a, bb, cc) = (k >> 2, (k >> 1) & 1, k & 1);
+        let i = (tz.idx[a] * dims.h + ty.idx[bb]) * dims.w + tx.idx[cc];
+        let (wz, wy) = (tz.w[a], ty.w[bb]);
+        let d = [wz * wy * tx.dw[cc], wz * ty.dw[bb] * tx.w[cc], tz.dw[a] * wy * tx.w[cc]];
+        (i, wz * wy * tx.w[cc], d)
+    })
+}
+
 /// Samples one channel (`D·H·W` values) at a point given in **voxel** coordinates `(x, y, z)`.
 #[inline]
 pub fn sample_point<T: Real>(vol: &[T], dims: Dims, p: [T; 3], interp: Interpolation, pad: Padding) -> T {
@@ -175,20 +190,12 @@ pub fn sample_point<T: Real>(vol: &[T], dims: Dims, p: [T; 3], interp: Interpola
 /// volume: one dot product over the channels per corner, then the corner's weight derivatives.
 #[inline(always)]
 fn gather_grad<T: Real>(vol: &[T], dims: Dims, taps: &[Taps<T>; 3], go: &[T]) -> [T; 3] {
-    let [tx, ty, tz] = taps;
     let c = go.len();
     let mut g = [T::zero(); 3];
-    for a in 0..2 {
-        let za = tz.idx[a] * dims.h;
-        for bb in 0..2 {
-            let row = (za + ty.idx[bb]) * dims.w;
-            for cc in 0..2 {
-                let v = &vol[(row + tx.idx[cc]) * c..][..c];
-                let s = v.iter().zip(go).fold(T::zero(), |acc, (&v, &g)| acc + v * g);
-                g[0] = g[0] + tz.w[a] * ty.w[bb] * tx.dw[cc] * s;
-                g[1] = g[1] + tz.w[a] * ty.dw[bb] * tx.w[cc] * s;
-                g[2] = g[2] + tz.dw[a] * ty.w[bb] * tx.w[cc] * s;
-            }
+    for (i, _, d) in corners(taps, dims) {
+        let s = vol[i * c..][..c].iter().zip(go).fold(T::zero(), |acc, (&v, &g)| acc + v * g);
+        for a in 0..3 {
+            g[a] = g[a] + d[a] * s;
         }
     }
     g
@@ -297,24 +304,13 @@ pub(crate) fn forward_jacobian<T: Real>(
             let mut vals = vec![T::zero(); n * c];
             for q in 0..n {
                 let p = &points[3 * (first + q)..][..3];
-                let [tx, ty, tz] = all_taps(to_voxel(p, half), dims, Interpolation::Linear, pad);
+                let taps = all_taps(to_voxel(p, half), dims, Interpolation::Linear, pad);
                 let (val, j) = (&mut vals[q * c..][..c], &mut jc[q * 3 * c..][..3 * c]);
-                for a in 0..2 {
-                    let za = tz.idx[a] * dims.h;
-                    for bb in 0..2 {
-                        let row = (za + ty.idx[bb]) * dims.w;
-                        let wzy = tz.w[a] * ty.w[bb];
-                        let (w0, w1) = (wzy * tx.w[0], wzy * tx.w[1]);
-                        let (gx, gy, gz) = (tz.w[a] * ty.w[bb], tz.w[a] * ty.dw[bb], tz.dw[a] * ty.w[bb]);
-                        let v0 = &cl[(row + tx.idx[0]) * c..][..c];
-                        let v1 = &cl[(row + tx.idx[1]) * c..][..c];
-                        for ch in 0..c {
-                            let (a0, a1) = (v0[ch], v1[ch]);
-                            val[ch] = val[ch] + w0 * a0 + w1 * a1;
-                            let g = &mut j[3 * ch..3 * ch + 3];
-                            g[0] = g[0] + gx * (tx.dw[0] * a0 + tx.dw[1] * a1);
-                            g[1] = g[1] + gy * (tx.w[0] * a0 + tx.w[1] * a1);
-                            g[2] = g[2] + gz * (tx.w[0] * a0 + tx.w[1] * a1);
+                for (i, w, d) in corners(&taps, dims) {
+                    for (ch, &v) in cl[i * c..][..c].iter().enumerate() {
+                        val[ch] = val[ch] + w * v;
+                        for a in 0..3 {
+                            j[3 * ch + a] = j[3 * ch + a] + d[a] * v;
                         }
                     }
                 }
@@ -342,19 +338,10 @@ pub(crate) fn forward_jacobian<T: Real>(
 /// into `out`; one channel is the plain channel-major case.
 #[inline(always)]
 fn gather_into<T: Real>(vol: &[T], dims: Dims, taps: &[Taps<T>; 3], out: &mut [T]) {
-    let [tx, ty, tz] = taps;
     let c = out.len();
-    for a in 0..2 {
-        let za = tz.idx[a] * dims.h;
-        for bb in 0..2 {
-            let row = (za + ty.idx[bb]) * dims.w;
-            let wzy = tz.w[a] * ty.w[bb];
-            let (w0, w1) = (wzy * tx.w[0], wzy * tx.w[1]);
-            let v0 = &vol[(row + tx.idx[0]) * c..][..c];
-            let v1 = &vol[(row + tx.idx[1]) * c..][..c];
-            for ((slot, &a0), &a1) in out.iter_mut().zip(v0).zip(v1) {
-                *slot = *slot + w0 * a0 + w1 * a1;
-            }
+    for (i, w, _) in corners(taps, dims) {
+        for (slot, &v) in out.iter_mut().zip(&vol[i * c..][..c]) {
+            *slot = *slot + w * v;
         }
     }
 }
@@ -428,17 +415,8 @@ pub fn backward_input<T: Real>(
             }
             let gp = bi * np + p;
             let pt = to_voxel(&points[3 * gp..3 * gp + 3], half);
-            let [tx, ty, tz] = all_taps(pt, dims, interp, pad);
-            for a in 0..2 {
-                let za = tz.idx[a] * dims.h;
-                for bb in 0..2 {
-                    let row = (za + ty.idx[bb]) * dims.w;
-                    let wzy = go * tz.w[a] * ty.w[bb];
-                    for cc in 0..2 {
-                        let i = row + tx.idx[cc];
-                        out[i] = out[i] + wzy * tx.w[cc];
-                    }
-                }
+            for (i, w, _) in corners(&all_taps(pt, dims, interp, pad), dims) {
+                out[i] = out[i] + go * w;
             }
         }
     };
@@ -448,44 +426,6 @@ pub fn backward_input<T: Real>(
         out.par_chunks_mut(vsz).enumerate().for_each(|(row, o)| scatter(o, row / c, row % c, 0..np));
     } else {
         // few volumes, many points: private accumulators per point range, summed in order
-        if b == 1 && c > 1 {
-            // one volume of a few channels (a displacement): one pass over the points into
-            // channels-last accumulators, each channel summed in the same order as alone
-            let step = np.div_ceil(SPLIT);
-            let parts: Vec<Vec<T>> = (0..SPLIT)
-                .into_par_iter()
-                .map(|s| {
-                    let mut acc = vec![T::zero(); vsz * c];
-                    let mut go = vec![T::zero(); c];
-                    for p in s * step..((s + 1) * step).min(np) {
-                        go.iter_mut().enumerate().for_each(|(ch, g)| *g = grad[ch * np + p]);
-                        let [tx, ty, tz] = all_taps(to_voxel(&points[3 * p..3 * p + 3], half), dims, interp, pad);
-                        for a in 0..2 {
-                            let za = tz.idx[a] * dims.h;
-                            for bb in 0..2 {
-                                let row = (za + ty.idx[bb]) * dims.w;
-                                for cc in 0..2 {
-                                    let i = row + tx.idx[cc];
-                                    for (ch, &g) in go.iter().enumerate() {
-                                        if g != T::zero() {
-                                            let o = &mut acc[i * c + ch];
-                                            *o = *o + g * tz.w[a] * ty.w[bb] * tx.w[cc];
-                                        }
-                                    }
-                                }
-                            }
-                        }
-                    }
-                    acc
-                })
-                .collect();
-            out.par_chunks_mut(vsz).enumerate().for_each(|(ch, o)| {
-                for part in &parts {
-                    o.iter_mut().enumerate().for_each(|(i, a)| *a = *a + part[i * c + ch]);
-                }
-            });
-            return out;
-        }
         for (row, o) in out.chunks_mut(vsz).enumerate() {
             let step = np.div_ceil(SPLIT);
             let parts: Vec<Vec<T>> = (0..SPLIT)
