@@ -197,7 +197,16 @@ impl Default for MethodConfig {
             levels: vec![
                 LevelConfig { shrink: 4, control_shrink: 2, iterations: 80, diffusion: None, intensities_only: false },
                 LevelConfig { shrink: 2, control_shrink: 2, iterations: 80, diffusion: None, intensities_only: false },
-                LevelConfig { shrink: 1, control_shrink: 2, iterations: 30, diffusion: None, intensities_only: true },
+                // a stiffer diffusion at full resolution: at the default weight NCC folded 0.13 % of
+                // CT A ← CT B and 0.01 % of T1 → Colin27; at 1.0 no corpus pair folds and the
+                // corpus mean held (0.7825 vs 0.7823; T1 → Colin27 lost 0.02, PD → T1 gained 0.02)
+                LevelConfig {
+                    shrink: 1,
+                    control_shrink: 2,
+                    iterations: 30,
+                    diffusion: Some(1.0),
+                    intensities_only: true,
+                },
             ],
             similarity: Similarity::default(),
             smoothness: 1.0,
