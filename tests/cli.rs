@@ -641,6 +641,59 @@ fn method_file_round_trips_through_metrics_json() {
     assert!(err.contains("cannot be used with"), "{err}");
 }
 
+/// The default `--similarity auto` compares intensities by NCC (with the full-resolution level)
+/// on a pair of one contrast, and the MIND-SSC features on the same pair with the moving
+/// image in a non-monotonic, MR-like contrast; metrics.json records
+/// the measure and the choice, and its config the similarity that ran.
+#[test]
+fn similarity_auto_chooses_by_linearity() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tiny_pair(dir.path());
+    let moving = data.join("pair_000_moving.nii.gz");
+    let mut folded = obelisk::io::read_image(&moving).unwrap();
+    // an MR-like contrast of the CT phantom (HU): air dark, fat brightest, soft tissue mid, bone dark
+    for v in folded.data.iter_mut() {
+        *v = match *v {
+            x if x < -500.0 => 0.0,
+            x if x < -30.0 => 1.0,
+            x if x < 150.0 => 0.5,
+            _ => 0.1,
+        };
+    }
+    let folded_path = data.join("pair_000_folded.nii.gz");
+    obelisk::io::write_image(&folded_path, &folded).unwrap();
+    let p = |n: &str| s(&data.join(format!("pair_000_{n}.nii.gz"))).to_string();
+    let [fixed, moving, folded] = ["fixed", "moving", "folded"].map(p);
+    let run = |name: &str, moving: &str| -> serde_json::Value {
+        let out = dir.path().join(name);
+        ok(&[
+            "register",
+            "--fixed",
+            &fixed,
+            "--moving",
+            moving,
+            "--out",
+            s(&out),
+            "--no-pictures",
+            "--iterations",
+            "10",
+        ]);
+        serde_json::from_slice(&std::fs::read(out.join("metrics.json")).unwrap()).unwrap()
+    };
+    let stages =
+        |m: &serde_json::Value| m["stages"].as_array().unwrap().iter().filter(|s| s["name"] == "deformable-3").count();
+    let same = run("same", &moving);
+    assert_eq!(same["similarity"]["chosen"]["kind"], "ncc", "{}", same["similarity"]);
+    assert!(same["similarity"]["linearity"].as_f64().unwrap() > 0.9, "{}", same["similarity"]);
+    assert_eq!(same["config"]["similarity"]["kind"], "ncc");
+    assert_eq!(stages(&same), 1, "the full-resolution level runs with NCC");
+    let other = run("folded", &folded);
+    assert_eq!(other["similarity"]["chosen"]["kind"], "l1", "{}", other["similarity"]);
+    assert!(other["similarity"]["linearity"].as_f64().unwrap() < 0.75, "{}", other["similarity"]);
+    assert_eq!(other["config"]["similarity"]["kind"], "l1");
+    assert_eq!(stages(&other), 0, "no full-resolution level with the features");
+}
+
 /// `--similarity ncc` and `l1+ncc` register (recorded in metrics.json's config, reruns
 /// byte-identical), and so does the shipped full-resolution preset; `--exact` beside NCC and a zero window are refused.
 #[test]
