@@ -58,8 +58,8 @@ pub enum Similarity {
     /// linearly related ([`super::linearity`] at least `min_linearity`: one modality, or
     /// contrasts that differ by gain and offset), else [`Similarity::L1`] of the features. On
     /// the development corpus NCC (with its full-resolution level) was the more accurate on
-    /// every pair of one modality and the less accurate on T1 → T2 (linearity 0.62), whose
-    /// mono-modal pairs scored 0.92–1.0.
+    /// every pair of one modality (linearity 0.90–1.00) and on PD → T1 (0.87), the less
+    /// accurate on T1 → T2-like (0.61); CT ↔ MR scored 0.08–0.20.
     Auto { radius: usize, min_linearity: f64 },
 }
 
