@@ -4,8 +4,10 @@
 //! filters each and combines them in some twenty elementwise ops, every one a full-size
 //! temporary kept for the backward pass. Here the six window sums come from running sums along
 //! each axis (O(N) for any radius, the ends replicated exactly as [`super::box_filter3d`] does),
-//! the voxelwise combination and its derivative in one pass, and the backward applies the
-//! transposed box filter to three coefficient maps: the analytic gradient of the same loss.
+//! a slice at a time (the products and in-plane sums of one slice stay in cache; each output
+//! slice sums its window of planes and is combined at once), the voxelwise combination and its
+//! derivative in that same pass, and the backward applies the transposed box filter to three
+//! coefficient maps the same way: the analytic gradient of the same loss.
 
 use std::sync::{Arc, Mutex};
 
@@ -17,9 +19,6 @@ use super::{bail, slice_of};
 
 /// Added to the window weight (the box mean of the mask) before dividing by it.
 pub const NCC_EPS: f64 = 1e-5;
-
-/// Voxels per task of the voxelwise passes.
-const CHUNK: usize = 4096;
 
 /// Sums of rows `[i0, i0 + rows)` of a `(n, inner)` slab `s` over a `(2r + 1)`-row window into
 /// `d`: the ends replicated (`transpose = false`), or the transpose of that operator.
@@ -71,35 +70,55 @@ fn window_rows(s: &[f64], d: &mut [f64], n: usize, inner: usize, r: usize, i0: u
     }
 }
 
-/// Window sums (unnormalised) along the middle axis of `(outer, n, inner)` data into `dst` (every
-/// value overwritten), in parallel over slabs and groups of rows.
-fn window_pass(src: &[f64], dst: &mut [f64], outer: usize, n: usize, inner: usize, r: usize, transpose: bool) {
-    let slab = n * inner;
-    if slab == 0 {
-        return;
+/// In-plane `(h, w)` window sums of one slice's channels-last `(h, w, k)` data `x` (every value
+/// of `x` overwritten with the result); `scratch` holds the intermediate.
+fn plane_sums(x: &mut [f64], scratch: &mut [f64], h: usize, w: usize, k: usize, r: [usize; 2], transpose: bool) {
+    let row = w * k;
+    for (src, dst) in x.chunks(row).zip(scratch.chunks_mut(row)) {
+        window_rows(src, dst, w, k, r[1], 0, transpose);
     }
-    let groups = if outer >= 32 { 1 } else { (64 / outer.max(1)).clamp(1, n) };
-    let g = n.div_ceil(groups);
-    dst.par_chunks_mut(slab).zip(src.par_chunks(slab)).with_min_len(4).for_each(|(d, s)| {
-        d.par_chunks_mut(g * inner).enumerate().for_each(|(gi, dg)| window_rows(s, dg, n, inner, r, gi * g, transpose));
-    });
+    window_rows(scratch, x, h, row, r[0], 0, transpose);
 }
 
-/// Box sums over all three axes of channels-last `(D, H, W, k)` data, through one scratch
-/// buffer: a fresh buffer per pass costs as much zeroing as the pass itself.
-fn window_sums(mut x: Vec<f64>, dims: [usize; 3], k: usize, radius: [usize; 3], transpose: bool) -> Vec<f64> {
+/// Window sums of channels-last `(D, H, W, k)` data over all three axes, slice by slice: the
+/// in-plane sums of every slice (filled by `fill(z, slice)`, summed in cache by one task) into
+/// `planes`, then each output slice as the sum of its window of planes, handed in parallel to
+/// `out(z, sums, part)` with slice `z`'s `part` of `result`; returns the sum of what `out`
+/// returns, in slice order. (The three axis passes over the whole volume it replaces each read
+/// and wrote every value: they cost more in memory traffic than in arithmetic.)
+#[allow(clippy::too_many_arguments)]
+fn slab_sums<O: Send>(
+    planes: &mut [f64],
+    fill: impl Fn(usize, &mut [f64]) + Sync,
+    dims: [usize; 3],
+    k: usize,
+    radius: [usize; 3],
+    transpose: bool,
+    result: &mut [O],
+    out: impl Fn(usize, &[f64], &mut [O]) -> f64 + Sync,
+) -> f64 {
     let [d, h, w] = dims;
-    let mut scratch = Vec::new();
-    for (outer, n, inner, r) in [(d * h, w, k, radius[2]), (d, h, w * k, radius[1]), (1, d, h * w * k, radius[0])] {
-        if r > 0 {
-            if scratch.len() != x.len() {
-                scratch = vec![0.0f64; x.len()];
-            }
-            window_pass(&x, &mut scratch, outer, n, inner, r, transpose);
-            std::mem::swap(&mut x, &mut scratch);
-        }
+    let plane = h * w * k;
+    if plane == 0 || d == 0 {
+        return 0.0;
     }
-    x
+    planes.par_chunks_mut(plane).enumerate().for_each(|(z, p)| {
+        fill(z, p);
+        let mut scratch = vec![0.0f64; plane];
+        plane_sums(p, &mut scratch, h, w, k, [radius[1], radius[2]], transpose);
+    });
+    let planes = &*planes;
+    let per = (result.len() / d).max(1);
+    let parts: Vec<f64> = result
+        .par_chunks_mut(per)
+        .enumerate()
+        .map(|(z, part)| {
+            let mut sums = vec![0.0f64; plane];
+            window_rows(planes, &mut sums, d, plane, radius[0], z, transpose);
+            out(z, &sums, part)
+        })
+        .collect();
+    parts.into_iter().sum()
 }
 
 /// The forward result that the backward needs: per voxel and channel, the derivatives of
@@ -119,13 +138,14 @@ fn forward<T: Real>(
     keep: bool,
 ) -> (f64, Option<Coefficients>) {
     let nv = dims.iter().product::<usize>();
+    let [d, h, w] = dims;
+    let hw = h * w;
     let k = 1 + 5 * c;
     let f64_of = |v: T| v.to_f64().unwrap_or(f64::NAN);
     // the masked products, channels-last: m, then per channel f·m, w·m, f·w·m, f²·m, w²·m
-    let mut prod = vec![0.0f64; nv * k];
-    prod.par_chunks_mut(CHUNK * k).enumerate().for_each(|(ci, ch)| {
-        for (q, p) in ch.chunks_mut(k).enumerate() {
-            let v = ci * CHUNK + q;
+    let fill = |z: usize, plane: &mut [f64]| {
+        for (q, p) in plane.chunks_mut(k).enumerate() {
+            let v = z * hw + q;
             let m = f64_of(mask[v]);
             p[0] = m;
             for ch in 0..c {
@@ -138,10 +158,10 @@ fn forward<T: Real>(
                 o[4] = w * w * m;
             }
         }
-    });
-    let sums = window_sums(prod, dims, k, radius, false);
+    };
     let scale = 1.0 / radius.iter().map(|&r| (2 * r + 1) as f64).product::<f64>();
-    let mut coef = if keep { vec![0.0f64; nv * 3 * c] } else { Vec::new() };
+    // (without the coefficients, one unused value per slice)
+    let mut coef = if keep { vec![0.0f64; nv * 3 * c] } else { vec![0.0f64; d] };
     let cc_sum = |s: &[f64], co: Option<&mut [f64]>, m: f64| -> f64 {
         let cnt = s[0] * scale + NCC_EPS;
         let mut total = 0.0;
@@ -167,26 +187,17 @@ fn forward<T: Real>(
         }
         total * m
     };
-    let partial: Vec<f64> = if keep {
-        sums.par_chunks(CHUNK * k)
-            .zip(coef.par_chunks_mut(CHUNK * 3 * c))
-            .enumerate()
-            .map(|(ci, (s, co))| {
-                s.chunks(k)
-                    .zip(co.chunks_mut(3 * c))
-                    .enumerate()
-                    .map(|(q, (s, co))| cc_sum(s, Some(co), f64_of(mask[ci * CHUNK + q])))
-                    .sum()
-            })
-            .collect()
-    } else {
-        sums.par_chunks(CHUNK * k)
-            .enumerate()
-            .map(|(ci, s)| s.chunks(k).enumerate().map(|(q, s)| cc_sum(s, None, f64_of(mask[ci * CHUNK + q]))).sum())
-            .collect()
-    };
+    let mut planes = vec![0.0f64; nv * k];
+    let total = slab_sums(&mut planes, fill, dims, k, radius, false, &mut coef, |z, sums, part| {
+        let mut t = 0.0;
+        for (q, s) in sums.chunks(k).enumerate() {
+            let m = f64_of(mask[z * hw + q]);
+            t += if keep { cc_sum(s, Some(&mut part[q * 3 * c..(q + 1) * 3 * c]), m) } else { cc_sum(s, None, m) };
+        }
+        t
+    });
     let weight: f64 = mask.iter().map(|&m| f64_of(m)).sum::<f64>() * c as f64;
-    let loss = 1.0 - partial.into_iter().sum::<f64>() / weight.max(1.0);
+    let loss = 1.0 - total / weight.max(1.0);
     (loss, keep.then_some(Coefficients { values: coef }))
 }
 
@@ -207,19 +218,38 @@ fn backward<T: Real>(
     let box_scale = 1.0 / radius.iter().map(|&r| (2 * r + 1) as f64).product::<f64>();
     // loss = 1 − Σ m·cc / weight
     let factor = -scale * box_scale / weight.max(1.0);
-    let t = window_sums(coef.values, dims, 3 * c, radius, true);
-    let mut out = vec![T::zero(); nv * c];
-    for ch in 0..c {
-        let (f, w) = (&fixed[ch * nv..(ch + 1) * nv], &warped[ch * nv..(ch + 1) * nv]);
-        out[ch * nv..(ch + 1) * nv].par_chunks_mut(CHUNK).enumerate().for_each(|(ci, o)| {
-            for (q, g) in o.iter_mut().enumerate() {
-                let v = ci * CHUNK + q;
-                let s = &t[v * 3 * c + 3 * ch..][..3];
-                let (fv, wv, m) =
-                    (f[v].to_f64().unwrap_or(0.0), w[v].to_f64().unwrap_or(0.0), mask[v].to_f64().unwrap_or(0.0));
-                *g = T::of_f64(factor * m * (s[0] + fv * s[1] + 2.0 * wv * s[2]));
+    let hw = dims[1] * dims[2];
+    let mut planes = coef.values;
+    // channels-last, as the slices come
+    let mut g = vec![T::zero(); nv * c];
+    let to_f64 = |v: T| v.to_f64().unwrap_or(0.0);
+    slab_sums(
+        &mut planes,
+        |_, _| {},
+        dims,
+        3 * c,
+        radius,
+        true,
+        &mut g,
+        |z, t, part| {
+            for (q, o) in part.chunks_mut(c).enumerate() {
+                let v = z * hw + q;
+                let m = to_f64(mask[v]);
+                for (ch, g) in o.iter_mut().enumerate() {
+                    let s = &t[q * 3 * c + 3 * ch..][..3];
+                    let (fv, wv) = (to_f64(fixed[ch * nv + v]), to_f64(warped[ch * nv + v]));
+                    *g = T::of_f64(factor * m * (s[0] + fv * s[1] + 2.0 * wv * s[2]));
+                }
             }
-        });
+            0.0
+        },
+    );
+    if c == 1 {
+        return g;
+    }
+    let mut out = vec![T::zero(); nv * c];
+    for (ch, o) in out.chunks_mut(nv).enumerate() {
+        o.par_iter_mut().enumerate().for_each(|(v, x)| *x = g[v * c + ch]);
     }
     out
 }
