@@ -155,6 +155,28 @@ mod tests {
     }
 
     #[test]
+    fn the_displaced_samplers_inside_test_is_the_overlap_mask_of_its_points() {
+        use segmentation::ops::{DisplacedSampler, Padding};
+        let dev = Device::Cpu;
+        let (d, h, w) = (4, 5, 6);
+        let vol = Tensor::zeros((1, 1, d, h, w), candle_core::DType::F32, &dev).unwrap();
+        let n = 50;
+        // points spread beyond the extent along every axis
+        let base: Vec<f32> = (0..3 * n).map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0) * 1.3).collect();
+        let base = Tensor::from_vec(base, (1, n, 3), &dev).unwrap();
+        let lin = Tensor::new(&[[0.1f32, 0.0, 0.02], [0.0, 0.12, 0.0], [0.01, 0.0, 0.15]], &dev).unwrap();
+        let u: Vec<f32> = (0..3 * n).map(|i| ((i * 13 % 29) as f32 - 14.0) * 0.2).collect();
+        let u = Tensor::from_vec(u, (1, 3, n), &dev).unwrap();
+        let s = DisplacedSampler::new(&vol, &base, &lin, Padding::Border).unwrap();
+        let inside: Vec<f32> = s.inside(&u).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let expected: Vec<f32> =
+            overlap_mask(&s.points(&u).unwrap(), (d, h, w)).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(inside, expected);
+        let count = inside.iter().filter(|&&v| v == 1.0).count();
+        assert!(count > 5 && count < n - 5, "{count} of {n} inside: the test must see both");
+    }
+
+    #[test]
     fn l1_counts_only_the_overlap() {
         let dev = Device::Cpu;
         let f = Tensor::new(&[[[1f32, 2.0, 3.0]]], &dev).unwrap();

@@ -170,17 +170,24 @@ pub(crate) fn deformable_levels(
                     None => Some(plan.points_for(&dense)?),
                 };
                 let overlap = || -> Result<Tensor> {
-                    let p = match (&p, &displaced) {
-                        (Some(p), _) => p.detach(),
-                        (None, Some(s)) => s.points(&dense)?,
-                        (None, None) => unreachable!("points or a sampler"),
+                    let mut mask = match (&p, &displaced, &moving_mask) {
+                        // (the points themselves are needed only to look the moving mask up)
+                        (None, Some(s), None) => s.inside(&dense)?,
+                        _ => {
+                            let p = match (&p, &displaced) {
+                                (Some(p), _) => p.detach(),
+                                (None, Some(s)) => s.points(&dense)?,
+                                (None, None) => unreachable!("points or a sampler"),
+                            };
+                            let mut mask = overlap_mask(&p, moving_grid.dhw())?;
+                            if let Some(m) = &moving_mask {
+                                mask = mask.broadcast_mul(&m.held(&p)?)?;
+                            }
+                            mask
+                        }
                     };
-                    let mut mask = overlap_mask(&p, moving_grid.dhw())?;
                     if let Some(w) = &fixed_w {
                         mask = mask.broadcast_mul(w)?;
-                    }
-                    if let Some(m) = &moving_mask {
-                        mask = mask.broadcast_mul(&m.held(&p)?)?;
                     }
                     Ok(mask)
                 };

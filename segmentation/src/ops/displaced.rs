@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::sample::{self, Dims, Interpolation, Padding, Real};
+use super::sample::{self, border_taps, BorderTaps, Dims, Padding, Real};
 use super::{bail, slice_of};
 
 const CHUNK: usize = 4096;
@@ -126,6 +126,38 @@ impl DisplacedSampler {
             )?,
         };
         Ok(p)
+    }
+
+    /// 1 where the displaced point `base + u · lin` lies inside the volume's extent (half a
+    /// voxel beyond the outer voxel centres; any distance along an axis of length 1), else 0:
+    /// `(1, 1, P)` f32, constant. The test of `registration`'s `overlap_mask` on [`Self::points`]
+    /// (the same f32 comparison), without forming the points.
+    pub fn inside(&self, u: &Tensor) -> candle_core::Result<Tensor> {
+        self.check(u)?;
+        let Dims { d, h, w } = self.dims;
+        let lim = [w, h, d].map(|n| if n > 1 { 1.0 + 1.0 / (n as f64 - 1.0) } else { f64::INFINITY }.min(1e30) as f32);
+        fn run<T: Real>(u: &[T], base: &[T], lin: &[T; 9], lim: [f32; 3]) -> Vec<f32> {
+            let np = base.len() / 3;
+            let mut out = vec![0f32; np];
+            out.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, o)| {
+                for (q, x) in o.iter_mut().enumerate() {
+                    let v = ci * CHUNK + q;
+                    let (a, b, c) = (u[v], u[np + v], u[2 * np + v]);
+                    let ok = (0..3).all(|k| {
+                        let p = base[3 * v + k] + (a * lin[k] + b * lin[3 + k] + c * lin[6 + k]);
+                        p.to_f32().is_some_and(|p| p.abs() <= lim[k])
+                    });
+                    *x = if ok { 1.0 } else { 0.0 };
+                }
+            });
+            out
+        }
+        let uf = u.detach().contiguous()?.flatten_all()?;
+        let m = match &self.data {
+            Data::F32 { base, lin, .. } => run(&uf.to_dtype(DType::F32)?.to_vec1::<f32>()?, base, lin, lim),
+            Data::F64 { base, lin, .. } => run(&uf.to_dtype(DType::F64)?.to_vec1::<f64>()?, base, lin, lim),
+        };
+        Tensor::from_vec(m, (1, 1, self.points), u.device())
     }
 
     /// The volume at the displaced points, `(1, C, P)`, differentiable in `u`.
@@ -279,12 +311,11 @@ impl SquaringStep {
     /// The point `base + u · lin` of voxel `v` of a `(3, P)` displacement (the arithmetic of
     /// [`points_of`]) and its trilinear taps.
     #[inline(always)]
-    fn taps_at<T: Real>(&self, u: &[T], base: &[T], lin: &[T; 9], v: usize) -> [sample::Taps<T>; 3] {
+    fn taps_at<T: Real>(&self, u: &[T], base: &[T], lin: &[T; 9], half: [T; 3], v: usize) -> BorderTaps<T> {
         let np = base.len() / 3;
         let (a, b, c) = (u[v], u[np + v], u[2 * np + v]);
         let p: [T; 3] = std::array::from_fn(|k| base[3 * v + k] + (a * lin[k] + b * lin[3 + k] + c * lin[6 + k]));
-        let half = self.dims.half_extent::<T>();
-        sample::all_taps(sample::to_voxel(&p, half), self.dims, Interpolation::Linear, Padding::Border)
+        border_taps(sample::to_voxel(&p, half), self.dims)
     }
 
     /// `u + u(base + u · lin)` in one pass over the points, reading the three channel rows of `u`
@@ -293,6 +324,7 @@ impl SquaringStep {
     fn run_fwd<T: Real>(&self, u: &[T], base: &[T]) -> Vec<T> {
         let lin = self.lin.map(T::of_f64);
         let (np, dims) = (base.len() / 3, self.dims);
+        let half = dims.half_extent::<T>();
         let mut out = vec![T::zero(); 3 * np];
         let (o0, rest) = out.split_at_mut(np);
         let (o1, o2) = rest.split_at_mut(np);
@@ -300,12 +332,8 @@ impl SquaringStep {
             |(ci, ((r0, r1), r2))| {
                 for q in 0..r0.len() {
                     let v = ci * CHUNK + q;
-                    let mut acc = [T::zero(); 3];
-                    for (i, w, _) in sample::corners(&self.taps_at(u, base, &lin, v), dims) {
-                        for (ch, s) in acc.iter_mut().enumerate() {
-                            *s = *s + w * u[ch * np + i];
-                        }
-                    }
+                    let t = self.taps_at(u, base, &lin, half, v);
+                    let acc: [T; 3] = std::array::from_fn(|ch| t.value(&u[ch * np..(ch + 1) * np]));
                     r0[q] = u[v] + acc[0];
                     r1[q] = u[np + v] + acc[1];
                     r2[q] = u[2 * np + v] + acc[2];
@@ -333,19 +361,13 @@ impl SquaringStep {
                 let mut acc = vec![T::zero(); 3 * np];
                 for (q, o) in tp.chunks_mut(3).enumerate() {
                     let v = part * step + q;
-                    let go = [g[v], g[np + v], g[2 * np + v]];
+                    let t = self.taps_at(u, base, &lin, half, v);
                     let mut gp = [T::zero(); 3];
-                    for (i, w, d) in sample::corners(&self.taps_at(u, base, &lin, v), dims) {
-                        let s = (0..3).fold(T::zero(), |s, ch| s + u[ch * np + i] * go[ch]);
-                        for a in 0..3 {
-                            gp[a] = gp[a] + d[a] * s;
-                        }
-                        for (ch, &gc) in go.iter().enumerate() {
-                            if gc != T::zero() {
-                                let slot = &mut acc[ch * np + i];
-                                *slot = *slot + gc * w;
-                            }
-                        }
+                    for ch in 0..3 {
+                        let go = g[ch * np + v];
+                        let (_, d) = t.value_grad(&u[ch * np..(ch + 1) * np]);
+                        gp = [gp[0] + d[0] * go, gp[1] + d[1] * go, gp[2] + d[2] * go];
+                        t.scatter(&mut acc[ch * np..(ch + 1) * np], go);
                     }
                     let gp = [gp[0] * half[0], gp[1] * half[1], gp[2] * half[2]];
                     for (r, x) in o.iter_mut().enumerate() {
@@ -357,14 +379,16 @@ impl SquaringStep {
             .collect();
         // (P, 3) → (3, P), then the three terms, as the composed ops add them
         let mut out = vec![T::zero(); 3 * np];
-        out.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, o)| {
-            for (q, x) in o.iter_mut().enumerate() {
-                let j = ci * CHUNK + q;
-                let (ch, v) = (j / np, j % np);
-                let through_values = parts.iter().fold(T::zero(), |s, p| s + p[j]);
-                *x = g[j] + (through_values + through_points[3 * v + ch]);
-            }
-        });
+        for (ch, row) in out.chunks_mut(np.max(1)).enumerate() {
+            row.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, o)| {
+                for (q, x) in o.iter_mut().enumerate() {
+                    let v = ci * CHUNK + q;
+                    let j = ch * np + v;
+                    let through_values = parts.iter().fold(T::zero(), |s, p| s + p[j]);
+                    *x = g[j] + (through_values + through_points[3 * v + ch]);
+                }
+            });
+        }
         out
     }
 }

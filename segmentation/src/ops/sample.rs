@@ -203,6 +203,115 @@ fn gather_grad<T: Real>(vol: &[T], dims: Dims, taps: &[Taps<T>; 3], go: &[T]) ->
 
 const CHUNK: usize = 4096;
 
+/// The trilinear taps of a point (voxel coordinates `x, y, z`) with border padding, as
+/// [`axis_taps`] gives them but in the form of one first corner and a step to the second
+/// along each axis (zero where the point is at or beyond an end), for interpolation by three
+/// rounds of lerps instead of eight weighted corners.
+#[derive(Clone, Copy)]
+pub(crate) struct BorderTaps<T> {
+    i: usize,
+    step: [usize; 3],
+    f: [T; 3],
+    /// Strictly inside along each axis: where the weights have a nonzero derivative.
+    inside: [bool; 3],
+    /// Every coordinate finite (a non-finite one samples zero, as the general sampler does).
+    finite: bool,
+}
+
+#[inline(always)]
+fn border_axis<T: Real>(x: T, n: usize) -> (usize, usize, T, bool) {
+    let last = T::of_i64(n as i64 - 1);
+    if x > T::zero() && x < last {
+        let i0 = x.trunc_i64();
+        return (i0 as usize, 1, x - T::of_i64(i0), true);
+    }
+    (if x >= last { n - 1 } else { 0 }, 0, T::zero(), false)
+}
+
+#[inline(always)]
+pub(crate) fn border_taps<T: Real>(x: [T; 3], dims: Dims) -> BorderTaps<T> {
+    let (ix, sx, fx, ox) = border_axis(x[0], dims.w);
+    let (iy, sy, fy, oy) = border_axis(x[1], dims.h);
+    let (iz, sz, fz, oz) = border_axis(x[2], dims.d);
+    BorderTaps {
+        i: (iz * dims.h + iy) * dims.w + ix,
+        step: [sx, sy * dims.w, sz * dims.w * dims.h],
+        f: [fx, fy, fz],
+        inside: [ox, oy, oz],
+        finite: x.iter().all(|v| v.is_finite()),
+    }
+}
+
+impl<T: Real> BorderTaps<T> {
+    /// The eight corners of one channel `vol` (`D·H·W`), `x` fastest.
+    #[inline(always)]
+    fn corners(&self, vol: &[T]) -> [T; 8] {
+        let [sx, sy, sz] = self.step;
+        let i = self.i;
+        [
+            vol[i],
+            vol[i + sx],
+            vol[i + sy],
+            vol[i + sy + sx],
+            vol[i + sz],
+            vol[i + sz + sx],
+            vol[i + sz + sy],
+            vol[i + sz + sy + sx],
+        ]
+    }
+
+    /// The interpolated value of one channel `vol` (`D·H·W`).
+    #[inline(always)]
+    pub fn value(&self, vol: &[T]) -> T {
+        if !self.finite {
+            return T::zero();
+        }
+        let c = self.corners(vol);
+        let [fx, fy, fz] = self.f;
+        let l = |a: T, b: T, f: T| a + (b - a) * f;
+        let (c00, c01, c10, c11) = (l(c[0], c[1], fx), l(c[2], c[3], fx), l(c[4], c[5], fx), l(c[6], c[7], fx));
+        l(l(c00, c01, fy), l(c10, c11, fy), fz)
+    }
+
+    /// The value and its gradient in voxel units (x, y, z) of one channel `vol`.
+    #[inline(always)]
+    pub fn value_grad(&self, vol: &[T]) -> (T, [T; 3]) {
+        let zero = T::zero();
+        if !self.finite {
+            return (zero, [zero; 3]);
+        }
+        let c = self.corners(vol);
+        let [fx, fy, fz] = self.f;
+        let l = |a: T, b: T, f: T| a + (b - a) * f;
+        let (c00, c01, c10, c11) = (l(c[0], c[1], fx), l(c[2], c[3], fx), l(c[4], c[5], fx), l(c[6], c[7], fx));
+        let (c0, c1) = (l(c00, c01, fy), l(c10, c11, fy));
+        let gate = |ok: bool, g: T| if ok { g } else { zero };
+        let dx = l(l(c[1] - c[0], c[3] - c[2], fy), l(c[5] - c[4], c[7] - c[6], fy), fz);
+        let dy = l(c01 - c00, c11 - c10, fz);
+        let dz = c1 - c0;
+        (l(c0, c1, fz), [gate(self.inside[0], dx), gate(self.inside[1], dy), gate(self.inside[2], dz)])
+    }
+
+    /// Adds `g` times the interpolation weights to the eight corners of `acc` (`D·H·W`): the
+    /// transpose of [`Self::value`].
+    #[inline(always)]
+    pub fn scatter(&self, acc: &mut [T], g: T) {
+        if !self.finite {
+            return;
+        }
+        let [sx, sy, sz] = self.step;
+        let [fx, fy, fz] = self.f;
+        let one = T::one();
+        let (gz0, gz1) = (g * (one - fz), g * fz);
+        let (g00, g01, g10, g11) = (gz0 * (one - fy), gz0 * fy, gz1 * (one - fy), gz1 * fy);
+        let i = self.i;
+        for (o, gg) in [(0, g00), (sy, g01), (sz, g10), (sz + sy, g11)] {
+            acc[i + o] = acc[i + o] + gg * (one - fx);
+            acc[i + o + sx] = acc[i + o + sx] + gg * fx;
+        }
+    }
+}
+
 #[inline(always)]
 pub(crate) fn to_voxel<T: Real>(p: &[T], half: [T; 3]) -> [T; 3] {
     [(p[0] + T::one()) * half[0], (p[1] + T::one()) * half[1], (p[2] + T::one()) * half[2]]
@@ -291,6 +400,22 @@ pub(crate) fn forward_jacobian<T: Real>(
 ) -> (Vec<T>, Vec<T>) {
     let np = points.len() / 3;
     let half = dims.half_extent::<T>();
+    if c == 1 && pad == Padding::Border {
+        // one intensity map, as the NCC level samples it: three rounds of lerps per point
+        let mut values = vec![T::zero(); np];
+        let mut jac = vec![T::zero(); 3 * np];
+        values.par_chunks_mut(CHUNK).zip(jac.par_chunks_mut(3 * CHUNK)).enumerate().for_each(|(ci, (vals, jc))| {
+            for (q, (val, j)) in vals.iter_mut().zip(jc.chunks_mut(3)).enumerate() {
+                let p = &points[3 * (ci * CHUNK + q)..][..3];
+                let (v, g) = border_taps(to_voxel(p, half), dims).value_grad(input);
+                *val = v;
+                for a in 0..3 {
+                    j[a] = g[a] * half[a];
+                }
+            }
+        });
+        return (values, jac);
+    }
     let cl = channels_last(input, c, dims.len());
     let mut values = vec![T::zero(); c * np];
     let mut jac = vec![T::zero(); 3 * c * np];

@@ -675,47 +675,50 @@ fn local_ncc_is_one_minus_one_for_affine_copies_and_rejects_bad_shapes() {
 
 #[test]
 fn displaced_sampler_equals_the_composed_points_and_sampler() {
-    let (c, d, h, w) = (2, 4, 5, 6);
-    let moving = volume(1, c, d, h, w);
-    // a fixed-side grid of 3×4×5 points, spread beyond the volume so every padding branch runs
-    let np = 60;
-    let base = points(1, np, 1.15, 21);
-    let lin = t(vec![0.3, -0.1, 0.05, 0.02, 0.25, -0.07, 0.1, 0.04, 0.2], &[3, 3]);
-    let u = t(rand_vec(3 * np, 5), &[1, 3, 3, 4, 5]);
-    let composed = |u: &Tensor, pad: Padding| -> Tensor {
-        let off = u.reshape((3, np)).unwrap().t().unwrap().matmul(&lin).unwrap().unsqueeze(0).unwrap();
-        grid_sample(&moving, &base.broadcast_add(&off).unwrap(), Interpolation::Linear, pad).unwrap()
-    };
-    for pad in [Padding::Zeros, Padding::Border, Padding::Extent] {
-        let s = DisplacedSampler::new(&moving, &base, &lin, pad).unwrap();
-        let (a, b) = (s.sample(&u).unwrap(), composed(&u, pad));
-        assert_eq!(a.dims(), [1, c, np]);
-        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
-        assert!(diff < 1e-12, "{pad:?}: {diff:e}");
-        let sp = s.clone();
-        check_grad(&u, &move |x| sp.sample(x).unwrap(), 1e-6);
-        // the same gradient as the composition's
-        let (va, vb) = (Var::from_tensor(&u).unwrap(), Var::from_tensor(&u).unwrap());
-        let r = t(rand_vec(c * np, 8), &[1, c, np]);
-        let ga = (s.sample(va.as_tensor()).unwrap() * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let gb = (composed(vb.as_tensor(), pad) * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let diff = (ga.get(va.as_tensor()).unwrap() - gb.get(vb.as_tensor()).unwrap())
+    // one channel (the intensity map of the NCC level, its own fast path) and several
+    for c in [1, 2] {
+        let (d, h, w) = (4, 5, 6);
+        let moving = volume(1, c, d, h, w);
+        // a fixed-side grid of 3×4×5 points, spread beyond the volume so every padding branch runs
+        let np = 60;
+        let base = points(1, np, 1.15, 21);
+        let lin = t(vec![0.3, -0.1, 0.05, 0.02, 0.25, -0.07, 0.1, 0.04, 0.2], &[3, 3]);
+        let u = t(rand_vec(3 * np, 5), &[1, 3, 3, 4, 5]);
+        let composed = |u: &Tensor, pad: Padding| -> Tensor {
+            let off = u.reshape((3, np)).unwrap().t().unwrap().matmul(&lin).unwrap().unsqueeze(0).unwrap();
+            grid_sample(&moving, &base.broadcast_add(&off).unwrap(), Interpolation::Linear, pad).unwrap()
+        };
+        for pad in [Padding::Zeros, Padding::Border, Padding::Extent] {
+            let s = DisplacedSampler::new(&moving, &base, &lin, pad).unwrap();
+            let (a, b) = (s.sample(&u).unwrap(), composed(&u, pad));
+            assert_eq!(a.dims(), [1, c, np]);
+            let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            assert!(diff < 1e-12, "{pad:?}: {diff:e}");
+            let sp = s.clone();
+            check_grad(&u, &move |x| sp.sample(x).unwrap(), 1e-6);
+            // the same gradient as the composition's
+            let (va, vb) = (Var::from_tensor(&u).unwrap(), Var::from_tensor(&u).unwrap());
+            let r = t(rand_vec(c * np, 8), &[1, c, np]);
+            let ga = (s.sample(va.as_tensor()).unwrap() * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gb = (composed(vb.as_tensor(), pad) * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let diff = (ga.get(va.as_tensor()).unwrap() - gb.get(vb.as_tensor()).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(diff < 1e-12, "{pad:?} gradient: {diff:e}");
+            let pts = s.points(&u).unwrap();
+            let want = base.broadcast_add(&u.reshape((3, np)).unwrap().t().unwrap().matmul(&lin).unwrap()).unwrap();
+            assert!((pts - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap() < 1e-12);
+        }
+        assert!(DisplacedSampler::new(&moving, &base, &lin, Padding::Border)
             .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        assert!(diff < 1e-12, "{pad:?} gradient: {diff:e}");
-        let pts = s.points(&u).unwrap();
-        let want = base.broadcast_add(&u.reshape((3, np)).unwrap().t().unwrap().matmul(&lin).unwrap()).unwrap();
-        assert!((pts - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap() < 1e-12);
+            .sample(&u.narrow(4, 0, 4).unwrap())
+            .is_err());
     }
-    assert!(DisplacedSampler::new(&moving, &base, &lin, Padding::Border)
-        .unwrap()
-        .sample(&u.narrow(4, 0, 4).unwrap())
-        .is_err());
 }
 
 #[test]
