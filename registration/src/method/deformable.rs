@@ -11,7 +11,7 @@ use super::masks::{fixed_weights, moving_valid, Masks, MovingMask};
 use super::optimise::{optimise, Epsilon, Schedule};
 use super::pyramid::{Level, MovingLevel};
 use super::{LossRecord, MethodConfig, Observer, Parameterisation, PointFeatures, Similarity, Stage, StageReport};
-use crate::loss::{diffusion, local_ncc, masked_l1, overlap_mask, BsplinePenalty};
+use crate::loss::{local_ncc, masked_l1, overlap_mask, BsplinePenalty, Regulariser};
 use crate::transform::{Affine, DenseDisplacement, SamplingPlan};
 use crate::{Grid, Result, Volume};
 
@@ -101,6 +101,8 @@ pub(crate) fn deformable_levels(
         let base_diffusion = if fixed.grid.is_2d() { cfg.diffusion_2d } else { cfg.diffusion };
         let weight_diffusion = level.diffusion.unwrap_or(base_diffusion);
         let penalty = BsplinePenalty { width: [cfg.bspline_width; 3], voxel_mm: cspacing };
+        let (cd, ch, cw) = cgrid.dhw();
+        let regulariser = Regulariser::new(&penalty, cfg.smoothness, weight_diffusion.max(0.0), [cd, ch, cw]);
         let ffeat = fl.tensor.reshape((1, fixed.channels, plan.points))?;
         // (radius, weight, the intensity maps: the level's own maps when there are none beside)
         let (l1_weight, ncc) = match cfg.similarity {
@@ -221,11 +223,7 @@ pub(crate) fn deformable_levels(
                     let ncc = local_ncc(fixed_i, &warped, &mask.reshape((1, 1, d, h, w))?, *radius)?;
                     sim = (sim + (ncc * *weight)?)?;
                 }
-                let mut loss = (&sim + (penalty.eval(v)? * cfg.smoothness)?)?;
-                if weight_diffusion > 0.0 {
-                    loss = (loss + (diffusion(v, cspacing)? * weight_diffusion)?)?;
-                }
-                Ok((loss, inside))
+                Ok(((&sim + regulariser.eval(v)?)?, inside))
             },
             &mut losses,
             observer,

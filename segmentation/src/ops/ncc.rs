@@ -20,12 +20,35 @@ use super::{bail, slice_of};
 /// Added to the window weight (the box mean of the mask) before dividing by it.
 pub const NCC_EPS: f64 = 1e-5;
 
-/// Sums of rows `[i0, i0 + rows)` of a `(n, inner)` slab `s` over a `(2r + 1)`-row window into
-/// `d`: the ends replicated (`transpose = false`), or the transpose of that operator.
-fn window_rows(s: &[f64], d: &mut [f64], n: usize, inner: usize, r: usize, i0: usize, transpose: bool) {
-    let row = |i: usize| &s[i * inner..(i + 1) * inner];
+/// Sums of rows `[i0, i0 + rows)` of an `(n, inner)` array (row `i` is `row(i)`) over a
+/// `(2r + 1)`-row window into `d`: the ends replicated (`transpose = false`), or the transpose
+/// of that operator.
+fn window_rows<'a>(
+    row: impl Fn(usize) -> &'a [f64],
+    d: &mut [f64],
+    n: usize,
+    inner: usize,
+    r: usize,
+    i0: usize,
+    transpose: bool,
+) {
     let add = |acc: &mut [f64], x: &[f64], k: f64| acc.iter_mut().zip(x).for_each(|(a, &v)| *a += k * v);
     let rows = d.len() / inner;
+    if rows == 1 {
+        // one output row (a slice of the z pass): summed in place
+        d.fill(0.0);
+        if !transpose {
+            for t in 0..=2 * r {
+                add(d, row((i0 + t).saturating_sub(r).min(n - 1)), 1.0);
+            }
+        } else {
+            for i in i0.saturating_sub(r)..=(i0 + r).min(n - 1) {
+                add(d, row(i), 1.0);
+            }
+            end_taps(&row, d, n, r, i0);
+        }
+        return;
+    }
     let mut acc = vec![0.0f64; inner];
     if !transpose {
         for t in 0..=2 * r {
@@ -47,17 +70,7 @@ fn window_rows(s: &[f64], d: &mut [f64], n: usize, inner: usize, r: usize, i0: u
         for (j, out) in d.chunks_mut(inner).enumerate() {
             let i = i0 + j;
             out.copy_from_slice(&acc);
-            // the replicated taps beyond the ends all land on the end samples
-            if i == 0 {
-                for q in 0..r.min(n) {
-                    add(out, row(q), (r - q) as f64);
-                }
-            }
-            if i == n - 1 {
-                for q in n.saturating_sub(r)..n {
-                    add(out, row(q), (q + r + 1 - n) as f64);
-                }
-            }
+            end_taps(&row, out, n, r, i);
             if j + 1 < rows {
                 if i + 1 + r < n {
                     add(&mut acc, row(i + 1 + r), 1.0);
@@ -70,61 +83,71 @@ fn window_rows(s: &[f64], d: &mut [f64], n: usize, inner: usize, r: usize, i0: u
     }
 }
 
+/// The transposed window's replicated taps beyond the ends, which all land on the end rows:
+/// added to output row `i` when it is the first or the last.
+fn end_taps<'a>(row: &impl Fn(usize) -> &'a [f64], out: &mut [f64], n: usize, r: usize, i: usize) {
+    let add = |acc: &mut [f64], x: &[f64], k: f64| acc.iter_mut().zip(x).for_each(|(a, &v)| *a += k * v);
+    if i == 0 {
+        for q in 0..r.min(n) {
+            add(out, row(q), (r - q) as f64);
+        }
+    }
+    if i == n - 1 {
+        for q in n.saturating_sub(r)..n {
+            add(out, row(q), (q + r + 1 - n) as f64);
+        }
+    }
+}
+
 /// In-plane `(h, w)` window sums of one slice's channels-last `(h, w, k)` data `x` (every value
-/// of `x` overwritten with the result); `scratch` holds the intermediate.
+/// of `x` overwritten with the result); `scratch` (as long as `x`) holds the intermediate.
 fn plane_sums(x: &mut [f64], scratch: &mut [f64], h: usize, w: usize, k: usize, r: [usize; 2], transpose: bool) {
     let row = w * k;
     for (src, dst) in x.chunks(row).zip(scratch.chunks_mut(row)) {
-        window_rows(src, dst, w, k, r[1], 0, transpose);
+        window_rows(|i| &src[i * k..(i + 1) * k], dst, w, k, r[1], 0, transpose);
     }
-    window_rows(scratch, x, h, row, r[0], 0, transpose);
+    let scratch = &*scratch;
+    window_rows(|i| &scratch[i * row..(i + 1) * row], x, h, row, r[0], 0, transpose);
 }
 
-/// Window sums of channels-last `(D, H, W, k)` data over all three axes, slice by slice: the
-/// in-plane sums of every slice (filled by `fill(z, slice)`, summed in cache by one task) into
-/// `planes`, then each output slice as the sum of its window of planes, handed in parallel to
-/// `out(z, sums, part)` with slice `z`'s `part` of `result`; returns the sum of what `out`
-/// returns, in slice order. (The three axis passes over the whole volume it replaces each read
-/// and wrote every value: they cost more in memory traffic than in arithmetic.)
-#[allow(clippy::too_many_arguments)]
-fn slab_sums<O: Send>(
-    planes: &mut [f64],
-    fill: impl Fn(usize, &mut [f64]) + Sync,
+/// Window sums of per-slice channels-last `(H, W, k)` planes over all three axes: the in-plane
+/// sums of each slice in place (in cache, one task per slice), then each output slice as the
+/// sum of its window of planes, handed in parallel to `out(z, sums)`; its results in slice
+/// order. (The three axis passes over the whole volume this replaces each read and wrote every
+/// value, costing more in memory traffic than in arithmetic; per-slice buffers, filled as they
+/// are made, also spare the zeroing of whole-volume ones.)
+fn slab_sums<R: Send>(
+    mut planes: Vec<Vec<f64>>,
     dims: [usize; 3],
     k: usize,
     radius: [usize; 3],
     transpose: bool,
-    result: &mut [O],
-    out: impl Fn(usize, &[f64], &mut [O]) -> f64 + Sync,
-) -> f64 {
+    out: impl Fn(usize, &[f64]) -> R + Sync,
+) -> Vec<R> {
     let [d, h, w] = dims;
     let plane = h * w * k;
-    if plane == 0 || d == 0 {
-        return 0.0;
-    }
-    planes.par_chunks_mut(plane).enumerate().for_each(|(z, p)| {
-        fill(z, p);
-        let mut scratch = vec![0.0f64; plane];
-        plane_sums(p, &mut scratch, h, w, k, [radius[1], radius[2]], transpose);
-    });
-    let planes = &*planes;
-    let per = (result.len() / d).max(1);
-    let parts: Vec<f64> = result
-        .par_chunks_mut(per)
-        .enumerate()
-        .map(|(z, part)| {
-            let mut sums = vec![0.0f64; plane];
-            window_rows(planes, &mut sums, d, plane, radius[0], z, transpose);
-            out(z, &sums, part)
-        })
-        .collect();
-    parts.into_iter().sum()
+    planes.par_iter_mut().for_each_init(
+        || vec![0.0f64; plane],
+        |scratch, p| plane_sums(p, scratch, h, w, k, [radius[1], radius[2]], transpose),
+    );
+    let planes = &planes;
+    (0..d)
+        .into_par_iter()
+        .map_init(
+            || vec![0.0f64; plane],
+            |sums, z| {
+                window_rows(|i| &planes[i], sums, d, plane, radius[0], z, transpose);
+                out(z, sums)
+            },
+        )
+        .collect()
 }
 
 /// The forward result that the backward needs: per voxel and channel, the derivatives of
-/// `m · cc` with respect to the three window means that hold the warped image, channels-last.
+/// `m · cc` with respect to the three window means that hold the warped image, channels-last,
+/// one buffer per slice.
 struct Coefficients {
-    values: Vec<f64>,
+    slices: Vec<Vec<f64>>,
 }
 
 /// The loss `1 − Σ m·cc / max(C·Σ m, 1)` and, when asked, the coefficients of its gradient.
@@ -142,26 +165,24 @@ fn forward<T: Real>(
     let hw = h * w;
     let k = 1 + 5 * c;
     let f64_of = |v: T| v.to_f64().unwrap_or(f64::NAN);
-    // the masked products, channels-last: m, then per channel f·m, w·m, f·w·m, f²·m, w²·m
-    let fill = |z: usize, plane: &mut [f64]| {
-        for (q, p) in plane.chunks_mut(k).enumerate() {
-            let v = z * hw + q;
-            let m = f64_of(mask[v]);
-            p[0] = m;
-            for ch in 0..c {
-                let (f, w) = (f64_of(fixed[ch * nv + v]), f64_of(warped[ch * nv + v]));
-                let o = &mut p[1 + 5 * ch..6 + 5 * ch];
-                o[0] = f * m;
-                o[1] = w * m;
-                o[2] = f * w * m;
-                o[3] = f * f * m;
-                o[4] = w * w * m;
+    // the masked products per slice, channels-last: m, then per channel f·m, w·m, f·w·m, f²·m,
+    // w²·m
+    let planes: Vec<Vec<f64>> = (0..d)
+        .into_par_iter()
+        .map(|z| {
+            let mut p = Vec::with_capacity(hw * k);
+            for v in z * hw..(z + 1) * hw {
+                let m = f64_of(mask[v]);
+                p.push(m);
+                for ch in 0..c {
+                    let (f, w) = (f64_of(fixed[ch * nv + v]), f64_of(warped[ch * nv + v]));
+                    p.extend([f * m, w * m, f * w * m, f * f * m, w * w * m]);
+                }
             }
-        }
-    };
+            p
+        })
+        .collect();
     let scale = 1.0 / radius.iter().map(|&r| (2 * r + 1) as f64).product::<f64>();
-    // (without the coefficients, one unused value per slice)
-    let mut coef = if keep { vec![0.0f64; nv * 3 * c] } else { vec![0.0f64; d] };
     let cc_sum = |s: &[f64], co: Option<&mut [f64]>, m: f64| -> f64 {
         let cnt = s[0] * scale + NCC_EPS;
         let mut total = 0.0;
@@ -187,18 +208,20 @@ fn forward<T: Real>(
         }
         total * m
     };
-    let mut planes = vec![0.0f64; nv * k];
-    let total = slab_sums(&mut planes, fill, dims, k, radius, false, &mut coef, |z, sums, part| {
+    let slices = slab_sums(planes, dims, k, radius, false, |z, sums| {
+        let mut co = if keep { vec![0.0f64; hw * 3 * c] } else { Vec::new() };
         let mut t = 0.0;
         for (q, s) in sums.chunks(k).enumerate() {
             let m = f64_of(mask[z * hw + q]);
-            t += if keep { cc_sum(s, Some(&mut part[q * 3 * c..(q + 1) * 3 * c]), m) } else { cc_sum(s, None, m) };
+            t += if keep { cc_sum(s, Some(&mut co[q * 3 * c..(q + 1) * 3 * c]), m) } else { cc_sum(s, None, m) };
         }
-        t
+        (t, co)
     });
+    let total: f64 = slices.iter().map(|(t, _)| t).sum();
+    let coef = keep.then(|| Coefficients { slices: slices.into_iter().map(|(_, co)| co).collect() });
     let weight: f64 = mask.iter().map(|&m| f64_of(m)).sum::<f64>() * c as f64;
     let loss = 1.0 - total / weight.max(1.0);
-    (loss, keep.then_some(Coefficients { values: coef }))
+    (loss, coef)
 }
 
 /// `scale · d loss / d warped`, `(C, D, H, W)` flattened.
@@ -219,37 +242,31 @@ fn backward<T: Real>(
     // loss = 1 − Σ m·cc / weight
     let factor = -scale * box_scale / weight.max(1.0);
     let hw = dims[1] * dims[2];
-    let mut planes = coef.values;
-    // channels-last, as the slices come
-    let mut g = vec![T::zero(); nv * c];
     let to_f64 = |v: T| v.to_f64().unwrap_or(0.0);
-    slab_sums(
-        &mut planes,
-        |_, _| {},
-        dims,
-        3 * c,
-        radius,
-        true,
-        &mut g,
-        |z, t, part| {
-            for (q, o) in part.chunks_mut(c).enumerate() {
-                let v = z * hw + q;
-                let m = to_f64(mask[v]);
-                for (ch, g) in o.iter_mut().enumerate() {
-                    let s = &t[q * 3 * c + 3 * ch..][..3];
-                    let (fv, wv) = (to_f64(fixed[ch * nv + v]), to_f64(warped[ch * nv + v]));
-                    *g = T::of_f64(factor * m * (s[0] + fv * s[1] + 2.0 * wv * s[2]));
-                }
+    // channels-last per slice, as the slices come
+    let slices = slab_sums(coef.slices, dims, 3 * c, radius, true, |z, t| {
+        let mut o = Vec::with_capacity(hw * c);
+        for q in 0..hw {
+            let v = z * hw + q;
+            let m = to_f64(mask[v]);
+            for ch in 0..c {
+                let s = &t[q * 3 * c + 3 * ch..][..3];
+                let (fv, wv) = (to_f64(fixed[ch * nv + v]), to_f64(warped[ch * nv + v]));
+                o.push(T::of_f64(factor * m * (s[0] + fv * s[1] + 2.0 * wv * s[2])));
             }
-            0.0
-        },
-    );
-    if c == 1 {
-        return g;
+        }
+        o
+    });
+    if c == 1 || nv == 0 {
+        return slices.concat();
     }
     let mut out = vec![T::zero(); nv * c];
     for (ch, o) in out.chunks_mut(nv).enumerate() {
-        o.par_iter_mut().enumerate().for_each(|(v, x)| *x = g[v * c + ch]);
+        o.par_chunks_mut(hw).zip(slices.par_iter()).for_each(|(o, g)| {
+            for (q, x) in o.iter_mut().enumerate() {
+                *x = g[q * c + ch];
+            }
+        });
     }
     out
 }
