@@ -106,11 +106,21 @@ impl Output {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(n) = cli.threads {
         validate::at_least_one("--threads", n)?;
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .map_err(|e| anyhow::anyhow!("cannot set up {n} threads: {e}"))?;
     }
+    let n = cli.threads.unwrap_or(0);
+    // (the main thread's 8 MiB, not a spawned thread's 2 MiB: the command runs on a worker)
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .stack_size(8 << 20)
+        .build_global()
+        .map_err(|e| anyhow::anyhow!("cannot set up {n} threads: {e}"))?;
+    // The command runs on one of the pool's threads: every parallel loop it starts (thousands
+    // per registration) is then shared with the other workers in place, where from outside
+    // the pool each one was handed over and waited for across threads.
+    rayon::scope(|_| dispatch(cli))
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let out = Output { quiet: cli.quiet, json: cli.json };
     match cli.command {
         Command::Warp(args) => {
