@@ -54,8 +54,9 @@ fn to_py(e: anyhow::Error) -> PyErr {
 }
 
 /// Runs `f` without the GIL (other Python threads run meanwhile) on `threads` worker threads
-/// (a pool of its own; `None`: rayon's global pool, one thread per core). A panic becomes a
-/// `RuntimeError` instead of unwinding into the interpreter.
+/// (a pool of its own; `None`: rayon's global pool, one thread per core), on one of the pool's
+/// own threads so that its parallel loops are shared in place rather than handed across
+/// threads. A panic becomes a `RuntimeError` instead of unwinding into the interpreter.
 fn compute<T: Send>(
     py: Python<'_>,
     threads: Option<usize>,
@@ -68,7 +69,7 @@ fn compute<T: Send>(
                 .build()
                 .map_err(|e| anyhow::anyhow!("cannot set up {n} threads: {e}"))?
                 .install(f),
-            None => f(),
+            None => rayon::scope(|_| f()),
         }))
     });
     match result {
