@@ -33,16 +33,20 @@ pub struct DisplacedSampler {
     padding: Padding,
 }
 
+/// The point `base + u · lin` of point `v` of a `(3, P)` displacement `u`.
+#[inline(always)]
+fn point_at<T: Real>(u: &[T], base: &[T], lin: &[T; 9], v: usize) -> [T; 3] {
+    let np = base.len() / 3;
+    let (a, b, c) = (u[v], u[np + v], u[2 * np + v]);
+    std::array::from_fn(|k| base[3 * v + k] + (a * lin[k] + b * lin[3 + k] + c * lin[6 + k]))
+}
+
 fn points_of<T: Real>(u: &[T], base: &[T], lin: &[T; 9]) -> Vec<T> {
     let np = base.len() / 3;
     let mut p = vec![T::zero(); 3 * np];
     p.par_chunks_mut(3 * CHUNK).enumerate().for_each(|(ci, ch)| {
         for (q, o) in ch.chunks_mut(3).enumerate() {
-            let v = ci * CHUNK + q;
-            let (a, b, c) = (u[v], u[np + v], u[2 * np + v]);
-            for k in 0..3 {
-                o[k] = base[3 * v + k] + (a * lin[k] + b * lin[3 + k] + c * lin[6 + k]);
-            }
+            o.copy_from_slice(&point_at(u, base, lin, ci * CHUNK + q));
         }
     });
     p
@@ -141,12 +145,8 @@ impl DisplacedSampler {
             let mut out = vec![0f32; np];
             out.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, o)| {
                 for (q, x) in o.iter_mut().enumerate() {
-                    let v = ci * CHUNK + q;
-                    let (a, b, c) = (u[v], u[np + v], u[2 * np + v]);
-                    let ok = (0..3).all(|k| {
-                        let p = base[3 * v + k] + (a * lin[k] + b * lin[3 + k] + c * lin[6 + k]);
-                        p.to_f32().is_some_and(|p| p.abs() <= lim[k])
-                    });
+                    let p = point_at(u, base, lin, ci * CHUNK + q);
+                    let ok = (0..3).all(|k| p[k].to_f32().is_some_and(|p| p.abs() <= lim[k]));
                     *x = if ok { 1.0 } else { 0.0 };
                 }
             });
@@ -308,19 +308,15 @@ impl SquaringStep {
         u.contiguous()?.apply_op1(self.clone())
     }
 
-    /// The point `base + u · lin` of voxel `v` of a `(3, P)` displacement (the arithmetic of
-    /// [`points_of`]) and its trilinear taps.
+    /// The trilinear taps of the point `base + u · lin` of voxel `v` of a `(3, P)` displacement.
     #[inline(always)]
     fn taps_at<T: Real>(&self, u: &[T], base: &[T], lin: &[T; 9], half: [T; 3], v: usize) -> BorderTaps<T> {
-        let np = base.len() / 3;
-        let (a, b, c) = (u[v], u[np + v], u[2 * np + v]);
-        let p: [T; 3] = std::array::from_fn(|k| base[3 * v + k] + (a * lin[k] + b * lin[3 + k] + c * lin[6 + k]));
-        border_taps(sample::to_voxel(&p, half), self.dims)
+        border_taps(sample::to_voxel(&point_at(u, base, lin, v), half), self.dims)
     }
 
     /// `u + u(base + u · lin)` in one pass over the points, reading the three channel rows of `u`
     /// where they lie (the composed sampler first copied them channels-last, into fresh
-    /// buffers, on every one of the six steps of every iteration). Same arithmetic, same order.
+    /// buffers, on every one of the six steps of every iteration), each by three rounds of lerps.
     fn run_fwd<T: Real>(&self, u: &[T], base: &[T]) -> Vec<T> {
         let lin = self.lin.map(T::of_f64);
         let (np, dims) = (base.len() / 3, self.dims);

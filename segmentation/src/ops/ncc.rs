@@ -20,6 +20,11 @@ use super::{bail, slice_of};
 /// Added to the window weight (the box mean of the mask) before dividing by it.
 pub const NCC_EPS: f64 = 1e-5;
 
+/// `acc += k · x`, elementwise.
+fn add(acc: &mut [f64], x: &[f64], k: f64) {
+    acc.iter_mut().zip(x).for_each(|(a, &v)| *a += k * v);
+}
+
 /// Sums of rows `[i0, i0 + rows)` of an `(n, inner)` array (row `i` is `row(i)`) over a
 /// `(2r + 1)`-row window into `d`: the ends replicated (`transpose = false`), or the transpose
 /// of that operator.
@@ -32,7 +37,6 @@ fn window_rows<'a>(
     i0: usize,
     transpose: bool,
 ) {
-    let add = |acc: &mut [f64], x: &[f64], k: f64| acc.iter_mut().zip(x).for_each(|(a, &v)| *a += k * v);
     let rows = d.len() / inner;
     if rows == 1 {
         // one output row (a slice of the z pass): summed in place
@@ -86,7 +90,6 @@ fn window_rows<'a>(
 /// The transposed window's replicated taps beyond the ends, which all land on the end rows:
 /// added to output row `i` when it is the first or the last.
 fn end_taps<'a>(row: &impl Fn(usize) -> &'a [f64], out: &mut [f64], n: usize, r: usize, i: usize) {
-    let add = |acc: &mut [f64], x: &[f64], k: f64| acc.iter_mut().zip(x).for_each(|(a, &v)| *a += k * v);
     if i == 0 {
         for q in 0..r.min(n) {
             add(out, row(q), (r - q) as f64);
