@@ -68,7 +68,8 @@ pub fn diffusion(u: &Tensor, voxel_mm: f64) -> Result<Tensor> {
 #[derive(Debug, Clone)]
 pub struct Regulariser {
     /// The smoothing operator and its transpose per axis `(d, h, w)`; `None` leaves it alone.
-    smooth: [Option<(ops::AxisOperator, ops::AxisOperator)>; 3],
+    /// (Shared: every evaluation hands the op a copy.)
+    smooth: std::sync::Arc<[Option<(ops::AxisOperator, ops::AxisOperator)>; 3]>,
     dims: [usize; 3],
     /// `smoothness / voxel²` and `diffusion / voxel²`.
     weights: (f64, f64),
@@ -77,7 +78,7 @@ pub struct Regulariser {
 impl Regulariser {
     /// For fields on a `(d, h, w)` control grid of `voxel_mm`.
     pub fn new(penalty: &BsplinePenalty, smoothness: f64, diffusion: f64, dims: [usize; 3]) -> Self {
-        let smooth = std::array::from_fn(|a| {
+        let smooth: [_; 3] = std::array::from_fn(|a| {
             let (n, w) = (dims[a], penalty.width[a]);
             (n > 1 && w > 0.0).then(|| {
                 let op = ops::AxisOperator::bspline_smooth(n, w);
@@ -86,7 +87,7 @@ impl Regulariser {
             })
         });
         let v2 = penalty.voxel_mm * penalty.voxel_mm;
-        Self { smooth, dims, weights: (smoothness / v2, diffusion / v2) }
+        Self { smooth: smooth.into(), dims, weights: (smoothness / v2, diffusion / v2) }
     }
 
     /// The regularisers of `v` `(1, C, d, h, w)`, differentiable in `v`.
